@@ -1,0 +1,85 @@
+"""Checkpoints: atomic writes, and loading that never unpickles arbitrary objects.
+
+A run directory holds
+  config.json                    the resolved configuration
+  checkpoints/last.pt            full training state (model, EMA, optimiser, step, RNG), read with
+                                 torch.load(weights_only=True): tensors and plain containers only
+  checkpoints/ema.safetensors    the EMA weights alone, config in the safetensors metadata; what
+                                 `hybvit sample` and `hybvit evaluate` use, and what to share
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+
+from .errors import HybvitError
+
+
+def atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    """Write through a temporary file in the same folder, then rename over `path` (atomic on POSIX)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_json(path: Path, obj: Any) -> None:
+    def w(tmp: str) -> None:
+        with open(tmp, "w") as f:
+            json.dump(obj, f, indent=2, sort_keys=False)
+            f.write("\n")
+    atomic_write(path, w)
+
+
+def save_training_state(path: Path, state: dict[str, Any]) -> None:
+    atomic_write(path, lambda tmp: torch.save(state, tmp))
+
+
+def load_training_state(path: Path) -> dict[str, Any]:
+    if not Path(path).exists():
+        raise HybvitError(f"checkpoint '{path}' does not exist; give a run directory that has checkpoints/last.pt")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001
+        raise HybvitError(f"cannot load checkpoint '{path}' ({type(e).__name__}); it is corrupt or not a "
+                          f"hybvit checkpoint") from None
+
+
+def save_weights(path: Path, state_dict: dict[str, torch.Tensor], config: dict[str, Any]) -> None:
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata={"config": json.dumps(config)}))
+
+
+def load_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read a .safetensors file (weights + config metadata) or the EMA weights of a last.pt."""
+    path = Path(path)
+    if not path.exists():
+        raise HybvitError(f"checkpoint '{path}' does not exist; check the path")
+    if path.suffix == ".safetensors":
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+            weights = load_file(str(path))
+        except Exception as e:  # noqa: BLE001
+            raise HybvitError(f"cannot read '{path}' as safetensors ({type(e).__name__}); the file is corrupt")
+        if "config" not in meta:
+            raise HybvitError(f"'{path}' has no hybvit config in its metadata; it was not written by hybvit")
+        return weights, json.loads(meta["config"])
+    state = load_training_state(path)
+    if "ema" not in state or "config" not in state:
+        raise HybvitError(f"'{path}' is not a hybvit training checkpoint (no 'ema' or 'config')")
+    return state["ema"], state["config"]

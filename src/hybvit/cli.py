@@ -1,0 +1,283 @@
+"""The `hybvit` command: train, sample, evaluate, presets. Bad input exits with status 2 and one line."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from .errors import HybvitError
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="hybvit", description="ViT / GenViT / HybViT: one ViT that classifies "
+                                "and generates (Yang et al., 2022).")
+    sub = p.add_subparsers(dest="command", metavar="{train,sample,evaluate,presets}")
+
+    t = sub.add_parser("train", help="train a model (default: HybViT on the bundled digits, on the CPU)")
+    t.add_argument("--preset", help="a preset name (see `hybvit presets`); default digits-hybvit")
+    t.add_argument("--data", help="digits | npz:PATH | folder:PATH | cifar10[:ROOT]; default: the preset's")
+    t.add_argument("--mode", help="vit | genvit | hybvit; default: the preset's")
+    t.add_argument("--out", help="run directory to create; default runs/<preset>-<date>-<time>")
+    budget = t.add_mutually_exclusive_group()
+    budget.add_argument("--epochs", type=float, help="train for N epochs (epoch = data.epoch_repeats x the data)")
+    budget.add_argument("--steps", type=int, help="train for N optimiser steps")
+    budget.add_argument("--minutes", type=float, help="train for M minutes of wall-clock time")
+    t.add_argument("--seed", type=int, help="random seed (default 0)")
+    t.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
+    t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set model.dim=256 --set lr=5e-4 (repeatable)")
+    t.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    s = sub.add_parser("sample", help="draw samples from a trained run")
+    src = s.add_mutually_exclusive_group(required=True)
+    src.add_argument("--run", help="a run directory")
+    src.add_argument("--checkpoint", help="a checkpoint file (.safetensors or last.pt)")
+    s.add_argument("--num", type=int, required=True, help="number of samples")
+    s.add_argument("--out", required=True, help="FILE.png (a grid) or FILE.npz (uint8 images (N,H,W,C))")
+    s.add_argument("--sampler", default="ddim", choices=["ancestral", "ddim"])
+    s.add_argument("--steps", type=int, default=50, help="DDIM steps (ancestral always uses all T steps)")
+    s.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 deterministic, 1 ancestral-like)")
+    s.add_argument("--batch-size", type=int, default=500)
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--device", default="auto")
+
+    e = sub.add_parser("evaluate", help="evaluate a trained run")
+    e.add_argument("--run", required=True, help="a run directory")
+    e.add_argument("--metrics", required=True, help="comma-separated: accuracy, pixel-fd")
+    e.add_argument("--data", help="data spec to evaluate on (default: the run's)")
+    e.add_argument("--out", required=True, help="FILE.json for the report")
+    e.add_argument("--num-samples", type=int, default=1000, help="samples for generative metrics")
+    e.add_argument("--sampler", default="ddim", choices=["ancestral", "ddim"])
+    e.add_argument("--steps", type=int, default=50)
+    e.add_argument("--batch-size", type=int, default=500)
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--device", default="auto")
+
+    pr = sub.add_parser("presets", help="list the presets and their values")
+    pr.add_argument("name", nargs="?", help="show one preset's full configuration")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command in (None, "train"):
+            if args.command is None:
+                args = build_parser().parse_args(["train"] + list(argv or sys.argv[1:]))
+            return cmd_train(args)
+        if args.command == "sample":
+            return cmd_sample(args)
+        if args.command == "evaluate":
+            return cmd_evaluate(args)
+        if args.command == "presets":
+            return cmd_presets(args)
+    except HybvitError as err:
+        print(f"hybvit: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("hybvit: interrupted", file=sys.stderr)
+        return 130
+    return 0
+
+
+# ----------------------------------------------------------------------------- train
+
+def resolve_train_config(args):
+    """Preset / saved config + flags + --set + data adaptation. Returns (cfg, data, out_dir, resume)."""
+    from .config import DEFAULT_PRESET, Config, preset_config
+    from .data import load_data
+
+    explicit_sets = {a.split("=", 1)[0].strip() for a in args.set}
+    if args.resume:
+        run_dir = Path(args.resume)
+        cfg_path = run_dir / "config.json"
+        if not cfg_path.exists() or not (run_dir / "checkpoints" / "last.pt").exists():
+            raise HybvitError(f"cannot resume: '{run_dir}' has no config.json and checkpoints/last.pt; "
+                              f"give the directory of an earlier `hybvit train` run")
+        saved = Config.from_dict(json.loads(cfg_path.read_text()))
+        cfg = Config.from_dict(saved.to_dict())
+        if args.preset and args.preset != saved.preset:
+            raise HybvitError(f"--preset {args.preset} differs from the resumed run's preset '{saved.preset}'; "
+                              f"drop --preset when resuming")
+    else:
+        cfg = preset_config(args.preset or DEFAULT_PRESET)
+    if args.mode:
+        if args.mode not in ("vit", "genvit", "hybvit"):
+            raise HybvitError(f"unknown mode '{args.mode}'; use vit, genvit or hybvit")
+        cfg.train.mode = args.mode
+    if args.seed is not None:
+        cfg.train.seed = args.seed
+    if args.epochs is not None or args.steps is not None or args.minutes is not None:
+        cfg.train.epochs, cfg.train.steps, cfg.train.minutes = args.epochs or 0.0, args.steps or 0, args.minutes or 0.0
+    if args.data:
+        cfg.data.spec = args.data
+    for assignment in args.set:
+        cfg.set(assignment)
+    cfg.train.validate()
+    cfg.diffusion.validate()
+
+    data = load_data(cfg.data.spec, cfg.data.image_size)
+    if args.resume:
+        for section in ("model", "diffusion"):
+            before, after = getattr(saved, section).__dict__, getattr(cfg, section).__dict__
+            diff = [f"{section}.{k}: {before[k]} -> {after[k]}" for k in before if before[k] != after[k]]
+            if diff:
+                raise HybvitError(f"--resume with a different model config ({'; '.join(diff)}); "
+                                  f"resume without changing it, or start a new run with --out")
+        if cfg.train.mode != saved.train.mode:
+            raise HybvitError(f"--resume with mode {cfg.train.mode} but the run was trained as {saved.train.mode}; "
+                              f"start a new run to change the mode")
+        _check_data_fits(cfg, data)
+        return cfg, data, run_dir, True
+
+    notes = adapt_model_to_data(cfg, data, preset_named=bool(args.preset), explicit=explicit_sets)
+    for note in notes:
+        print(f"adapted to the data: {note}")
+    cfg.validate()
+    _check_data_fits(cfg, data)
+    out = Path(args.out) if args.out else Path("runs") / f"{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if (out / "config.json").exists() or (out / "checkpoints").exists():
+        raise HybvitError(f"run directory '{out}' already holds a run; continue it with --resume {out} "
+                          f"or choose another --out")
+    return cfg, data, out, False
+
+
+def adapt_model_to_data(cfg, data, preset_named: bool, explicit: set[str]) -> list[str]:
+    """Fit channels, classes and image size to the data; without a named preset also pick a patch size that
+    divides the image and keeps the number of tokens near the preset's."""
+    m, notes = cfg.model, []
+    if m.channels != data.channels:
+        notes.append(f"channels {m.channels} -> {data.channels}")
+        m.channels = data.channels
+    if m.num_classes != data.num_classes and "model.num_classes" not in explicit and "num_classes" not in explicit:
+        notes.append(f"classes {m.num_classes} -> {data.num_classes}")
+        m.num_classes = data.num_classes
+    if m.image_size != data.image_size:
+        tokens = m.num_patches
+        notes.append(f"image size {m.image_size} -> {data.image_size}")
+        m.image_size = data.image_size
+        patch_fixed = preset_named or "model.patch_size" in explicit or "patch_size" in explicit
+        if not patch_fixed:
+            divisors = [d for d in range(1, data.image_size + 1) if data.image_size % d == 0]
+            best = min(divisors, key=lambda d: (abs((data.image_size // d) ** 2 - tokens), -d))
+            if best != m.patch_size:
+                notes.append(f"patch size {m.patch_size} -> {best} ({(data.image_size // best) ** 2} tokens, "
+                             f"the preset had {tokens})")
+                m.patch_size = best
+    return notes
+
+
+def _check_data_fits(cfg, data) -> None:
+    m = cfg.model
+    if (data.channels, data.image_size) != (m.channels, m.image_size):
+        raise HybvitError(f"data {data.name} is {data.image_size}x{data.image_size}x{data.channels} but the model "
+                          f"takes {m.image_size}x{m.image_size}x{m.channels}; use matching data")
+    if data.num_classes > m.num_classes:
+        raise HybvitError(f"labels go up to {data.num_classes - 1} but model.num_classes is {m.num_classes}; "
+                          f"labels out of range: raise model.num_classes or relabel the data")
+
+
+def cmd_train(args) -> int:
+    from .model import ViT
+    from .train import resolve_device, train
+
+    cfg, data, out, resume = resolve_train_config(args)
+    print(data.describe())
+    import torch
+    with torch.device("meta"):
+        params = ViT(cfg.model).num_params()
+    budget = (f"{cfg.train.steps} steps" if cfg.train.steps else f"{cfg.train.epochs:g} epochs" if cfg.train.epochs
+              else f"{cfg.train.minutes:g} minutes")
+    print(f"{'resuming' if resume else 'training'} {cfg.train.mode} ({cfg.preset}): {params:,} parameters, "
+          f"D {cfg.model.dim}, depth {cfg.model.depth}, patch {cfg.model.patch_size}, {budget}, "
+          f"device {resolve_device(cfg.train.device)}, run dir {out}")
+    metrics = train(cfg, data, out, resume=resume, progress=not args.quiet)
+    if not metrics.get("interrupted"):
+        print(f"done in {metrics['wall_seconds']:.0f} s: {out}/metrics.json" +
+              (f", {out}/samples.png" if cfg.train.mode != "vit" else ""))
+    return 0
+
+
+# ----------------------------------------------------------------------------- sample / evaluate / presets
+
+def cmd_sample(args) -> int:
+    from .sample import load_run, make_grid, save_npz, save_png
+
+    out = Path(args.out)
+    if out.suffix not in (".png", ".npz"):
+        raise HybvitError(f"--out '{out}' must end in .png (a grid) or .npz (uint8 images)")
+    if args.num < 1:
+        raise HybvitError("--num must be >= 1")
+    if args.sampler == "ddim" and args.steps < 1:
+        raise HybvitError("--steps must be >= 1")
+    if not out.parent.exists():
+        raise HybvitError(f"folder '{out.parent}' does not exist; create it first")
+    run = load_run(args.run, args.checkpoint, device=args.device)
+    if args.sampler == "ddim" and args.steps > run.diffusion.T:
+        raise HybvitError(f"--steps {args.steps} exceeds the model's T = {run.diffusion.T}")
+    t0 = time.time()
+    x = run.sample(args.num, sampler=args.sampler, steps=args.steps, eta=args.eta, seed=args.seed,
+                   batch_size=args.batch_size, progress=True)
+    dt = time.time() - t0
+    if out.suffix == ".png":
+        save_png(out, make_grid(x))
+    else:
+        save_npz(out, x)
+    print(f"{args.num} samples ({args.sampler}{'' if args.sampler == 'ancestral' else f', {args.steps} steps'}) "
+          f"in {dt:.1f} s ({args.num / dt:.1f} images/s) -> {out}")
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from .checkpoint import write_json
+    from .evaluate import evaluate_run, parse_metrics
+
+    metrics = parse_metrics(args.metrics)
+    out = Path(args.out)
+    if out.suffix != ".json":
+        raise HybvitError(f"--out '{out}' must be a .json file")
+    if not out.parent.exists():
+        raise HybvitError(f"folder '{out.parent}' does not exist; create it first")
+    report = evaluate_run(Path(args.run), metrics, data_spec=args.data, num_samples=args.num_samples,
+                          sampler=args.sampler, steps=args.steps, seed=args.seed, batch_size=args.batch_size,
+                          device=args.device)
+    write_json(out, report)
+    if "accuracy" in report:
+        print(f"test accuracy: {report['accuracy']['test_accuracy']:.4f}")
+    if "pixel-fd" in report:
+        print(f"pixel-FD ({report['pixel-fd']['num_samples']} samples): {report['pixel-fd']['value']:.4f}")
+    print(f"report -> {out}")
+    return 0
+
+
+def cmd_presets(args) -> int:
+    import torch
+
+    from .config import PRESETS, preset_config, preset_description
+    from .model import ViT
+
+    if args.name:
+        cfg = preset_config(args.name)
+        print(json.dumps(cfg.to_dict(), indent=2))
+        return 0
+    rows = []
+    for name in PRESETS:
+        cfg = preset_config(name)
+        with torch.device("meta"):
+            params = ViT(cfg.model).num_params()
+        m, t = cfg.model, cfg.train
+        budget = f"{t.steps} steps" if t.steps else f"{t.epochs:g} epochs" if t.epochs else f"{t.minutes:g} min"
+        rows.append((name, t.mode, cfg.data.spec, f"{m.image_size}x{m.image_size}x{m.channels}", str(m.patch_size),
+                     str(m.dim), str(m.depth), str(m.heads), f"{params:,}", budget, preset_description(name)))
+    head = ("preset", "mode", "data", "image", "patch", "dim", "depth", "heads", "params", "budget", "description")
+    widths = [max(len(r[i]) for r in rows + [head]) for i in range(len(head) - 1)]
+    for r in [head] + rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1])
+    print("\n`hybvit presets NAME` prints every value of one preset; override any with --set section.key=value.")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

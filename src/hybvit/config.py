@@ -1,0 +1,242 @@
+"""Configuration: four dataclasses (model, diffusion, data, train) and the presets that fill them.
+
+Presets live in ``presets.json`` next to this file (data, not code). A preset may name a ``base`` preset and
+override any field. ``--set section.key=value`` (or a bare ``key=value`` when the key is unique) overrides a
+field from the command line; values are parsed with the field's type.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import asdict, dataclass, field, fields
+from importlib import resources
+from typing import Any
+
+from .errors import HybvitError
+
+MODES = ("vit", "genvit", "hybvit")
+
+
+@dataclass
+class ModelConfig:
+    image_size: int = 32
+    channels: int = 3
+    patch_size: int = 4
+    num_classes: int = 10
+    dim: int = 384
+    depth: int = 9
+    heads: int = 12
+    mlp_ratio: float = 2.0
+    # Hidden width of the time MLP; 0 means 4 * (N + 1), the width the paper's code used (260 at 32x32/patch 4).
+    time_hidden: int = 0
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    def validate(self) -> None:
+        if self.image_size % self.patch_size != 0:
+            raise HybvitError(
+                f"image size {self.image_size} is not divisible by patch size {self.patch_size}; "
+                f"pick a divisor, e.g. --set model.patch_size={_divisor_near(self.image_size, self.patch_size)}")
+        if self.dim % self.heads != 0:
+            raise HybvitError(f"model.dim {self.dim} is not divisible by model.heads {self.heads}; "
+                              f"choose heads that divide dim")
+        for name in ("image_size", "channels", "patch_size", "num_classes", "dim", "depth", "heads"):
+            if getattr(self, name) < 1:
+                raise HybvitError(f"model.{name} must be >= 1 (got {getattr(self, name)})")
+
+
+@dataclass
+class DiffusionConfig:
+    timesteps: int = 1000
+    schedule: str = "cosine"          # cosine | linear
+    loss: str = "l1"                  # l1 (the paper's code) | l2 (Eq. 15)
+
+    def validate(self) -> None:
+        if self.schedule not in ("cosine", "linear"):
+            raise HybvitError(f"unknown diffusion.schedule '{self.schedule}'; use cosine or linear")
+        if self.loss not in ("l1", "l2"):
+            raise HybvitError(f"unknown diffusion.loss '{self.loss}'; use l1 or l2")
+        if self.timesteps < 2:
+            raise HybvitError("diffusion.timesteps must be >= 2")
+
+
+@dataclass
+class DataConfig:
+    spec: str = "digits"
+    crop_padding: int = 0             # random-crop padding for the classification batch (0 = off)
+    hflip: bool = False               # random horizontal flip for the classification batch
+    epoch_repeats: int = 1            # an "epoch" is epoch_repeats x the training set (the paper: 3)
+    image_size: int = 0               # 0 = keep the data's size; >0 resizes folder images to this size
+
+
+@dataclass
+class TrainConfig:
+    mode: str = "hybvit"
+    alpha: float = 100.0              # L = L_CE + alpha * L_simple (Eq. 23)
+    batch_size: int = 128             # per branch: hybvit draws two independent batches of this size
+    optimizer: str = "adamw"          # adamw (the paper's code) | sgd (the paper's text)
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    momentum: float = 0.9             # sgd only
+    warmup_epochs: float = 10.0
+    warmup_max_frac: float = 0.1      # warm-up never longer than this fraction of the run
+    min_lr: float = 1e-6
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    ema_warmup: bool = False          # decay min(ema_decay, (1+s)/(10+s)): helps short runs
+    label_smoothing: float = 0.0
+    epochs: float = 0.0               # budget: exactly one of epochs / steps / minutes is used
+    steps: int = 0
+    minutes: float = 0.0
+    seed: int = 0
+    amp: str = "auto"                 # auto (bf16 on CUDA, fp32 on CPU) | bf16 | fp32
+    device: str = "auto"              # auto | cpu | cuda | cuda:N
+    log_every: int = 10
+    ckpt_every: int = 500             # steps between checkpoints (and at the end)
+    sample_every: int = 0             # steps between TensorBoard sample grids (0 = only at the end)
+    num_samples: int = 100            # images in samples.png
+    sampler: str = "ddim"             # sampler for samples.png and the end-of-run Frechet distance
+    sample_steps: int = 50
+    fd_samples: int = 0               # >0: at the end, pixel-space Frechet distance of this many samples
+    eval_batch_size: int = 500
+    compile: bool = False
+
+    def validate(self) -> None:
+        if self.mode not in MODES:
+            raise HybvitError(f"unknown mode '{self.mode}'; use one of {', '.join(MODES)}")
+        if self.optimizer not in ("adamw", "sgd"):
+            raise HybvitError(f"unknown optimizer '{self.optimizer}'; use adamw or sgd")
+        if self.amp not in ("auto", "bf16", "fp32"):
+            raise HybvitError(f"unknown amp '{self.amp}'; use auto, bf16 or fp32")
+        if self.sampler not in ("ancestral", "ddim"):
+            raise HybvitError(f"unknown sampler '{self.sampler}'; use ancestral or ddim")
+        if self.batch_size < 1:
+            raise HybvitError("train.batch_size must be >= 1")
+        budgets = [b for b in (self.epochs, self.steps, self.minutes) if b]
+        if len(budgets) > 1:
+            raise HybvitError("give one training budget: --epochs, --steps or --minutes, not several")
+        if any(b < 0 for b in (self.epochs, self.steps, self.minutes)):
+            raise HybvitError("training budgets must be positive")
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    preset: str = ""
+
+    SECTIONS = ("model", "diffusion", "data", "train")
+
+    def validate(self) -> None:
+        self.model.validate()
+        self.diffusion.validate()
+        self.train.validate()
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Config":
+        cfg = cls()
+        for section in cls.SECTIONS:
+            for key, value in d.get(section, {}).items():
+                _set_field(cfg, section, key, value)
+        cfg.preset = d.get("preset", "")
+        return cfg
+
+    def set(self, assignment: str) -> None:
+        """Apply one ``key=value`` override (``section.key`` or a bare, unambiguous ``key``)."""
+        if "=" not in assignment:
+            raise HybvitError(f"--set expects key=value, got '{assignment}'")
+        key, raw = assignment.split("=", 1)
+        key = key.strip()
+        if "." in key:
+            section, name = key.split(".", 1)
+        else:
+            owners = [s for s in self.SECTIONS if name_in(getattr(self, s), key)]
+            if len(owners) != 1:
+                where = " or ".join(f"{s}.{key}" for s in owners) if owners else "a known key"
+                raise HybvitError(f"unknown or ambiguous --set key '{key}'; use {where} "
+                                  f"(see `hybvit presets` for all keys)")
+            section, name = owners[0], key
+        _set_field(self, section, name, raw, parse=True)
+
+
+def name_in(obj: Any, key: str) -> bool:
+    return key in {f.name for f in fields(obj)}
+
+
+def _set_field(cfg: Config, section: str, name: str, value: Any, parse: bool = False) -> None:
+    if section not in Config.SECTIONS:
+        raise HybvitError(f"unknown config section '{section}'; use one of {', '.join(Config.SECTIONS)}")
+    obj = getattr(cfg, section)
+    types = {f.name: f.type for f in fields(obj)}
+    if name not in types:
+        raise HybvitError(f"unknown config key '{section}.{name}'; see `hybvit presets` for all keys")
+    kind = types[name]
+    try:
+        if kind == "bool":
+            if isinstance(value, str):
+                if value.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                    raise ValueError(value)
+                value = value.lower() in ("true", "1", "yes")
+            value = bool(value)
+        elif kind == "int":
+            if isinstance(value, str):
+                value = float(value)
+            if float(value) != int(value):
+                raise ValueError(value)
+            value = int(value)
+        elif kind == "float":
+            value = float(value)
+        else:
+            value = str(value)
+    except (ValueError, TypeError):
+        raise HybvitError(f"bad value '{value}' for {section}.{name}: expected {kind}") from None
+    setattr(obj, name, value)
+
+
+def _divisor_near(n: int, p: int) -> int:
+    divisors = [d for d in range(1, n + 1) if n % d == 0]
+    return min(divisors, key=lambda d: (abs(d - p), d))
+
+
+# ----------------------------------------------------------------------------- presets
+
+def _load_presets() -> dict[str, dict[str, Any]]:
+    text = resources.files("hybvit").joinpath("presets.json").read_text()
+    return {k: v for k, v in json.loads(text).items() if not k.startswith("_")}
+
+
+PRESETS = _load_presets()
+DEFAULT_PRESET = "digits-hybvit"
+
+
+def _resolve(name: str, seen: tuple[str, ...] = ()) -> dict[str, Any]:
+    if name not in PRESETS:
+        raise HybvitError(f"unknown preset '{name}'; run `hybvit presets` to list them")
+    if name in seen:
+        raise HybvitError(f"preset '{name}' inherits from itself")
+    entry = PRESETS[name]
+    merged: dict[str, Any] = _resolve(entry["base"], seen + (name,)) if "base" in entry else {}
+    for section in Config.SECTIONS:
+        merged.setdefault(section, {}).update(entry.get(section, {}))
+    return merged
+
+
+def preset_config(name: str) -> Config:
+    cfg = Config.from_dict(_resolve(name))
+    cfg.preset = name
+    return cfg
+
+
+def preset_description(name: str) -> str:
+    return PRESETS[name].get("description", "")
+
+
+def replace(obj: Any, **changes: Any) -> Any:
+    return dataclasses.replace(obj, **changes)

@@ -1,0 +1,173 @@
+"""Gaussian diffusion (DDPM, paper Section 2 / Eq. 1-15): schedules, forward noising, losses, posterior,
+the 1000-step ancestral sampler and DDIM.
+
+Index convention: t in {0, ..., T-1}; betas[t] is the variance added by step t+1 of the paper's Eq. 2, so
+x_t here is the paper's x_{t+1} and alphas_cumprod[t] = prod_{s <= t} (1 - betas[s]). t = 0 is the first,
+least noisy step; T - 1 is pure noise (up to the schedule's last alpha-bar).
+
+A "model" is any callable ``eps = model(x_t, t)`` with x_t (B, ...) and t (B,) integer timesteps; the ViT's
+``denoise`` method is one.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+EpsModel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def cosine_betas(T: int, s: float = 0.008, max_beta: float = 0.999) -> np.ndarray:
+    """Nichol & Dhariwal's cosine schedule: alpha-bar(t) = f(t)/f(0), f(t) = cos^2((t/T + s)/(1 + s) * pi/2)."""
+    f = lambda u: math.cos((u + s) / (1 + s) * math.pi / 2) ** 2
+    return np.array([min(1 - f((i + 1) / T) / f(i / T), max_beta) for i in range(T)], dtype=np.float64)
+
+
+def linear_betas(T: int) -> np.ndarray:
+    """Ho et al.'s linear schedule from 1e-4 to 0.02 at T = 1000, rescaled for other T."""
+    scale = 1000 / T
+    return np.linspace(scale * 1e-4, scale * 0.02, T, dtype=np.float64)
+
+
+def make_betas(schedule: str, T: int) -> np.ndarray:
+    if schedule == "cosine":
+        return cosine_betas(T)
+    if schedule == "linear":
+        return linear_betas(T)
+    raise ValueError(f"unknown schedule '{schedule}'")
+
+
+def _gather(a: torch.Tensor, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """a[t] reshaped to broadcast against x: (B,) -> (B, 1, ..., 1), in x's dtype."""
+    return a.to(x.device)[t].to(x.dtype).reshape(-1, *([1] * (x.dim() - 1)))
+
+
+class GaussianDiffusion:
+    """Schedule tensors (float64 on the CPU, gathered per batch) and the operations built on them."""
+
+    def __init__(self, timesteps: int = 1000, schedule: str = "cosine", loss: str = "l1"):
+        self.T, self.schedule, self.loss_type = timesteps, schedule, loss
+        betas = make_betas(schedule, timesteps)
+        alphas = 1.0 - betas
+        abar = np.cumprod(alphas)
+        abar_prev = np.append(1.0, abar[:-1])
+        t64 = lambda a: torch.tensor(a, dtype=torch.float64)
+        self.betas = t64(betas)
+        self.alphas_cumprod = t64(abar)
+        self.alphas_cumprod_prev = t64(abar_prev)
+        self.sqrt_alphas_cumprod = t64(np.sqrt(abar))
+        self.sqrt_one_minus_alphas_cumprod = t64(np.sqrt(1 - abar))
+        self.sqrt_recip_alphas_cumprod = t64(np.sqrt(1 / abar))
+        self.sqrt_recipm1_alphas_cumprod = t64(np.sqrt(1 / abar - 1))
+        # Posterior q(x_{t-1} | x_t, x_0), Eq. 11-13.
+        post_var = betas * (1 - abar_prev) / (1 - abar)                                   # beta-tilde, Eq. 13
+        self.posterior_variance = t64(post_var)
+        self.posterior_log_variance_clipped = t64(np.log(np.append(post_var[1], post_var[1:])))
+        self.posterior_mean_coef1 = t64(betas * np.sqrt(abar_prev) / (1 - abar))          # x_0 coef, Eq. 12
+        self.posterior_mean_coef2 = t64((1 - abar_prev) * np.sqrt(alphas) / (1 - abar))   # x_t coef, Eq. 12
+
+    @classmethod
+    def from_config(cls, cfg) -> "GaussianDiffusion":
+        return cls(cfg.timesteps, cfg.schedule, cfg.loss)
+
+    # -- forward process -------------------------------------------------------------------------------------
+    def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """Sample x_t ~ q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I): Eq. 9-10."""
+        return _gather(self.sqrt_alphas_cumprod, t, x0) * x0 + _gather(self.sqrt_one_minus_alphas_cumprod, t, x0) * noise
+
+    def predict_x0(self, xt: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
+        """Invert Eq. 10: x_0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)."""
+        return _gather(self.sqrt_recip_alphas_cumprod, t, xt) * xt - _gather(self.sqrt_recipm1_alphas_cumprod, t, xt) * eps
+
+    def q_posterior(self, x0: torch.Tensor, xt: torch.Tensor, t: torch.Tensor):
+        """Mean, variance and log-variance of q(x_{t-1} | x_t, x_0): Eq. 11-13."""
+        mean = _gather(self.posterior_mean_coef1, t, xt) * x0 + _gather(self.posterior_mean_coef2, t, xt) * xt
+        return mean, _gather(self.posterior_variance, t, xt), _gather(self.posterior_log_variance_clipped, t, xt)
+
+    # -- training loss ---------------------------------------------------------------------------------------
+    def loss(self, model: EpsModel, x0: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """L_simple (Eq. 15) with t ~ U{0..T-1}; L1 (the paper's code) or L2 (the paper's Eq. 15)."""
+        B = x0.shape[0]
+        t = torch.randint(0, self.T, (B,), generator=generator, device="cpu").to(x0.device)
+        noise = torch.randn(x0.shape, generator=generator, device="cpu").to(x0.device, x0.dtype)
+        eps = model(self.q_sample(x0, t, noise), t)
+        return self.eps_loss(eps, noise)
+
+    def eps_loss(self, eps_pred: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        eps_pred = eps_pred.float()
+        if self.loss_type == "l1":
+            return (eps_pred - noise).abs().mean()
+        return F.mse_loss(eps_pred, noise)
+
+    # -- reverse process -------------------------------------------------------------------------------------
+    def p_mean_variance(self, model: EpsModel, xt: torch.Tensor, t: torch.Tensor, clip: bool = True):
+        """p(x_{t-1} | x_t): mean via the predicted x_0 (clamped to [-1, 1]) in Eq. 12, which equals Eq. 14
+        when no clamping happens; variance fixed to beta-tilde (Eq. 13)."""
+        eps = model(xt, t).to(xt.dtype)
+        x0 = self.predict_x0(xt, t, eps)
+        if clip:
+            x0 = x0.clamp(-1, 1)
+        mean, var, log_var = self.q_posterior(x0, xt, t)
+        return mean, var, log_var, x0
+
+    @torch.no_grad()
+    def sample_ancestral(self, model: EpsModel, shape, generator: torch.Generator | None = None,
+                         device="cpu", clip: bool = True, progress: Callable | None = None) -> torch.Tensor:
+        """The T-step ancestral DDPM sampler: x_{T-1} ~ N(0, I), then x_{t-1} ~ p(x_{t-1} | x_t)."""
+        x = torch.randn(shape, generator=generator, device="cpu").to(device)
+        steps = range(self.T - 1, -1, -1)
+        for i in (progress(steps) if progress else steps):
+            t = torch.full((shape[0],), i, device=device, dtype=torch.long)
+            mean, _, log_var, _ = self.p_mean_variance(model, x, t, clip=clip)
+            if i > 0:
+                noise = torch.randn(shape, generator=generator, device="cpu").to(device)
+                x = mean + torch.exp(0.5 * log_var) * noise
+            else:
+                x = mean
+        return x
+
+    def ddim_timesteps(self, steps: int) -> list[int]:
+        """`steps` timesteps evenly spaced from T-1 down to 0 (rounded), distinct."""
+        if not 1 <= steps <= self.T:
+            raise ValueError(f"DDIM steps must be in [1, {self.T}], got {steps}")
+        ts = np.round(np.linspace(self.T - 1, 0, steps)).astype(int)
+        return list(dict.fromkeys(ts.tolist()))
+
+    @torch.no_grad()
+    def sample_ddim(self, model: EpsModel, shape, steps: int = 50, eta: float = 0.0,
+                    generator: torch.Generator | None = None, device="cpu", clip: bool = True,
+                    progress: Callable | None = None) -> torch.Tensor:
+        """DDIM (Song et al., 2021): x_s = sqrt(abar_s) x0 + sqrt(1 - abar_s - sigma^2) eps + sigma z, with
+        sigma = eta * sqrt((1 - abar_s)/(1 - abar_t)) * sqrt(1 - abar_t/abar_s). eta = 1 is ancestral-like."""
+        x = torch.randn(shape, generator=generator, device="cpu").to(device)
+        ts = self.ddim_timesteps(steps)
+        pairs = list(zip(ts, ts[1:] + [-1]))
+        for t_now, t_next in (progress(pairs) if progress else pairs):
+            t = torch.full((shape[0],), t_now, device=device, dtype=torch.long)
+            eps = model(x, t).to(x.dtype)
+            x0 = self.predict_x0(x, t, eps)
+            if clip:
+                x0 = x0.clamp(-1, 1)
+                eps = (x - _gather(self.sqrt_alphas_cumprod, t, x) * x0) / _gather(self.sqrt_one_minus_alphas_cumprod, t, x)
+            if t_next < 0:
+                x = x0
+                break
+            a_t = float(self.alphas_cumprod[t_now])
+            a_s = float(self.alphas_cumprod[t_next])
+            sigma = eta * math.sqrt((1 - a_s) / (1 - a_t) * (1 - a_t / a_s))
+            x = math.sqrt(a_s) * x0 + math.sqrt(max(1 - a_s - sigma ** 2, 0.0)) * eps
+            if sigma > 0:
+                x = x + sigma * torch.randn(shape, generator=generator, device="cpu").to(device)
+        return x
+
+    def sample(self, model: EpsModel, shape, sampler: str = "ddim", steps: int = 50, eta: float = 0.0,
+               generator: torch.Generator | None = None, device="cpu", progress: Callable | None = None):
+        if sampler == "ancestral":
+            return self.sample_ancestral(model, shape, generator=generator, device=device, progress=progress)
+        if sampler == "ddim":
+            return self.sample_ddim(model, shape, steps=steps, eta=eta, generator=generator, device=device,
+                                    progress=progress)
+        raise ValueError(f"unknown sampler '{sampler}'; use ancestral or ddim")

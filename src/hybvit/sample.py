@@ -1,0 +1,148 @@
+"""Loading a trained run and drawing samples from it; grids as PNG, samples as npz.
+
+  run = load_run("runs/digits")                    # EMA weights, config, diffusion
+  x = run.sample(16, sampler="ddim", steps=50)    # float (16, C, H, W) in [-1, 1]
+  logits = run.classify(images)                    # uint8 or [-1, 1] float images
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+import numpy as np
+import torch
+
+from . import checkpoint as ckpt
+from .config import Config
+from .data import to_float, to_uint8
+from .diffusion import GaussianDiffusion
+from .errors import HybvitError
+from .model import ViT
+from .train import autocast, resolve_device
+
+
+@torch.no_grad()
+def draw_samples(model: ViT, diffusion: GaussianDiffusion, n: int, sampler: str = "ddim", steps: int = 50,
+                 eta: float = 0.0, seed: int = 0, device="cpu", amp: str = "auto", batch_size: int = 500,
+                 progress: bool = False) -> torch.Tensor:
+    """n samples (n, C, H, W) in [-1, 1], drawn in batches; batch k uses the generator seeded with seed + k."""
+    cfg = model.cfg
+    device = torch.device(device)
+    was_training = model.training
+    model.eval()
+
+    def eps_model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        with autocast(amp, device):
+            return model.denoise(x, t).float()
+
+    out = []
+    for k, start in enumerate(range(0, n, batch_size)):
+        b = min(batch_size, n - start)
+        g = torch.Generator().manual_seed(seed + k)
+        bar = None
+        if progress:
+            from tqdm.auto import tqdm
+            bar = lambda it: tqdm(it, desc=f"sampling {start + b}/{n}", leave=False, mininterval=1.0)
+        x = diffusion.sample(eps_model, (b, cfg.channels, cfg.image_size, cfg.image_size), sampler=sampler,
+                             steps=steps, eta=eta, generator=g, device=device, progress=bar)
+        out.append(x.float().clamp(-1, 1).cpu())
+    model.train(was_training)
+    return torch.cat(out) if out else torch.empty(0, cfg.channels, cfg.image_size, cfg.image_size)
+
+
+def make_grid(x: torch.Tensor, nrow: int | None = None, min_size: int = 32, pad: int = 1) -> torch.Tensor:
+    """Images (N, C, H, W) in [-1, 1] -> one uint8 grid (H', W', 3); images under min_size pixels are enlarged
+    by an integer factor (nearest neighbour) so small data such as 8x8 digits stays visible."""
+    import torchvision.utils as vutils
+    n = len(x)
+    nrow = nrow or max(1, int(round(n ** 0.5)))
+    scale = max(1, -(-min_size // x.shape[-1]))
+    if scale > 1:
+        x = x.repeat_interleave(scale, dim=-1).repeat_interleave(scale, dim=-2)
+    img = to_uint8(x)
+    if img.shape[1] == 1:
+        img = img.repeat(1, 3, 1, 1)
+    grid = vutils.make_grid(img, nrow=nrow, padding=pad, pad_value=255)
+    return grid.permute(1, 2, 0).contiguous()
+
+
+def save_png(path: Path, grid: torch.Tensor) -> None:
+    from PIL import Image
+    arr = grid.numpy() if isinstance(grid, torch.Tensor) else grid
+    ckpt.atomic_write(Path(path), lambda tmp: Image.fromarray(arr).save(tmp, format="PNG"))
+
+
+def save_npz(path: Path, x: torch.Tensor) -> None:
+    """Samples as uint8 (N, H, W, C), rounded (not truncated) from [-1, 1]."""
+    images = to_uint8(x).permute(0, 2, 3, 1).numpy()
+
+    def w(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            np.savez(f, images=images)
+    ckpt.atomic_write(Path(path), w)
+
+
+@dataclass
+class Run:
+    """A trained model ready to use: EMA weights, its configuration and its diffusion."""
+    model: ViT
+    config: Config
+    diffusion: GaussianDiffusion
+    device: torch.device
+    path: Path | None = None
+
+    @torch.no_grad()
+    def classify(self, images: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
+        """Logits (N, classes) for images (N, C, H, W): uint8 in [0, 255] or float in [-1, 1]."""
+        if images.dim() == 3:
+            images = images[:, None]
+        if tuple(images.shape[1:]) != (self.model.cfg.channels, self.model.cfg.image_size, self.model.cfg.image_size):
+            raise HybvitError(f"images have shape {tuple(images.shape[1:])} but the model takes "
+                              f"{(self.model.cfg.channels, self.model.cfg.image_size, self.model.cfg.image_size)} (C,H,W)")
+        self.model.eval()
+        out = []
+        for i in range(0, len(images), batch_size):
+            xb = images[i:i + batch_size].to(self.device)
+            xb = to_float(xb) if xb.dtype == torch.uint8 else xb.float()
+            with autocast(self.config.train.amp, self.device):
+                out.append(self.model.classify(xb).float().cpu())
+        return torch.cat(out)
+
+    def predict(self, images: torch.Tensor) -> torch.Tensor:
+        return self.classify(images).argmax(1)
+
+    def sample(self, n: int, sampler: str = "ddim", steps: int = 50, eta: float = 0.0, seed: int = 0,
+               batch_size: int = 500, progress: bool = False) -> torch.Tensor:
+        return draw_samples(self.model, self.diffusion, n, sampler=sampler, steps=steps, eta=eta, seed=seed,
+                            device=self.device, amp=self.config.train.amp, batch_size=batch_size, progress=progress)
+
+
+def load_run(run_dir: str | Path | None = None, checkpoint: str | Path | None = None,
+             device: str = "auto") -> Run:
+    """Load the EMA weights of a run directory (or of one checkpoint file: .safetensors or last.pt)."""
+    if (run_dir is None) == (checkpoint is None):
+        raise HybvitError("give exactly one of --run DIR or --checkpoint PATH")
+    if run_dir is not None:
+        run_dir = Path(run_dir)
+        if not run_dir.is_dir():
+            raise HybvitError(f"run directory '{run_dir}' does not exist; give the --out folder of a training run")
+        path = run_dir / "checkpoints" / "ema.safetensors"
+        if not path.exists():
+            path = run_dir / "checkpoints" / "last.pt"
+        if not path.exists():
+            raise HybvitError(f"'{run_dir}' has no checkpoints/ema.safetensors or checkpoints/last.pt; "
+                              f"it is not a (finished or checkpointed) hybvit run")
+    else:
+        path = Path(checkpoint)
+    weights, cfg_dict = ckpt.load_weights(path)
+    cfg = Config.from_dict(cfg_dict)
+    dev = resolve_device(device)
+    model = ViT(cfg.model)
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as e:
+        raise HybvitError(f"weights in '{path}' do not fit the model of its config ({str(e).splitlines()[0]})")
+    model.to(dev).eval().requires_grad_(False)
+    return Run(model, cfg, GaussianDiffusion.from_config(cfg.diffusion), dev, Path(run_dir) if run_dir else None)
+
+
+__all__ = ["Run", "load_run", "draw_samples", "make_grid", "save_png", "save_npz"]

@@ -1,0 +1,350 @@
+"""Training for the three modes (ViT, GenViT, HybViT), readable top to bottom.
+
+  vit     L = CE(classify(aug(x)), y)
+  genvit  L = L_simple(x0)                                       (Eq. 15, L1 by default as the paper's code)
+  hybvit  L = CE(classify(aug(x)), y) + alpha * L_simple(x0')    (Eq. 23; x and x0' are independent batches,
+                                                                  the diffusion batch is never augmented)
+
+AdamW (lr 1e-3, wd 0.05), linear warm-up then cosine decay per iteration, gradient clipping 1.0, EMA 0.999:
+what the paper's code ran. Batches, noise and timesteps come from generators seeded by (seed, step), so a
+run resumed from any checkpoint ends with exactly the weights of one that was never interrupted (on the CPU).
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from . import checkpoint as ckpt
+from .config import Config
+from .data import Batches, ImageData, augment, step_generator, to_float
+from .diffusion import GaussianDiffusion
+from .errors import HybvitError
+from .model import ViT
+
+
+# ----------------------------------------------------------------------------- small pieces
+
+class EMA:
+    """Exponential moving average of all weights: ema <- d * ema + (1 - d) * model."""
+
+    def __init__(self, model: torch.nn.Module, decay: float, warmup: bool = False):
+        self.model = copy.deepcopy(model).eval().requires_grad_(False)
+        self.decay, self.warmup = decay, warmup
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module, step: int) -> None:
+        d = min(self.decay, (1 + step) / (10 + step)) if self.warmup else self.decay
+        ema_p = list(self.model.parameters())
+        torch._foreach_lerp_(ema_p, [p.detach() for p in model.parameters()], 1 - d)
+        for b_ema, b in zip(self.model.buffers(), model.buffers()):
+            b_ema.copy_(b)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise HybvitError(f"device '{name}' requested but CUDA is not available; use --set train.device=cpu")
+    return torch.device(name)
+
+
+def autocast(cfg_amp: str, device: torch.device):
+    use_bf16 = cfg_amp == "bf16" or (cfg_amp == "auto" and device.type == "cuda")
+    if use_bf16:
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def build_optimizer(model: torch.nn.Module, cfg: Config, device: torch.device) -> torch.optim.Optimizer:
+    t = cfg.train
+    # No weight decay on biases, norms, the positional embedding and the CLS token.
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "pos_embed" not in n and "cls_token" not in n]
+    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "pos_embed" not in n and "cls_token" not in n)]
+    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if t.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum, nesterov=True)
+    extra = {"fused": True} if device.type == "cuda" else {}
+    return torch.optim.AdamW(groups, lr=t.lr, betas=(0.9, 0.999), **extra)
+
+
+def lr_at(step: int, total: int, warmup: int, lr: float, min_lr: float) -> float:
+    """Linear warm-up from ~0 over `warmup` steps, then cosine decay to min_lr at `total`."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
+
+
+def steps_per_epoch(cfg: Config, n_train: int) -> int:
+    return max(1, (cfg.data.epoch_repeats * n_train) // min(cfg.train.batch_size, n_train))
+
+
+def planned_steps(cfg: Config, n_train: int) -> int | None:
+    """Total steps from the budget; None for a wall-clock budget (estimated once training runs)."""
+    t = cfg.train
+    if t.steps:
+        return int(t.steps)
+    if t.epochs:
+        return max(1, round(t.epochs * steps_per_epoch(cfg, n_train)))
+    if t.minutes:
+        return None
+    raise HybvitError("no training budget: give --epochs, --steps or --minutes")
+
+
+def warmup_steps(cfg: Config, n_train: int, total: int) -> int:
+    w = cfg.train.warmup_epochs * steps_per_epoch(cfg, n_train)
+    return max(1, int(min(w, cfg.train.warmup_max_frac * total)))
+
+
+@torch.no_grad()
+def accuracy(model: ViT, x: torch.Tensor, y: torch.Tensor, batch_size: int = 500, amp: str = "auto") -> float:
+    """Top-1 accuracy of model.classify on uint8 images x (N, C, H, W)."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    correct = 0
+    for i in range(0, len(x), batch_size):
+        xb = to_float(x[i:i + batch_size].to(device))
+        with autocast(amp, device):
+            correct += (model.classify(xb).argmax(1).cpu() == y[i:i + batch_size]).sum().item()
+    model.train(was_training)
+    return correct / max(1, len(x))
+
+
+# ----------------------------------------------------------------------------- the run
+
+class _StopFlag:
+    """Ctrl-C / SIGTERM: finish the current step, write a checkpoint, exit cleanly (resume with --resume)."""
+
+    def __init__(self) -> None:
+        self.stop = False
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> "_StopFlag":
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not in the main thread
+                pass
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.stop:  # a second Ctrl-C aborts at once
+            raise KeyboardInterrupt
+        self.stop = True
+
+    def __exit__(self, *exc) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+def train(cfg: Config, data: ImageData, out_dir: Path, resume: bool = False, stop_after: int | None = None,
+          progress: bool = True) -> dict[str, Any]:
+    """Train according to cfg on data, writing the run into out_dir. Returns the metrics written.
+
+    stop_after: stop (with a checkpoint, as Ctrl-C does) once this many steps are done in total; the run can
+    then be continued with resume=True.
+    """
+    cfg.validate()
+    t = cfg.train
+    out_dir = Path(out_dir)
+    device = resolve_device(t.device)
+    torch.manual_seed(t.seed)
+    model = ViT(cfg.model).to(device)
+    ema = EMA(model, t.ema_decay, t.ema_warmup)
+    diffusion = GaussianDiffusion.from_config(cfg.diffusion)
+    optimizer = build_optimizer(model, cfg, device)
+    n_train = len(data.x_train)
+    total = planned_steps(cfg, n_train)  # None for a wall-clock budget
+    start_step, prior_wall, prior_images = 0, 0.0, 0
+
+    last_pt = out_dir / "checkpoints" / "last.pt"
+    if resume:
+        state = ckpt.load_training_state(last_pt)
+        model.load_state_dict(state["model"])
+        ema.model.load_state_dict(state["ema"])
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"]["torch"])
+        start_step = int(state["step"])
+        prior_wall = float(state.get("wall_seconds", 0.0))
+        prior_images = int(state.get("images_seen", 0))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ckpt.write_json(out_dir / "config.json", cfg.to_dict())
+
+    x_train, y_train = data.x_train.to(device), data.y_train.to(device)
+    ce_batches = Batches(n_train, t.batch_size, t.seed, stream=0)
+    diff_batches = Batches(n_train, t.batch_size, t.seed, stream=1)
+    use_ce, use_diff = t.mode in ("vit", "hybvit"), t.mode in ("genvit", "hybvit")
+    images_per_step = ce_batches.batch_size * use_ce + diff_batches.batch_size * use_diff
+    flops_per_step = 3 * model.flops_per_image() * images_per_step  # forward + backward ~ 3x forward
+
+    from torch.utils.tensorboard import SummaryWriter
+    writer = SummaryWriter(str(out_dir / "tb"))
+    forward_model = torch.compile(model) if t.compile else model
+
+    def save(step: int, images_seen: int, wall: float, total_steps: int) -> None:
+        state = {"config": cfg.to_dict(), "step": step, "total_steps": total_steps, "images_seen": images_seen,
+                 "wall_seconds": wall, "model": model.state_dict(), "ema": ema.model.state_dict(),
+                 "optimizer": optimizer.state_dict(), "rng": {"torch": torch.get_rng_state()}}
+        ckpt.save_training_state(last_pt, state)
+        ckpt.save_weights(out_dir / "checkpoints" / "ema.safetensors", ema.model.state_dict(), cfg.to_dict())
+
+    deadline = time.time() + 60 * t.minutes if t.minutes else None
+    est_total = total if total is not None else 10 ** 9
+    bar = _progress_bar(total, start_step, progress)
+    t0 = time.time()
+    step, images_seen = start_step, prior_images
+    run_images = 0
+    stats = {"loss": 0.0, "ce": 0.0, "diff": 0.0, "acc": 0.0, "n": 0}
+    model.train()
+    with _StopFlag() as stop:
+        while step < est_total:
+            lr = lr_at(step, est_total, warmup_steps(cfg, n_train, est_total), t.lr, t.min_lr)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            g = step_generator(t.seed, step, 0)
+            loss = torch.zeros((), device=device)
+            ce = diff = None
+            with autocast(t.amp, device):
+                if use_ce:
+                    idx = ce_batches.indices(step).to(device)
+                    x = augment(to_float(x_train[idx]), cfg.data.crop_padding, cfg.data.hflip, g)
+                    logits = forward_model(x)                                     # (B, classes)
+                    ce = F.cross_entropy(logits.float(), y_train[idx], label_smoothing=t.label_smoothing)
+                    loss = loss + ce
+                    stats["acc"] += (logits.argmax(1) == y_train[idx]).float().mean().item()
+                if use_diff:
+                    idx = diff_batches.indices(step).to(device)
+                    diff = diffusion.loss(lambda xt, tt: forward_model(xt, tt), to_float(x_train[idx]), generator=g)
+                    loss = loss + (t.alpha if use_ce else 1.0) * diff
+            if not torch.isfinite(loss):
+                writer.close()
+                where = f"'{last_pt}'" if last_pt.exists() else "none (no checkpoint was written yet)"
+                raise HybvitError(f"loss became {loss.item()} at step {step}; stopped, the last good checkpoint is "
+                                  f"{where}; lower train.lr or use train.grad_clip")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if t.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
+            optimizer.step()
+            ema.update(model, step)
+            step += 1
+            images_seen += images_per_step
+            run_images += images_per_step
+            stats["loss"] += loss.item()
+            stats["ce"] += ce.item() if ce is not None else 0.0
+            stats["diff"] += diff.item() if diff is not None else 0.0
+            stats["n"] += 1
+
+            elapsed = time.time() - t0
+            if deadline is not None:
+                if step - start_step == 10 and total is None:   # calibrate the wall-clock budget once
+                    per_step = elapsed / 10
+                    est_total = step + max(1, int((deadline - time.time()) / per_step))
+                    total = est_total
+                    if bar is not None:
+                        bar.total = est_total
+                        bar.refresh()
+                if time.time() >= deadline:
+                    est_total = step
+            if step % t.log_every == 0 or step == est_total:
+                n = stats["n"]
+                ips = run_images / max(elapsed, 1e-9)
+                scalars = {"loss/total": stats["loss"] / n, "lr": lr, "speed/images_per_s": ips,
+                           "speed/gflops_per_s": flops_per_step * (step - start_step) / max(elapsed, 1e-9) / 1e9}
+                if use_ce:
+                    scalars["loss/ce"], scalars["train/accuracy"] = stats["ce"] / n, stats["acc"] / n
+                if use_diff:
+                    scalars["loss/diffusion"] = stats["diff"] / n
+                for k, v in scalars.items():
+                    writer.add_scalar(k, v, step)
+                if bar is not None:
+                    post = {"loss": f"{stats['loss'] / n:.4f}"}
+                    if use_ce:
+                        post.update(ce=f"{stats['ce'] / n:.3f}", acc=f"{stats['acc'] / n:.3f}")
+                    if use_diff:
+                        post["diff"] = f"{stats['diff'] / n:.4f}"
+                    post["img/s"] = f"{ips:.0f}"
+                    bar.set_postfix(post, refresh=False)
+                stats = {k: 0.0 for k in stats} | {"n": 0}
+            if bar is not None:
+                bar.update(1)
+            if t.sample_every and step % t.sample_every == 0 and use_diff:
+                _log_samples(writer, ema.model, diffusion, cfg, device, step, n=min(64, t.num_samples))
+            interrupted = stop.stop or (stop_after is not None and step >= stop_after)
+            if step % t.ckpt_every == 0 or interrupted:
+                save(step, images_seen, prior_wall + time.time() - t0, est_total)
+            if interrupted:
+                if bar is not None:
+                    bar.close()
+                writer.close()
+                print(f"stopped at step {step}; checkpoint written to {last_pt}; continue with "
+                      f"`hybvit train --resume {out_dir}`")
+                return {"steps": step, "interrupted": True}
+    if bar is not None:
+        bar.close()
+    train_seconds = time.time() - t0
+    save(step, images_seen, prior_wall + train_seconds, step)
+    metrics = finish(cfg, data, model, ema.model, diffusion, out_dir, writer, device)
+    metrics.update(steps=step, images_seen=images_seen, wall_seconds=round(prior_wall + time.time() - t0, 2),
+                   train_seconds=round(prior_wall + train_seconds, 2),
+                   images_per_second=round(run_images / max(train_seconds, 1e-9), 1),
+                   train_gflops_per_second=round(flops_per_step * (step - start_step) / max(train_seconds, 1e-9) / 1e9, 2),
+                   params=model.num_params(), mode=t.mode, preset=cfg.preset, data=cfg.data.spec,
+                   device=str(device))
+    ckpt.write_json(out_dir / "metrics.json", metrics)
+    writer.close()
+    return metrics
+
+
+def _progress_bar(total: int | None, start: int, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+    return tqdm(total=total, initial=start, unit="step", dynamic_ncols=True, mininterval=1.0)
+
+
+@torch.no_grad()
+def _log_samples(writer, model: ViT, diffusion: GaussianDiffusion, cfg: Config, device, step: int, n: int):
+    from .sample import draw_samples, make_grid
+    x = draw_samples(model, diffusion, n, sampler=cfg.train.sampler, steps=cfg.train.sample_steps,
+                     seed=cfg.train.seed, device=device, amp=cfg.train.amp)
+    writer.add_image("samples", make_grid(x).permute(2, 0, 1), step)
+
+
+def finish(cfg: Config, data: ImageData, model: ViT, ema_model: ViT, diffusion: GaussianDiffusion, out_dir: Path,
+           writer, device) -> dict[str, Any]:
+    """End-of-run evaluation: test accuracy (EMA and raw weights), samples.png and the optional pixel-FD."""
+    from .sample import draw_samples, make_grid, save_png
+    t = cfg.train
+    metrics: dict[str, Any] = {}
+    if t.mode in ("vit", "hybvit"):
+        metrics["test_accuracy"] = accuracy(ema_model, data.x_test, data.y_test, t.eval_batch_size, t.amp)
+        metrics["test_accuracy_raw"] = accuracy(model, data.x_test, data.y_test, t.eval_batch_size, t.amp)
+        writer.add_scalar("test/accuracy", metrics["test_accuracy"], 0)
+        print(f"test accuracy: {metrics['test_accuracy']:.4f} (EMA), {metrics['test_accuracy_raw']:.4f} (raw)")
+    if t.mode in ("genvit", "hybvit"):
+        n = max(t.num_samples, t.fd_samples)
+        t0 = time.time()
+        x = draw_samples(ema_model, diffusion, n, sampler=t.sampler, steps=t.sample_steps, seed=t.seed,
+                         device=device, amp=t.amp, batch_size=t.eval_batch_size)
+        metrics["sampling_images_per_second"] = round(n / (time.time() - t0), 1)
+        grid = make_grid(x[:t.num_samples])
+        save_png(out_dir / "samples.png", grid)
+        writer.add_image("samples", grid.permute(2, 0, 1), 0)
+        if t.fd_samples:
+            from .evaluate.frechet import pixel_frechet_distance
+            fd = pixel_frechet_distance(x[:t.fd_samples], data.x_test)
+            metrics["pixel_fd"] = round(fd, 4)
+            metrics["pixel_fd_samples"] = t.fd_samples
+            metrics["pixel_fd_sampler"] = f"{t.sampler}-{t.sample_steps}" if t.sampler == "ddim" else "ancestral"
+            print(f"pixel-space Frechet distance ({t.fd_samples} samples vs test set): {fd:.3f}")
+    return metrics
