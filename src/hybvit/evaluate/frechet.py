@@ -6,6 +6,8 @@ On digits the features are the raw pixels in [-1, 1] (64 dimensions): "pixel-FD"
 """
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import scipy.linalg
 import torch
@@ -16,10 +18,12 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
     mu1, mu2 = a.mean(0), b.mean(0)
     s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
-    covmean, _ = scipy.linalg.sqrtm(s1 @ s2, disp=False)
-    if not np.isfinite(covmean).all():  # near-singular product: regularise as pytorch-fid does
-        eps = 1e-6 * np.eye(len(s1))
-        covmean = scipy.linalg.sqrtm((s1 + eps) @ (s2 + eps))
+    with warnings.catch_warnings():  # digits have constant (zero) border pixels: singular covariances are normal
+        warnings.simplefilter("ignore")
+        covmean = scipy.linalg.sqrtm(s1 @ s2)
+        if not np.isfinite(covmean).all():  # regularise as pytorch-fid does
+            eps = 1e-6 * np.eye(len(s1))
+            covmean = scipy.linalg.sqrtm((s1 + eps) @ (s2 + eps))
     covmean = np.real(covmean)
     return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
 

@@ -1,0 +1,112 @@
+"""Time one training step per mode at the paper's CIFAR-10 configuration and compare with this machine's matmul rate.
+
+    python benchmarks/train_step.py                  # 32x32x3, D 384, depth 9, heads 12, patch 4, batch 128/branch
+    python benchmarks/train_step.py --amp bf16       # bf16 autocast (CPU or CUDA)
+    python benchmarks/train_step.py --device cuda --compile
+
+Prints per mode: seconds per step, images/s, achieved GFLOP/s (3 x forward FLOPs per image, the usual estimate for
+forward + backward), and the MFU against the measured dense matmul rate of the same dtype. A benchmark, not a test.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import time
+
+import torch
+import torch.nn.functional as F
+
+from hybvit.config import preset_config
+from hybvit.diffusion import GaussianDiffusion
+from hybvit.model import ViT
+from hybvit.train import EMA, autocast, build_optimizer
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def matmul_gflops(dtype, device, n=2048, reps=10) -> float:
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(2):
+        a @ b
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    sync(device)
+    return 2 * n ** 3 * reps / (time.perf_counter() - t0) / 1e9
+
+
+def time_step(mode: str, args, device) -> dict:
+    cfg = preset_config("cifar10-hybvit")
+    cfg.train.mode, cfg.train.amp = mode, args.amp
+    torch.manual_seed(0)
+    model = ViT(cfg.model).to(device)
+    ema = EMA(model, 0.999)
+    opt = build_optimizer(model, cfg, device)
+    diffusion = GaussianDiffusion.from_config(cfg.diffusion)
+    fwd = torch.compile(model) if args.compile else model
+    B = args.batch_size
+    x = torch.rand(B, 3, 32, 32, device=device) * 2 - 1
+    y = torch.randint(0, 10, (B,), device=device)
+    g = torch.Generator().manual_seed(0)
+
+    def step():
+        loss = torch.zeros((), device=device)
+        with autocast(args.amp, device):
+            if mode in ("vit", "hybvit"):
+                loss = loss + F.cross_entropy(fwd(x).float(), y)
+            if mode in ("genvit", "hybvit"):
+                loss = loss + 100 * diffusion.loss(lambda xt, t: fwd(xt, t), x, generator=g)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        ema.update(model, 0)
+
+    for _ in range(args.warmup):
+        step()
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(args.steps):
+        step()
+    sync(device)
+    dt = (time.perf_counter() - t0) / args.steps
+    images = B * (2 if mode == "hybvit" else 1)
+    flops = 3 * model.flops_per_image() * images
+    return {"mode": mode, "s_per_step": dt, "images_per_s": images / dt, "gflops": flops / dt / 1e9,
+            "tflop_per_step": flops / 1e12}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--amp", default="fp32", choices=["fp32", "bf16"])
+    p.add_argument("--modes", default="vit,genvit,hybvit")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--compile", action="store_true")
+    args = p.parse_args()
+    device = torch.device(args.device)
+    print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, threads {torch.get_num_threads()}, "
+          f"device {device}{' ' + torch.cuda.get_device_name() if device.type == 'cuda' else ''}, "
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}, amp {args.amp}, compile {args.compile}")
+    peak = {"fp32": matmul_gflops(torch.float32, device), "bf16": matmul_gflops(torch.bfloat16, device)}
+    print(f"matmul 2048x2048: fp32 {peak['fp32']:.0f} GFLOP/s, bf16 {peak['bf16']:.0f} GFLOP/s "
+          f"(bf16/fp32 {peak['bf16'] / peak['fp32']:.2f}x)")
+    ref = peak[args.amp]
+    print(f"{'mode':8s} {'s/step':>8s} {'images/s':>9s} {'TFLOP/step':>11s} {'GFLOP/s':>9s} {'MFU':>6s}")
+    for mode in args.modes.split(","):
+        r = time_step(mode, args, device)
+        print(f"{mode:8s} {r['s_per_step']:8.3f} {r['images_per_s']:9.1f} {r['tflop_per_step']:11.3f} "
+              f"{r['gflops']:9.1f} {r['gflops'] / ref:6.1%}")
+    print("MFU = achieved / measured matmul rate of the same dtype on this machine (not a datasheet peak).")
+
+
+if __name__ == "__main__":
+    main()

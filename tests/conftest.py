@@ -1,0 +1,28 @@
+import os
+
+import pytest
+import torch
+
+from hybvit.config import preset_config
+
+os.environ.setdefault("HYBVIT_NO_DOWNLOAD", "1")  # tests never touch the network
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+@pytest.fixture
+def tiny_cfg():
+    """The default preset shrunk to a model and budget that train in seconds."""
+    def make(mode="hybvit", steps=8, **train):
+        cfg = preset_config("digits-hybvit")
+        cfg.model.dim, cfg.model.depth, cfg.model.heads = 32, 2, 2
+        cfg.train.mode = mode
+        cfg.train.steps = steps
+        cfg.train.batch_size = 32
+        cfg.train.num_samples = 4
+        cfg.train.sample_steps = 3
+        cfg.train.fd_samples = 0
+        cfg.train.ckpt_every = 1000
+        for k, v in train.items():
+            setattr(cfg.train, k, v)
+        return cfg
+    return make

@@ -1,0 +1,190 @@
+"""The command line end to end on digits with a tiny budget, and every bad input the CLI promises to refuse."""
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from hybvit.cli import main
+
+TINY = ["--set", "model.dim=32", "--set", "model.depth=2", "--set", "model.heads=2", "--set", "batch_size=32",
+        "--set", "num_samples=9", "--set", "sample_steps=3", "--set", "fd_samples=0", "--quiet"]
+
+
+def run_cli(capsys, *args):
+    rc = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("runs") / "r"
+    assert main(["train", "--steps", "6", "--out", str(out)] + TINY + ["--set", "fd_samples=40"]) == 0
+    return out
+
+
+def test_train_writes_the_run(trained):
+    metrics = json.loads((trained / "metrics.json").read_text())
+    for key in ("test_accuracy", "steps", "images_seen", "wall_seconds", "pixel_fd"):
+        assert key in metrics
+    assert metrics["steps"] == 6 and metrics["images_seen"] == 6 * 64
+    assert metrics["pixel_fd_samples"] == 40
+    assert (trained / "samples.png").exists() and (trained / "checkpoints" / "last.pt").exists()
+    assert (trained / "checkpoints" / "ema.safetensors").exists()
+    cfg = json.loads((trained / "config.json").read_text())
+    assert cfg["model"]["dim"] == 32 and cfg["preset"] == "digits-hybvit"
+    assert Image.open(trained / "samples.png").size == (3 * 33 + 1, 3 * 33 + 1)  # 8px -> 32px, 3x3 grid
+
+
+def test_sample_npz_and_png(trained, tmp_path, capsys):
+    rc, out, _ = run_cli(capsys, "sample", "--run", trained, "--num", 5, "--out", tmp_path / "s.npz", "--steps", 3)
+    assert rc == 0
+    images = np.load(tmp_path / "s.npz")["images"]
+    assert images.shape == (5, 8, 8, 1) and images.dtype == np.uint8
+    rc, *_ = run_cli(capsys, "sample", "--checkpoint", trained / "checkpoints" / "ema.safetensors", "--num", 4,
+                     "--out", tmp_path / "s.png", "--sampler", "ddim", "--steps", 2, "--eta", 1.0, "--seed", 3)
+    assert rc == 0 and Image.open(tmp_path / "s.png").size == (2 * 33 + 1, 2 * 33 + 1)
+    # the same seed gives the same samples
+    run_cli(capsys, "sample", "--run", trained, "--num", 5, "--out", tmp_path / "t.npz", "--steps", 3)
+    assert np.array_equal(np.load(tmp_path / "t.npz")["images"], images)
+
+
+def test_evaluate(trained, tmp_path, capsys):
+    rc, out, _ = run_cli(capsys, "evaluate", "--run", trained, "--metrics", "accuracy,pixel-fd", "--out",
+                         tmp_path / "r.json", "--num-samples", 30, "--steps", 2)
+    assert rc == 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert 0 <= report["accuracy"]["test_accuracy"] <= 1 and report["accuracy"]["num_test_images"] == 360
+    assert "test_accuracy_raw" in report["accuracy"]
+    assert report["pixel-fd"]["num_samples"] == 30 and report["pixel-fd"]["value"] > 0
+    metrics = json.loads((trained / "metrics.json").read_text())
+    assert report["accuracy"]["test_accuracy"] == metrics["test_accuracy"]
+
+
+def test_resume_extends_a_run(trained, tmp_path, capsys):
+    import shutil
+    run = tmp_path / "copy"
+    shutil.copytree(trained, run)
+    rc, *_ = run_cli(capsys, "train", "--resume", run, "--steps", 8, "--quiet")
+    assert rc == 0
+    assert json.loads((run / "metrics.json").read_text())["steps"] == 8
+
+
+def test_presets_lists_and_shows(capsys):
+    rc, out, _ = run_cli(capsys, "presets")
+    assert rc == 0 and "digits-hybvit" in out and "11,185,068" in out
+    rc, out, _ = run_cli(capsys, "presets", "cifar10-hybvit")
+    assert json.loads(out)["model"]["dim"] == 384
+
+
+def test_adapts_model_to_other_data(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    p = tmp_path / "d.npz"
+    np.savez(p, x_train=rng.integers(0, 256, (40, 16, 16, 3), dtype=np.uint8), y_train=np.arange(40) % 3,
+             x_test=rng.integers(0, 256, (9, 16, 16, 3), dtype=np.uint8), y_test=np.arange(9) % 3)
+    rc, out, _ = run_cli(capsys, "train", "--data", f"npz:{p}", "--steps", 2, "--out", tmp_path / "r", *TINY)
+    assert rc == 0
+    assert "patch size 2 -> 4" in out and "classes 10 -> 3" in out and "channels 1 -> 3" in out
+    cfg = json.loads((tmp_path / "r" / "config.json").read_text())["model"]
+    assert (cfg["image_size"], cfg["channels"], cfg["patch_size"], cfg["num_classes"]) == (16, 3, 4, 3)
+
+
+# ------------------------------------------------------------------ bad input: one line, exit != 0, nothing written
+
+def bad_npz(tmp_path, name, **arrays):
+    p = tmp_path / name
+    np.savez(p, **arrays)
+    return p
+
+
+def check_refused(capsys, tmp_path, args, pattern):
+    out_dir = tmp_path / "should-not-exist"
+    rc, out, err = run_cli(capsys, *args, "--out", out_dir)
+    assert rc == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("hybvit: error: "), err
+    import re
+    assert re.search(pattern, lines[0]), lines[0]
+    assert not out_dir.exists()
+
+
+def test_bad_inputs(tmp_path, capsys):
+    x = np.zeros((4, 8, 8), np.uint8)
+    y = np.array([0, 1, 2, 3])
+    cases = [
+        (["train", "--preset", "nope"], "unknown preset 'nope'.*hybvit presets"),
+        (["train", "--mode", "gan"], "unknown mode 'gan'"),
+        (["train", "--data", "imagenet99"], "unknown data spec 'imagenet99'"),
+        (["train", "--data", f"npz:{tmp_path / 'missing.npz'}"], "does not exist"),
+        (["train", "--data", f"folder:{tmp_path / 'nodir'}"], "does not exist"),
+        (["train", "--data", f"npz:{bad_npz(tmp_path, 'k.npz', x_train=x, y_train=y)}"],
+         "lacks the arrays x_test, y_test"),
+        (["train", "--data", f"npz:{bad_npz(tmp_path, 'd.npz', x_train=x[:, 0], y_train=y, x_test=x, y_test=y)}"],
+         "expected uint8 \\(N,H,W\\)"),
+        (["train", "--data", f"npz:{bad_npz(tmp_path, 'l.npz', x_train=x, y_train=y, x_test=x, y_test=y + 5)}"],
+         "labels must lie in"),
+        (["train", "--set", "model.patch_size=3"], "not divisible by patch size 3"),
+        (["train", "--preset", "digits-hybvit", "--data",
+          f"npz:{bad_npz(tmp_path, 's.npz', x_train=x[:, :7, :7], y_train=y, x_test=x[:, :7, :7], y_test=y)}"],
+         "image size 7 is not divisible by patch size 2"),
+        (["train", "--set", "model.num_classes=2"], "labels out of range"),
+        (["train", "--set", "nosuchkey=1"], "unknown or ambiguous --set key"),
+        (["train", "--set", "model.dim=abc"], "bad value 'abc' for model.dim"),
+        (["train", "--set", "diffusion.schedule=sigmoid"], "unknown diffusion.schedule"),
+        (["train", "--resume", tmp_path / "no-run"], "cannot resume"),
+    ]
+    for args, pattern in cases:
+        check_refused(capsys, tmp_path, args, pattern)
+
+
+def test_corrupt_image_in_folder(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    for split in ("train", "test"):
+        for c in ("a", "b"):
+            (tmp_path / "f" / split / c).mkdir(parents=True)
+            for i in range(3):
+                Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8)).save(tmp_path / "f" / split / c / f"{i}.png")
+    (tmp_path / "f" / "test" / "b" / "zz-corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    check_refused(capsys, tmp_path, ["train", "--data", f"folder:{tmp_path / 'f'}"], "zz-corrupt.png")
+
+
+def test_resume_with_different_model_config(trained, tmp_path, capsys):
+    rc, _, err = run_cli(capsys, "train", "--resume", trained, "--set", "model.dim=64")
+    assert rc == 2 and "different model config (model.dim: 32 -> 64)" in err and len(err.strip().splitlines()) == 1
+    rc, _, err = run_cli(capsys, "train", "--resume", trained, "--mode", "vit")
+    assert rc == 2 and "mode" in err
+
+
+def test_refuses_to_overwrite_a_run(trained, capsys):
+    rc, _, err = run_cli(capsys, "train", "--out", trained, "--steps", 1)
+    assert rc == 2 and "already holds a run" in err
+
+
+def test_nan_loss_via_cli(tmp_path, capsys):
+    run = tmp_path / "nan"
+    assert main(["train", "--steps", "3", "--out", str(run)] + TINY) == 0
+    before = (run / "checkpoints" / "last.pt").read_bytes()
+    rc, _, err = run_cli(capsys, "train", "--resume", run, "--steps", 9, "--set", "lr=inf", "--set", "ckpt_every=1",
+                         "--quiet")
+    assert rc == 2 and "last good checkpoint" in err and len(err.strip().splitlines()) == 1
+    assert (run / "checkpoints" / "last.pt").read_bytes() == before
+
+
+def test_sample_and_evaluate_bad_input(trained, tmp_path, capsys):
+    rc, _, err = run_cli(capsys, "sample", "--run", trained, "--num", 2, "--out", tmp_path / "x.jpg")
+    assert rc == 2 and ".png" in err
+    rc, _, err = run_cli(capsys, "sample", "--run", tmp_path / "nope", "--num", 2, "--out", tmp_path / "x.png")
+    assert rc == 2 and "does not exist" in err
+    rc, _, err = run_cli(capsys, "evaluate", "--run", trained, "--metrics", "accuracy,magic", "--out", tmp_path / "r.json")
+    assert rc == 2 and "unknown metric(s) magic" in err
+    assert not (tmp_path / "x.png").exists() and not (tmp_path / "r.json").exists()
+
+
+def test_entry_point_subprocess(tmp_path):
+    r = subprocess.run([sys.executable, "-m", "hybvit", "train", "--preset", "nope"], capture_output=True, text=True)
+    assert r.returncode == 2 and r.stderr.strip().startswith("hybvit: error: unknown preset")
+    r = subprocess.run([sys.executable, "-m", "hybvit", "presets"], capture_output=True, text=True)
+    assert r.returncode == 0 and "cifar10-hybvit" in r.stdout

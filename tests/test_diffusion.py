@@ -1,0 +1,133 @@
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from hybvit.diffusion import GaussianDiffusion, cosine_betas, linear_betas
+
+
+def test_cosine_schedule_closed_form():
+    T, s = 1000, 0.008
+    d = GaussianDiffusion(T, "cosine")
+    f = lambda u: math.cos((u / T + s) / (1 + s) * math.pi / 2) ** 2
+    expected = np.array([f(t + 1) / f(0) for t in range(T)])
+    abar = d.alphas_cumprod.numpy()
+    unclipped = cosine_betas(T) < 0.999
+    # alpha-bar follows f(t)/f(0) exactly wherever beta was not clipped (all but the last steps)
+    k = np.argmin(unclipped) if not unclipped.all() else T
+    assert k > 990
+    np.testing.assert_allclose(abar[:k], expected[:k], rtol=1e-10)
+    assert cosine_betas(T).max() <= 0.999 and cosine_betas(T).min() > 0
+
+
+def test_linear_schedule():
+    b = linear_betas(1000)
+    assert b[0] == pytest.approx(1e-4) and b[-1] == pytest.approx(0.02)
+    np.testing.assert_allclose(np.diff(b), (0.02 - 1e-4) / 999)
+    d = GaussianDiffusion(1000, "linear")
+    np.testing.assert_allclose(d.alphas_cumprod.numpy(), np.cumprod(1 - b))
+
+
+def test_q_sample_moments():
+    d = GaussianDiffusion(1000, "cosine")
+    torch.manual_seed(0)
+    x0 = torch.full((200_000,), 0.7)
+    for step in (0, 250, 999):
+        t = torch.full((200_000,), step)
+        xt = d.q_sample(x0, t, torch.randn_like(x0))
+        abar = float(d.alphas_cumprod[step])
+        assert xt.mean().item() == pytest.approx(math.sqrt(abar) * 0.7, abs=0.01)
+        assert xt.var().item() == pytest.approx(1 - abar, abs=0.01 * max(1 - abar, 1e-3) + 1e-5)
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear"])
+def test_posterior_equals_gaussian_algebra(schedule):
+    """q(x_{t-1}|x_t,x_0) is proportional to q(x_t|x_{t-1}) q(x_{t-1}|x_0): multiply the two Gaussians."""
+    d = GaussianDiffusion(1000, schedule)
+    x0 = torch.tensor([0.3, -0.8, 0.1], dtype=torch.float64)
+    xt = torch.tensor([1.2, -0.1, 0.5], dtype=torch.float64)
+    for step in (1, 17, 500, 998):
+        t = torch.full((3,), step)
+        beta = float(d.betas[step])
+        abar_prev = float(d.alphas_cumprod[step - 1])
+        precision = (1 - beta) / beta + 1 / (1 - abar_prev)
+        mean = (math.sqrt(1 - beta) * xt / beta + math.sqrt(abar_prev) * x0 / (1 - abar_prev)) / precision
+        m, v, logv = d.q_posterior(x0, xt, t)
+        np.testing.assert_allclose(m.numpy(), mean.numpy(), rtol=1e-9)
+        np.testing.assert_allclose(v.numpy().ravel(), 1 / precision, rtol=1e-9)
+        np.testing.assert_allclose(logv.numpy().ravel(), math.log(1 / precision), rtol=1e-9)
+
+
+def test_predict_x0_inverts_q_sample():
+    d = GaussianDiffusion(1000)
+    x0 = torch.rand(4, 1, 8, 8) * 2 - 1
+    t = torch.tensor([0, 10, 500, 990])
+    noise = torch.randn_like(x0)
+    np.testing.assert_allclose(d.predict_x0(d.q_sample(x0, t, noise), t, noise), x0, atol=1e-3)
+
+
+def test_loss_types():
+    d1, d2 = GaussianDiffusion(1000, loss="l1"), GaussianDiffusion(1000, loss="l2")
+    a, b = torch.zeros(10), torch.full((10,), 2.0)
+    assert d1.eps_loss(a, b).item() == pytest.approx(2.0)
+    assert d2.eps_loss(a, b).item() == pytest.approx(4.0)
+
+
+# ------------------------------------------------------------------ the Gaussian oracle
+# Data x0 ~ N(mu, s^2) per pixel. Then x_t = a x0 + b eps is Gaussian and the exact noise predictor is
+# E[eps | x_t] = b / (a^2 s^2 + b^2) * (x_t - a mu). A correct sampler driven by it must give back mu and s.
+MU, S = 0.2, 0.3
+
+
+def oracle(d):
+    def eps(xt, t):
+        a = d.sqrt_alphas_cumprod[t].to(xt.dtype).reshape(-1, 1)
+        b = d.sqrt_one_minus_alphas_cumprod[t].to(xt.dtype).reshape(-1, 1)
+        return b / (a ** 2 * S ** 2 + b ** 2) * (xt - a * MU)
+    return eps
+
+
+def test_oracle_ancestral_recovers_data_distribution():
+    d = GaussianDiffusion(1000, "cosine")
+    g = torch.Generator().manual_seed(0)
+    x = d.sample_ancestral(oracle(d), (100_000, 1), generator=g, device="cpu").double()
+    assert x.mean().item() == pytest.approx(MU, abs=0.004)
+    # clamping x0 to [-1, 1] trims the tails a little: 0.296 computed independently in numpy
+    assert x.std().item() == pytest.approx(0.296, abs=0.004)
+
+
+@pytest.mark.parametrize("steps,expected_std", [(50, 0.286), (20, 0.267), (10, 0.233)])
+def test_oracle_ddim_recovers_data_distribution(steps, expected_std):
+    d = GaussianDiffusion(1000, "cosine")
+    g = torch.Generator().manual_seed(1)
+    x = d.sample_ddim(oracle(d), (100_000, 1), steps=steps, eta=0.0, generator=g).double()
+    assert x.mean().item() == pytest.approx(MU, abs=0.004)
+    assert x.std().item() == pytest.approx(expected_std, abs=0.004)
+    if steps == 50:
+        assert abs(x.std().item() - S) < 0.02
+
+
+def test_oracle_ddim_eta1_is_close_to_ancestral():
+    d = GaussianDiffusion(1000, "cosine")
+    x = d.sample_ddim(oracle(d), (100_000, 1), steps=200, eta=1.0, generator=torch.Generator().manual_seed(2))
+    assert x.mean().item() == pytest.approx(MU, abs=0.005)
+    assert x.std().item() == pytest.approx(S, abs=0.01)
+
+
+def test_a_wrong_predictor_is_caught():
+    """The oracle check is not vacuous: a predictor for the wrong data scale gives the wrong spread."""
+    d = GaussianDiffusion(1000, "cosine")
+    def wrong(xt, t):
+        a = d.sqrt_alphas_cumprod[t].to(xt.dtype).reshape(-1, 1)
+        b = d.sqrt_one_minus_alphas_cumprod[t].to(xt.dtype).reshape(-1, 1)
+        return b / (a ** 2 * 0.5 ** 2 + b ** 2) * (xt - a * MU)
+    x = d.sample_ddim(wrong, (20_000, 1), steps=50, generator=torch.Generator().manual_seed(3))
+    assert abs(x.std().item() - 0.286) > 0.05
+
+
+def test_ddim_timesteps():
+    d = GaussianDiffusion(1000)
+    ts = d.ddim_timesteps(50)
+    assert ts[0] == 999 and ts[-1] == 0 and len(ts) == 50 and ts == sorted(ts, reverse=True)
+    assert d.ddim_timesteps(1000) == list(range(999, -1, -1))

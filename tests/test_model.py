@@ -1,0 +1,71 @@
+import pytest
+import torch
+
+from hybvit.config import ModelConfig, preset_config
+from hybvit.errors import HybvitError
+from hybvit.model import OFFICIAL_CIFAR10_PARAMS, ViT
+
+
+@pytest.mark.parametrize("channels,size,patch", [(1, 8, 2), (3, 32, 4), (3, 16, 8), (4, 12, 3)])
+def test_shapes_all_modes(channels, size, patch):
+    cfg = ModelConfig(image_size=size, channels=channels, patch_size=patch, num_classes=7, dim=32, depth=2, heads=4)
+    model = ViT(cfg)
+    x = torch.randn(5, channels, size, size)
+    t = torch.randint(0, 1000, (5,))
+    assert model.classify(x).shape == (5, 7)
+    assert model.denoise(x, t).shape == x.shape
+    assert model(x).shape == (5, 7)
+    assert model(x, t).shape == x.shape
+    assert model.forward_features(x, t).shape == (5, (size // patch) ** 2 + 1, 32)
+
+
+def test_patchify_roundtrip_and_raster_order():
+    model = ViT(ModelConfig(image_size=8, channels=3, patch_size=4, dim=16, depth=1, heads=2))
+    x = torch.randn(2, 3, 8, 8)
+    p = model.patchify(x)
+    assert p.shape == (2, 4, 4 * 4 * 3)
+    assert torch.equal(model.unpatchify(p), x)
+    # patch 1 is the top-right 4x4 block, flattened as (P, P, C)
+    assert torch.equal(p[:, 1], x[:, :, :4, 4:].permute(0, 2, 3, 1).reshape(2, -1))
+
+
+def test_param_count_matches_official_cifar10():
+    model = ViT(preset_config("cifar10-hybvit").model)
+    assert model.num_params() == OFFICIAL_CIFAR10_PARAMS == 11_185_068
+    assert abs(model.flops_per_image() / 1e9 - 1.44) < 0.01
+
+
+def test_time_changes_denoising_but_classification_has_no_time_input():
+    torch.manual_seed(0)
+    model = ViT(ModelConfig(image_size=8, channels=1, patch_size=2, dim=32, depth=2, heads=4))
+    x = torch.randn(3, 1, 8, 8)
+    e1 = model.denoise(x, torch.full((3,), 10))
+    e2 = model.denoise(x, torch.full((3,), 900))
+    assert not torch.allclose(e1, e2, atol=1e-4)
+    # classification equals the trunk run with zero modulation (scale = shift = 0)
+    for block in model.blocks:
+        torch.nn.init.zeros_(block.modulation.weight)
+        torch.nn.init.zeros_(block.modulation.bias)
+    h_time = model.forward_features(x, torch.full((3,), 500))
+    assert torch.allclose(h_time, model.forward_features(x), atol=1e-5)
+
+
+def test_modulation_is_one_scalar_per_token():
+    model = ViT(ModelConfig(image_size=8, channels=1, patch_size=2, dim=32, depth=2, heads=4))
+    assert model.blocks[0].modulation.out_features == 2 * (16 + 1)
+    assert model.time_mlp[0].out_features == 4 * 17  # the paper code's hidden width 4(N+1)
+
+
+def test_bad_model_config():
+    with pytest.raises(HybvitError, match="not divisible by patch size"):
+        ViT(ModelConfig(image_size=8, patch_size=3))
+    with pytest.raises(HybvitError, match="heads"):
+        ViT(ModelConfig(dim=30, heads=4))
+
+
+def test_gradients_reach_every_parameter():
+    model = ViT(ModelConfig(image_size=8, channels=1, patch_size=2, dim=32, depth=2, heads=4))
+    x = torch.randn(4, 1, 8, 8)
+    loss = model.classify(x).sum() + model.denoise(x, torch.randint(0, 1000, (4,))).sum()
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
