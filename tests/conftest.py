@@ -22,6 +22,7 @@ def tiny_cfg():
         cfg.train.sample_steps = 3
         cfg.train.fd_samples = 0
         cfg.train.ckpt_every = 1000
+        cfg.train.device = "cpu"  # bitwise resume equality is a CPU promise
         for k, v in train.items():
             setattr(cfg.train, k, v)
         return cfg

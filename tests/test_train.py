@@ -64,10 +64,10 @@ def test_checkpoint_roundtrip(tiny_cfg, digits, tmp_path):
     train(cfg, small(digits), tmp_path, progress=False)
     state = ckpt.load_training_state(tmp_path / "checkpoints" / "last.pt")
     assert state["step"] == 3 and set(state) >= {"model", "ema", "optimizer", "rng", "config"}
-    run = load_run(tmp_path)
+    run = load_run(tmp_path, device="cpu")
     for k, v in run.model.state_dict().items():
         assert torch.equal(v, state["ema"][k]), k
-    run2 = load_run(checkpoint=tmp_path / "checkpoints" / "last.pt")
+    run2 = load_run(checkpoint=tmp_path / "checkpoints" / "last.pt", device="cpu")
     x = digits.x_test[:5]
     assert torch.equal(run.classify(x), run2.classify(x))
     assert run.sample(3, steps=3).shape == (3, 1, 8, 8)
