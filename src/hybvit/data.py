@@ -178,9 +178,16 @@ def load_folder(root: Path, image_size: int = 0) -> ImageData:
         size = image_size or im.size[0]
 
     out = {}
+    total = sum(len(v) for v in files.values())
+    bar = None
+    if total > 5000:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=total, desc=f"reading {root}", unit="img", mininterval=1.0, leave=False)
     for split, items in files.items():
         arr = np.empty((len(items), size, size, 1 if mode == "L" else 3), dtype=np.uint8)
         for n, (f, _) in enumerate(items):
+            if bar is not None:
+                bar.update(1)
             try:
                 with Image.open(f) as im:
                     im = im.convert(mode)
@@ -194,7 +201,11 @@ def load_folder(root: Path, image_size: int = 0) -> ImageData:
             except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
                 raise HybvitError(f"cannot read image '{f}' ({type(e).__name__}); remove or replace the file")
         labels = np.array([c for _, c in items], dtype=np.int64)
+        if not len(items):
+            raise HybvitError(f"no images found under '{root}/{split}/<class>/'")
         out[split] = (torch.from_numpy(arr.transpose(0, 3, 1, 2).copy()), torch.from_numpy(labels))
+    if bar is not None:
+        bar.close()
     return ImageData(out["train"][0], out["train"][1], out["test"][0], out["test"][1], len(classes),
                      f"folder:{root}", classes)
 
