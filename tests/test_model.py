@@ -69,3 +69,13 @@ def test_gradients_reach_every_parameter():
     loss = model.classify(x).sum() + model.denoise(x, torch.randint(0, 1000, (4,))).sum()
     loss.backward()
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+
+
+def test_joint_pass_equals_separate_passes():
+    torch.manual_seed(0)
+    model = ViT(ModelConfig(image_size=8, channels=1, patch_size=2, dim=32, depth=2, heads=4))
+    x0, xt = torch.randn(3, 1, 8, 8), torch.randn(5, 1, 8, 8)
+    t = torch.randint(0, 1000, (5,))
+    logits, eps = model.classify_and_denoise(x0, xt, t)
+    assert torch.allclose(logits, model.classify(x0), atol=1e-5)
+    assert torch.allclose(eps, model.denoise(xt, t), atol=1e-5)

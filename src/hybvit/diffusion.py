@@ -88,13 +88,17 @@ class GaussianDiffusion:
         return mean, _gather(self.posterior_variance, t, xt), _gather(self.posterior_log_variance_clipped, t, xt)
 
     # -- training loss ---------------------------------------------------------------------------------------
-    def loss(self, model: EpsModel, x0: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """L_simple (Eq. 15) with t ~ U{0..T-1}; L1 (the paper's code) or L2 (the paper's Eq. 15)."""
+    def noised(self, x0: torch.Tensor, generator: torch.Generator | None = None):
+        """A training input: t ~ U{0..T-1}, eps ~ N(0, I), x_t by Eq. 10. Returns (x_t, t, eps)."""
         B = x0.shape[0]
         t = torch.randint(0, self.T, (B,), generator=generator, device="cpu").to(x0.device)
         noise = torch.randn(x0.shape, generator=generator, device="cpu").to(x0.device, x0.dtype)
-        eps = model(self.q_sample(x0, t, noise), t)
-        return self.eps_loss(eps, noise)
+        return self.q_sample(x0, t, noise), t, noise
+
+    def loss(self, model: EpsModel, x0: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """L_simple (Eq. 15) with t ~ U{0..T-1}; L1 (the paper's code) or L2 (the paper's Eq. 15)."""
+        xt, t, noise = self.noised(x0, generator)
+        return self.eps_loss(model(xt, t), noise)
 
     def eps_loss(self, eps_pred: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         eps_pred = eps_pred.float()

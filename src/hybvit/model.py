@@ -70,12 +70,15 @@ class Block(nn.Module):
         # One (scale, shift) scalar pair per token, from the time embedding A.
         self.modulation = nn.Linear(time_dim, 2 * tokens)
 
-    def forward(self, h: torch.Tensor, A: torch.Tensor | None = None) -> torch.Tensor:
-        # h: (B, N+1, D); A: (B, time_dim) or None (no time input: a plain ViT block, Eq. 18-19)
+    def forward(self, h: torch.Tensor, A: torch.Tensor | None = None, n_plain: int = 0) -> torch.Tensor:
+        # h: (B, N+1, D); A: (B - n_plain, time_dim) or None (no time input: a plain ViT block, Eq. 18-19).
+        # The first n_plain rows of h get no modulation (scale = shift = 0 is exactly "no time input").
         if A is None:
             h = h + self.attn(self.norm1(h))                      # Eq. 18
             return h + self.mlp(self.norm2(h))                    # Eq. 19
-        scale, shift = self.modulation(F.silu(A)).unsqueeze(-1).chunk(2, dim=1)  # each (B, N+1, 1)
+        scale, shift = self.modulation(F.silu(A)).unsqueeze(-1).chunk(2, dim=1)  # each (B - n_plain, N+1, 1)
+        if n_plain:
+            scale, shift = F.pad(scale, (0, 0, 0, 0, n_plain, 0)), F.pad(shift, (0, 0, 0, 0, n_plain, 0))
         h = h * (1 + scale) + shift                               # M(h_{l-1}, A)
         h = h + self.attn(self.norm1(h))                          # Eq. 21, first line
         h = h * (1 + scale) + shift                               # M(h'_l, A)
@@ -135,13 +138,14 @@ class ViT(nn.Module):
         return x.reshape(B, C, G * P, G * P)
 
     # -- forward ---------------------------------------------------------------------------------------------
-    def forward_features(self, x: torch.Tensor, t: torch.Tensor | None = None) -> torch.Tensor:
-        """x: (B, C, H, W) in [-1, 1]; t: (B,) timesteps or None. Returns h_L: (B, N+1, D)."""
+    def forward_features(self, x: torch.Tensor, t: torch.Tensor | None = None, n_plain: int = 0) -> torch.Tensor:
+        """x: (B, C, H, W) in [-1, 1]; t: (B - n_plain,) timesteps for the last rows, or None.
+        Returns h_L: (B, N+1, D). The first n_plain images are processed with no time input."""
         h = self.patch_embed(self.patchify(x))                        # (B, N, D)
         h = torch.cat([self.cls_token.expand(h.shape[0], -1, -1), h], dim=1) + self.pos_embed  # (B, N+1, D)
-        A = None if t is None else self.time_mlp(timestep_embedding(t, self.cfg.dim))  # (B, time_hidden)
+        A = None if t is None else self.time_mlp(timestep_embedding(t, self.cfg.dim))  # (B - n_plain, time_hidden)
         for block in self.blocks:
-            h = block(h, A)
+            h = block(h, A, n_plain)
         return h
 
     def classify(self, x: torch.Tensor) -> torch.Tensor:
@@ -152,6 +156,14 @@ class ViT(nn.Module):
         """Noisy images x_t and timesteps t -> predicted noise eps, shape (B, C, H, W)."""
         h = self.forward_features(x, t)[:, 1:]                        # (B, N, D), CLS dropped
         return self.unpatchify(self.out(h))                           # (B, C, H, W)
+
+    def classify_and_denoise(self, x0: torch.Tensor, xt: torch.Tensor, t: torch.Tensor):
+        """HybViT's two branches in one pass over the concatenated batch: logits for clean x0 (no time input)
+        and predicted noise for x_t. Equal to classify(x0), denoise(xt, t), with bigger matrix products."""
+        h = self.forward_features(torch.cat([x0, xt]), t, n_plain=len(x0))  # (B0 + Bt, N+1, D)
+        logits = self.head(h[:len(x0), 0])                                   # (B0, classes)
+        eps = self.unpatchify(self.out(h[len(x0):, 1:]))                     # (Bt, C, H, W)
+        return logits, eps
 
     def forward(self, x: torch.Tensor, t: torch.Tensor | None = None) -> torch.Tensor:
         return self.classify(x) if t is None else self.denoise(x, t)
