@@ -10,8 +10,8 @@ export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH}
   python -c "import torch; print('torch', torch.__version__)"
   echo "== train step, bf16 autocast"; python benchmarks/train_step.py --device cuda --amp bf16 --steps 20 --warmup 5
   echo "== train step, fp32"; python benchmarks/train_step.py --device cuda --amp fp32 --steps 10 --warmup 3
-  echo "== default digits run on CUDA (bf16), 800 steps"
-  python -m hybvit train --out "$OUT/digits-cuda" --quiet --set ema_warmup=true
+  echo "== the default digits run (hybvit, no arguments) on CUDA (bf16)"
+  python -m hybvit train --out "$OUT/digits-cuda" --quiet
   cat "$OUT/digits-cuda/metrics.json"
   echo "== test suite"; python -m pytest -q -x tests 2>&1 | tail -5
 } 2>&1 | tee "$OUT/gpu-check.txt"
