@@ -73,6 +73,20 @@ def test_resume_extends_a_run(trained, tmp_path, capsys):
     assert json.loads((run / "metrics.json").read_text())["steps"] == 8
 
 
+def test_train_is_the_default_command(tmp_path, capsys):
+    rc, out, _ = run_cli(capsys, "--steps", 1, "--out", tmp_path / "r", *TINY)
+    assert rc == 0 and (tmp_path / "r" / "metrics.json").exists() and "training hybvit (digits-hybvit)" in out
+
+
+def test_minutes_budget_stops_on_time(tmp_path, capsys):
+    import time
+    t0 = time.time()
+    rc, *_ = run_cli(capsys, "train", "--minutes", 0.03, "--out", tmp_path / "r", *TINY)
+    assert rc == 0 and time.time() - t0 < 30
+    metrics = json.loads((tmp_path / "r" / "metrics.json").read_text())
+    assert metrics["steps"] >= 1 and metrics["train_seconds"] < 0.03 * 60 + 5
+
+
 def test_presets_lists_and_shows(capsys):
     rc, out, _ = run_cli(capsys, "presets")
     assert rc == 0 and "digits-hybvit" in out and "11,185,068" in out

@@ -61,11 +61,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
+        argv = ["train"] + argv  # `hybvit` and `hybvit --steps 10 ...` mean `hybvit train ...`
     args = build_parser().parse_args(argv)
     try:
-        if args.command in (None, "train"):
-            if args.command is None:
-                args = build_parser().parse_args(["train"] + list(argv or sys.argv[1:]))
+        if args.command == "train":
             return cmd_train(args)
         if args.command == "sample":
             return cmd_sample(args)
@@ -275,7 +276,12 @@ def cmd_presets(args) -> int:
     widths = [max(len(r[i]) for r in rows + [head]) for i in range(len(head) - 1)]
     for r in [head] + rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1])
-    print("\n`hybvit presets NAME` prints every value of one preset; override any with --set section.key=value.")
+    from .model import OFFICIAL_CIFAR10_PARAMS
+    ours = next(int(r[8].replace(",", "")) for r in rows if r[0] == "cifar10-hybvit")
+    verdict = "the same count" if ours == OFFICIAL_CIFAR10_PARAMS else f"{ours - OFFICIAL_CIFAR10_PARAMS:+,} here"
+    print(f"\nThe paper code's model at its CIFAR-10 config has {OFFICIAL_CIFAR10_PARAMS:,} parameters; "
+          f"cifar10-hybvit: {ours:,} ({verdict}).")
+    print("`hybvit presets NAME` prints every value of one preset; override any with --set section.key=value.")
     return 0
 
 

@@ -190,14 +190,18 @@ def train(cfg: Config, data: ImageData, out_dir: Path, resume: bool = False, sto
     writer = SummaryWriter(str(out_dir / "tb"))
     forward_model = torch.compile(model) if t.compile else model
 
+    def diverged(what: str) -> HybvitError:
+        """Close the outputs and build the error for a NaN/inf; the last checkpoint on disk stays as it is."""
+        writer.close()
+        if bar is not None:
+            bar.close()
+        where = f"'{last_pt}'" if last_pt.exists() else "none (no checkpoint was written yet)"
+        return HybvitError(f"{what}; stopped, the last good checkpoint is {where}; lower train.lr or use "
+                           f"train.grad_clip")
+
     def save(step: int, images_seen: int, wall: float, total_steps: int) -> None:
         if not all(torch.isfinite(p).all() for p in model.parameters()):
-            writer.close()
-            if bar is not None:
-                bar.close()
-            where = f"'{last_pt}'" if last_pt.exists() else "none (no checkpoint was written yet)"
-            raise HybvitError(f"weights became non-finite (nan/inf) by step {step}; stopped without saving, the "
-                              f"last good checkpoint is {where}; lower train.lr or use train.grad_clip")
+            raise diverged(f"weights became non-finite (nan/inf) by step {step}")
         state = {"config": cfg.to_dict(), "step": step, "total_steps": total_steps, "images_seen": images_seen,
                  "wall_seconds": wall, "model": model.state_dict(), "ema": ema.model.state_dict(),
                  "optimizer": optimizer.state_dict(), "rng": {"torch": torch.get_rng_state()}}
@@ -233,12 +237,7 @@ def train(cfg: Config, data: ImageData, out_dir: Path, resume: bool = False, sto
                     diff = diffusion.loss(lambda xt, tt: forward_model(xt, tt), to_float(x_train[idx]), generator=g)
                     loss = loss + (t.alpha if use_ce else 1.0) * diff
             if not torch.isfinite(loss):
-                writer.close()
-                if bar is not None:
-                    bar.close()
-                where = f"'{last_pt}'" if last_pt.exists() else "none (no checkpoint was written yet)"
-                raise HybvitError(f"loss became {loss.item()} at step {step}; stopped, the last good checkpoint is "
-                                  f"{where}; lower train.lr or use train.grad_clip")
+                raise diverged(f"loss became {loss.item()} at step {step}")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if t.grad_clip > 0:
