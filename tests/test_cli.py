@@ -202,3 +202,26 @@ def test_entry_point_subprocess(tmp_path):
     assert r.returncode == 2 and r.stderr.strip().startswith("hybvit: error: unknown preset")
     r = subprocess.run([sys.executable, "-m", "hybvit", "presets"], capture_output=True, text=True)
     assert r.returncode == 0 and "cifar10-hybvit" in r.stdout
+
+
+def test_sigterm_saves_a_checkpoint_and_the_run_resumes(tmp_path):
+    """The paper's code deleted the run directory on SIGTERM; here it checkpoints and exits cleanly."""
+    import signal
+    import time
+    run = tmp_path / "r"
+    proc = subprocess.Popen([sys.executable, "-m", "hybvit", "train", "--steps", "100000", "--out", str(run)] + TINY,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while not (run / "tb").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    time.sleep(1.5)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    assert "stopped at step" in out and "--resume" in out
+    import torch
+    state = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    assert 0 < state["step"] < 100000
+    assert not (run / "metrics.json").exists()
+    assert main(["train", "--resume", str(run), "--steps", str(state["step"] + 2), "--quiet"]) == 0
+    assert json.loads((run / "metrics.json").read_text())["steps"] == state["step"] + 2
