@@ -4,7 +4,8 @@ Data specs (``--data``):
   digits          scikit-learn's bundled 8x8 digits, a fixed stratified 80/20 split (the default)
   npz:PATH        arrays x_train, y_train, x_test, y_test (Keras convention); uint8 (N,H,W) or (N,H,W,C)
   folder:PATH     PATH/train/<class>/* and PATH/test/<class>/*, any image format PIL reads
-  cifar10[:ROOT]  torchvision's CIFAR-10 (downloaded into ROOT when missing and online)
+  cifar10[:ROOT], cifar100, svhn, stl10, tiny-imagenet, imagenet32
+                  the standard datasets in their published formats (datasets.py; downloaded when possible)
 
 Every dataset becomes ``ImageData``: uint8 tensors (N, C, H, W) and int64 labels. Images reach the model in
 [-1, 1]. Batches are drawn by index from a per-step seeded generator, so training order is a pure function of
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .datasets import READERS
 from .errors import HybvitError
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
@@ -69,10 +71,12 @@ def load_data(spec: str, image_size: int = 0) -> ImageData:
         data = load_npz(_existing(arg, spec))
     elif kind == "folder":
         data = load_folder(_existing(arg, spec), image_size)
-    elif kind == "cifar10":
-        data = load_cifar10(arg or default_root())
+    elif kind in READERS:
+        x_tr, y_tr, x_te, y_te, classes = READERS[kind](Path(arg or default_root()).expanduser())
+        data = ImageData(x_tr, y_tr, x_te, y_te, classes, kind)
     else:
-        raise HybvitError(f"unknown data spec '{spec}'; use digits, npz:PATH, folder:PATH or cifar10[:ROOT]")
+        raise HybvitError(f"unknown data spec '{spec}'; use digits, npz:PATH, folder:PATH or one of "
+                          f"{', '.join(f'{k}[:ROOT]' for k in READERS)}")
     if image_size and data.image_size != image_size:
         data.x_train = resize(data.x_train, image_size)
         data.x_test = resize(data.x_test, image_size)
@@ -152,8 +156,6 @@ def load_npz(path: Path) -> ImageData:
 
 
 def load_folder(root: Path, image_size: int = 0) -> ImageData:
-    from PIL import Image, UnidentifiedImageError
-
     for split in ("train", "test"):
         if not (root / split).is_dir():
             raise HybvitError(f"folder data '{root}' has no '{split}/' folder; expected "
@@ -173,18 +175,30 @@ def load_folder(root: Path, image_size: int = 0) -> ImageData:
     first = files["train"][0][0] if files["train"] else None
     if first is None:
         raise HybvitError(f"no images found under '{root}/train/<class>/'")
+    from PIL import Image
     with Image.open(first) as im:
         mode = "L" if im.mode in ("L", "1", "I;16", "I") else "RGB"
         size = image_size or im.size[0]
 
-    out = {}
-    total = sum(len(v) for v in files.values())
+    x_tr, y_tr = load_image_files(files["train"], size, mode, resize=bool(image_size), reference=first)
+    if not files["test"]:
+        raise HybvitError(f"no images found under '{root}/test/<class>/'")
+    x_te, y_te = load_image_files(files["test"], size, mode, resize=bool(image_size), reference=first)
+    return ImageData(x_tr, y_tr, x_te, y_te, len(classes), f"folder:{root}", classes)
+
+
+def load_image_files(items: list[tuple[Path, int]], size: int, mode: str = "RGB", resize: bool = True,
+                     reference: Path | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode (path, label) pairs into uint8 (N, C, H, W) and int64 labels. Images of another size are resized
+    (bicubic) when resize is True, else refused; a file PIL cannot read is named in the error."""
+    from PIL import Image, UnidentifiedImageError
+
+    arr = np.empty((len(items), size, size, 1 if mode == "L" else 3), dtype=np.uint8)
     bar = None
-    if total > 5000:
+    if len(items) > 5000:
         from tqdm.auto import tqdm
-        bar = tqdm(total=total, desc=f"reading {root}", unit="img", mininterval=1.0, leave=False)
-    for split, items in files.items():
-        arr = np.empty((len(items), size, size, 1 if mode == "L" else 3), dtype=np.uint8)
+        bar = tqdm(total=len(items), desc="reading images", unit="img", mininterval=1.0, leave=False)
+    try:
         for n, (f, _) in enumerate(items):
             if bar is not None:
                 bar.update(1)
@@ -192,46 +206,19 @@ def load_folder(root: Path, image_size: int = 0) -> ImageData:
                 with Image.open(f) as im:
                     im = im.convert(mode)
                     if im.size != (size, size):
-                        if not image_size:
+                        if not resize:
                             raise HybvitError(
-                                f"image '{f}' is {im.size[0]}x{im.size[1]} but '{first}' is {size}x{size}; "
+                                f"image '{f}' is {im.size[0]}x{im.size[1]} but '{reference}' is {size}x{size}; "
                                 f"resize them all with --set data.image_size=N")
                         im = im.resize((size, size), Image.BICUBIC)
                     arr[n] = np.asarray(im).reshape(size, size, -1)
             except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
                 raise HybvitError(f"cannot read image '{f}' ({type(e).__name__}); remove or replace the file")
-        labels = np.array([c for _, c in items], dtype=np.int64)
-        if not len(items):
-            raise HybvitError(f"no images found under '{root}/{split}/<class>/'")
-        out[split] = (torch.from_numpy(arr.transpose(0, 3, 1, 2).copy()), torch.from_numpy(labels))
-    if bar is not None:
-        bar.close()
-    return ImageData(out["train"][0], out["train"][1], out["test"][0], out["test"][1], len(classes),
-                     f"folder:{root}", classes)
-
-
-def load_cifar10(root: str) -> ImageData:
-    """CIFAR-10 through torchvision; downloads into ROOT when missing, unless HYBVIT_NO_DOWNLOAD=1."""
-    import torchvision
-
-    no_download = os.environ.get("HYBVIT_NO_DOWNLOAD", "") not in ("", "0")
-    splits = {}
-    for train in (True, False):
-        try:
-            ds = torchvision.datasets.CIFAR10(root, train=train, download=False)
-        except RuntimeError:
-            if no_download:
-                raise HybvitError(f"CIFAR-10 not found in '{root}' and downloads are off (HYBVIT_NO_DOWNLOAD); "
-                                  f"put cifar-10-batches-py/ there or use --data folder:PATH") from None
-            try:
-                ds = torchvision.datasets.CIFAR10(root, train=train, download=True)
-            except Exception as e:  # noqa: BLE001 - network errors come in many types
-                raise HybvitError(f"CIFAR-10 not found in '{root}' and the download failed ({type(e).__name__}); "
-                                  f"when online run again, or place cifar-10-python.tar.gz's "
-                                  f"cifar-10-batches-py/ in '{root}'") from None
-        splits[train] = (torch.from_numpy(ds.data.transpose(0, 3, 1, 2).copy()),
-                         torch.tensor(ds.targets, dtype=torch.long))
-    return ImageData(*splits[True], *splits[False], 10, "cifar10", list(ds.classes))
+    finally:
+        if bar is not None:
+            bar.close()
+    labels = torch.tensor([c for _, c in items], dtype=torch.long)
+    return torch.from_numpy(arr.transpose(0, 3, 1, 2).copy()), labels
 
 
 def resize(x: torch.Tensor, size: int) -> torch.Tensor:
