@@ -79,3 +79,19 @@ def test_joint_pass_equals_separate_passes():
     logits, eps = model.classify_and_denoise(x0, xt, t)
     assert torch.allclose(logits, model.classify(x0), atol=1e-5)
     assert torch.allclose(eps, model.denoise(xt, t), atol=1e-5)
+
+
+def test_every_preset_builds_and_matches_the_papers_parameter_count():
+    from hybvit.config import PRESETS, preset_config, preset_paper_params
+    checked = 0
+    for name in PRESETS:
+        cfg = preset_config(name)
+        cfg.validate()
+        with torch.device("meta"):
+            n = ViT(cfg.model).num_params()
+        paper = preset_paper_params(name)
+        if paper:  # the paper reports millions with one decimal (Tables 7-8)
+            assert abs(n / 1e6 - float(paper.rstrip("M"))) < 0.1, (name, n, paper)
+            checked += 1
+    assert checked >= 10
+    assert len(PRESETS) >= 40

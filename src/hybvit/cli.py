@@ -80,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("hybvit: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into `head` and the like
+        return 0
     return 0
 
 
@@ -256,7 +258,7 @@ def cmd_evaluate(args) -> int:
 def cmd_presets(args) -> int:
     import torch
 
-    from .config import PRESETS, preset_config, preset_description
+    from .config import PRESETS, preset_config, preset_description, preset_paper_params
     from .model import ViT
 
     if args.name:
@@ -271,8 +273,10 @@ def cmd_presets(args) -> int:
         m, t = cfg.model, cfg.train
         budget = f"{t.steps} steps" if t.steps else f"{t.epochs:g} epochs" if t.epochs else f"{t.minutes:g} min"
         rows.append((name, t.mode, cfg.data.spec, f"{m.image_size}x{m.image_size}x{m.channels}", str(m.patch_size),
-                     str(m.dim), str(m.depth), str(m.heads), f"{params:,}", budget, preset_description(name)))
-    head = ("preset", "mode", "data", "image", "patch", "dim", "depth", "heads", "params", "budget", "description")
+                     str(m.dim), str(m.depth), str(m.heads), f"{params:,}", preset_paper_params(name) or "-", budget,
+                     preset_description(name)))
+    head = ("preset", "mode", "data", "image", "patch", "dim", "depth", "heads", "params", "paper", "budget",
+            "description")
     widths = [max(len(r[i]) for r in rows + [head]) for i in range(len(head) - 1)]
     for r in [head] + rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1])

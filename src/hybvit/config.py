@@ -209,19 +209,20 @@ def _divisor_near(n: int, p: int) -> int:
 
 def _load_presets() -> dict[str, dict[str, Any]]:
     text = resources.files("hybvit").joinpath("presets.json").read_text()
-    return {k: v for k, v in json.loads(text).items() if not k.startswith("_")}
+    return {k: v for k, v in json.loads(text).items() if k != "_comment"}
 
 
-PRESETS = _load_presets()
+_ALL_PRESETS = _load_presets()                                              # bases (names from "_") included
+PRESETS = {k: v for k, v in _ALL_PRESETS.items() if not k.startswith("_")}  # what users name and list
 DEFAULT_PRESET = "digits-hybvit"
 
 
 def _resolve(name: str, seen: tuple[str, ...] = ()) -> dict[str, Any]:
-    if name not in PRESETS:
+    if name not in _ALL_PRESETS or (not seen and name not in PRESETS):
         raise HybvitError(f"unknown preset '{name}'; run `hybvit presets` to list them")
     if name in seen:
         raise HybvitError(f"preset '{name}' inherits from itself")
-    entry = PRESETS[name]
+    entry = _ALL_PRESETS[name]
     merged: dict[str, Any] = _resolve(entry["base"], seen + (name,)) if "base" in entry else {}
     for section in Config.SECTIONS:
         merged.setdefault(section, {}).update(entry.get(section, {}))
@@ -236,6 +237,11 @@ def preset_config(name: str) -> Config:
 
 def preset_description(name: str) -> str:
     return PRESETS[name].get("description", "")
+
+
+def preset_paper_params(name: str) -> str:
+    """The parameter count the paper reports for this preset's model ("12.9M"), or "" where it gives none."""
+    return str(PRESETS[name].get("paper_params", ""))
 
 
 def replace(obj: Any, **changes: Any) -> Any:
