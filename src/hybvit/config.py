@@ -67,8 +67,22 @@ class DataConfig:
     spec: str = "digits"
     crop_padding: int = 0             # random-crop padding for the classification batch (0 = off)
     hflip: bool = False               # random horizontal flip for the classification batch
+    autoaugment: str = "none"         # classification batch: none | cifar10 | imagenet | svhn (AutoAugment) | rand
+    random_erasing: float = 0.0       # probability of random erasing per image (the paper's code: 0.25)
+    mix_prob: float = 0.0             # probability per image of CutMix or Mixup, even odds (the paper's code: 0.5)
+    mix_alpha: float = 1.0            # Beta(alpha, alpha) for the mixing ratio
+    diffusion_hflip: bool = False     # random flips for the diffusion batch (off: the paper never augments it)
     epoch_repeats: int = 1            # an "epoch" is epoch_repeats x the training set (the paper: 3)
     image_size: int = 0               # 0 = keep the data's size; >0 resizes folder images to this size
+
+
+    def validate(self) -> None:
+        from .augment import POLICIES
+        if self.autoaugment not in POLICIES:
+            raise HybvitError(f"unknown data.autoaugment '{self.autoaugment}'; use one of {', '.join(POLICIES)}")
+        for name in ("random_erasing", "mix_prob"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise HybvitError(f"data.{name} is a probability: give a value in [0, 1]")
 
 
 @dataclass
@@ -134,6 +148,7 @@ class Config:
     def validate(self) -> None:
         self.model.validate()
         self.diffusion.validate()
+        self.data.validate()
         self.train.validate()
 
     def to_dict(self) -> dict[str, Any]:

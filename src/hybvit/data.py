@@ -260,11 +260,12 @@ def step_generator(seed: int, step: int, stream: int) -> torch.Generator:
 
 
 def augment(x: torch.Tensor, crop_padding: int, hflip: bool, generator: torch.Generator) -> torch.Tensor:
-    """Per-sample random crop (zero padding) and horizontal flip on a float batch (B, C, H, W)."""
+    """Per-sample random crop (black padding) and horizontal flip on a batch (B, C, H, W): uint8 or float in [-1, 1]."""
     B, _, H, W = x.shape
     if crop_padding > 0:
         p = crop_padding
-        padded = F.pad(x, (p, p, p, p), value=-1.0)  # pad with black (the data's minimum), as RandomCrop does
+        black = 0 if x.dtype == torch.uint8 else -1.0  # pad with black, as RandomCrop does
+        padded = F.pad(x, (p, p, p, p), value=black)
         dy = torch.randint(0, 2 * p + 1, (B,), generator=generator)
         dx = torch.randint(0, 2 * p + 1, (B,), generator=generator)
         rows = (dy[:, None] + torch.arange(H)[None]).to(x.device)  # (B, H)

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from . import checkpoint as ckpt
+from .augment import classifier_batch
 from .config import Config
 from .data import Batches, ImageData, augment, step_generator, to_float
 from .diffusion import GaussianDiffusion
@@ -227,14 +228,17 @@ def train(cfg: Config, data: ImageData, out_dir: Path, resume: bool = False, sto
             with autocast(t.amp, device):
                 if use_ce:
                     idx = ce_batches.indices(step).to(device)
-                    x = augment(to_float(x_train[idx]), cfg.data.crop_padding, cfg.data.hflip, g)
+                    x, target = classifier_batch(x_train[idx], y_train[idx], cfg.model.num_classes, cfg.data, g)
                     logits = forward_model(x)                                     # (B, classes)
-                    ce = F.cross_entropy(logits.float(), y_train[idx], label_smoothing=t.label_smoothing)
+                    ce = F.cross_entropy(logits.float(), target, label_smoothing=t.label_smoothing)
                     loss = loss + ce
                     stats["acc"] += (logits.argmax(1) == y_train[idx]).float().mean().item()
                 if use_diff:
                     idx = diff_batches.indices(step).to(device)
-                    diff = diffusion.loss(lambda xt, tt: forward_model(xt, tt), to_float(x_train[idx]), generator=g)
+                    x0 = to_float(x_train[idx])                                    # never augmented ...
+                    if cfg.data.diffusion_hflip:                                   # ... unless asked for flips
+                        x0 = augment(x0, 0, True, g)
+                    diff = diffusion.loss(lambda xt, tt: forward_model(xt, tt), x0, generator=g)
                     loss = loss + (t.alpha if use_ce else 1.0) * diff
             if not torch.isfinite(loss):
                 raise diverged(f"loss became {loss.item()} at step {step}")
