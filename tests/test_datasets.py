@@ -122,9 +122,26 @@ def test_imagenet32_npz_batches(tmp_path):
 
 @pytest.mark.parametrize("name,hint", [("cifar10", "cifar-10-batches-py"), ("cifar100", "cifar-100-python"),
                                        ("svhn", "train_32x32.mat"), ("stl10", "stl10_binary"),
-                                       ("tiny-imagenet", "tiny-imagenet-200"), ("imagenet32", "image-net.org")])
+                                       ("tiny-imagenet", "tiny-imagenet-200"), ("imagenet32", "image-net.org"),
+                                       ("celeba128", "img_align_celeba")])
 def test_offline_without_files_says_where_to_put_them(name, hint, tmp_path, monkeypatch):
     monkeypatch.setenv("HYBVIT_NO_DOWNLOAD", "1")
     with pytest.raises(HybvitError, match=hint) as err:
         load_data(f"{name}:{tmp_path}")
     assert "\n" not in str(err.value)
+
+
+def test_celeba128_folder_is_cropped_resized_and_unlabeled(tmp_path, capsys):
+    d = tmp_path / "celeba" / "img_align_celeba"
+    d.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    for i in range(5):
+        Image.fromarray(rng.integers(0, 256, (218, 178, 3), dtype=np.uint8)).save(d / f"{i:06d}.jpg")
+    (tmp_path / "celeba" / "list_eval_partition.txt").write_text(
+        "".join(f"{i:06d}.jpg {0 if i < 3 else (1 if i == 3 else 2)}\n" for i in range(5)))
+    data = load_data(f"celeba128:{tmp_path}")
+    assert data.x_train.shape == (4, 3, 128, 128) and data.x_test.shape == (1, 3, 128, 128)
+    assert data.num_classes == 1 and data.y_train.eq(0).all()
+    from hybvit.cli import main
+    assert main(["train", "--data", f"celeba128:{tmp_path}", "--out", str(tmp_path / "r")]) == 2
+    assert "no class labels" in capsys.readouterr().err and not (tmp_path / "r").exists()

@@ -174,6 +174,9 @@ def adapt_model_to_data(cfg, data, preset_named: bool, explicit: set[str]) -> li
 
 def _check_data_fits(cfg, data) -> None:
     m = cfg.model
+    if data.num_classes < 2 and cfg.train.mode != "genvit":
+        raise HybvitError(f"{data.name} has no class labels, so mode {cfg.train.mode} cannot train a classifier; "
+                          f"use --mode genvit")
     if (data.channels, data.image_size) != (m.channels, m.image_size):
         raise HybvitError(f"data {data.name} is {data.image_size}x{data.image_size}x{data.channels} but the model "
                           f"takes {m.image_size}x{m.image_size}x{m.channels}; use matching data")

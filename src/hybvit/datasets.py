@@ -7,6 +7,7 @@
   tiny-imagenet[:ROOT]  ROOT/tiny-imagenet-200/{wnids.txt, train/<wnid>/images/*, val/images/*,
                         val/val_annotations.txt}                                  (the val split is the test set)
   imagenet32[:ROOT]     ROOT/imagenet32/{train_data_batch_1..10.npz, val_data.npz} (Chrabaszcz et al.; labels 1..1000)
+  celeba128[:ROOT]      ROOT/celeba/img_align_celeba/*.jpg or any folder of face images; 128x128, unlabeled
 
 ROOT defaults to $HYBVIT_DATA or ~/.cache/hybvit/data. When the files are missing, CIFAR, SVHN and STL-10 are
 downloaded through torchvision and Tiny-ImageNet from its public archive, unless HYBVIT_NO_DOWNLOAD=1; ImageNet 32
@@ -180,6 +181,45 @@ def load_imagenet32(root: Path):
     return (*read(train), *read([val]), 1000)
 
 
+def load_celeba128(root: Path, size: int = 128, test_fraction: float = 0.01, max_images: int = 0):
+    """Face images, centre-cropped to a square and resized to 128; unlabeled (one class), for generation.
+    ROOT/celeba/img_align_celeba/*.jpg (the aligned CelebA release, split by list_eval_partition.txt when present)
+    or any folder of images under ROOT. The last 1 % (sorted by name) is the test set when no partition file."""
+    from PIL import Image, UnidentifiedImageError
+    base = next((p for p in (root / "celeba" / "img_align_celeba", root / "img_align_celeba") if p.is_dir()), root)
+    files = sorted(f for f in base.rglob("*") if f.suffix.lower() in (".jpg", ".jpeg", ".png", ".webp"))
+    if not files:
+        raise HybvitError(f"no face images found under '{root}'; download img_align_celeba.zip (CelebA, aligned) "
+                          f"and unzip it into {root}/celeba/, or point celeba128:PATH at a folder of images")
+    if max_images:
+        files = files[:max_images]
+    partition = base.parent / "list_eval_partition.txt"
+    if partition.exists():
+        split = dict(line.split()[:2] for line in partition.read_text().splitlines() if line.strip())
+        test = [f for f in files if split.get(f.name) == "2"]
+        train = [f for f in files if split.get(f.name) in ("0", "1")]
+    else:
+        n_test = max(1, int(len(files) * test_fraction))
+        train, test = files[:-n_test], files[-n_test:]
+    if not train or not test:
+        raise HybvitError(f"'{root}' has too few images for a train and a test split ({len(files)} found)")
+
+    def read(paths):
+        arr = np.empty((len(paths), 3, size, size), dtype=np.uint8)
+        for n, f in enumerate(paths):
+            try:
+                with Image.open(f) as im:
+                    im = im.convert("RGB")
+                    w, h = im.size
+                    s = min(w, h)
+                    im = im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
+                    arr[n] = np.asarray(im.resize((size, size), Image.BICUBIC)).transpose(2, 0, 1)
+            except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+                raise HybvitError(f"cannot read image '{f}' ({type(e).__name__}); remove or replace the file")
+        return torch.from_numpy(arr), torch.zeros(len(paths), dtype=torch.long)
+    return (*read(train), *read(test), 1)
+
+
 READERS = {
     "cifar10": lambda root: load_cifar(root, 10),
     "cifar100": lambda root: load_cifar(root, 100),
@@ -187,4 +227,5 @@ READERS = {
     "stl10": load_stl10,
     "tiny-imagenet": load_tiny_imagenet,
     "imagenet32": load_imagenet32,
+    "celeba128": load_celeba128,
 }
