@@ -73,6 +73,8 @@ class DataConfig:
     mix_alpha: float = 1.0            # Beta(alpha, alpha) for the mixing ratio
     diffusion_hflip: bool = False     # random flips for the diffusion batch (off: the paper never augments it)
     epoch_repeats: int = 1            # an "epoch" is epoch_repeats x the training set (the paper: 3)
+    repeated_aug: int = 1             # >1: each classification batch holds each image this many times, augmented
+                                      # independently (true repeated augmentation); 1 = off, as the paper's code
     image_size: int = 0               # 0 = keep the data's size; >0 resizes folder images to this size
 
 
@@ -80,6 +82,8 @@ class DataConfig:
         from .augment import POLICIES
         if self.autoaugment not in POLICIES:
             raise HybvitError(f"unknown data.autoaugment '{self.autoaugment}'; use one of {', '.join(POLICIES)}")
+        if self.repeated_aug < 1:
+            raise HybvitError("data.repeated_aug must be >= 1 (1 = off)")
         for name in ("random_erasing", "mix_prob"):
             if not 0 <= getattr(self, name) <= 1:
                 raise HybvitError(f"data.{name} is a probability: give a value in [0, 1]")

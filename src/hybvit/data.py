@@ -229,13 +229,16 @@ def resize(x: torch.Tensor, size: int) -> torch.Tensor:
 # ----------------------------------------------------------------------------- batches
 
 class Batches:
-    """Index batches as a pure function of (seed, stream, step): epoch e uses permutation randperm(seed, e)."""
+    """Index batches as a pure function of (seed, stream, step): epoch e uses permutation randperm(seed, e).
 
-    def __init__(self, n: int, batch_size: int, seed: int, stream: int):
-        if batch_size > n:
-            batch_size = n
-        self.n, self.batch_size, self.seed, self.stream = n, batch_size, seed, stream
-        self.per_epoch = n // batch_size
+    repeats > 1 is repeated augmentation (Hoffer et al., 2020): each batch holds batch_size // repeats distinct
+    images, each `repeats` times in a row (they are then augmented independently)."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, stream: int, repeats: int = 1):
+        batch_size = min(batch_size, n * repeats)
+        self.n, self.batch_size, self.seed, self.stream, self.repeats = n, batch_size, seed, stream, repeats
+        self.unique = max(1, batch_size // repeats)
+        self.per_epoch = max(1, n // self.unique)
         self._cache: tuple[int, torch.Tensor] | None = None
 
     def indices(self, step: int) -> torch.Tensor:
@@ -243,7 +246,8 @@ class Batches:
         if self._cache is None or self._cache[0] != epoch:
             g = torch.Generator().manual_seed(_mix(self.seed, self.stream, epoch))
             self._cache = (epoch, torch.randperm(self.n, generator=g))
-        return self._cache[1][k * self.batch_size:(k + 1) * self.batch_size]
+        idx = self._cache[1][k * self.unique:(k + 1) * self.unique]
+        return idx.repeat_interleave(self.repeats)[:self.batch_size] if self.repeats > 1 else idx
 
 
 def _mix(*xs: int) -> int:

@@ -181,7 +181,7 @@ def train(cfg: Config, data: ImageData, out_dir: Path, resume: bool = False, sto
     ckpt.write_json(out_dir / "config.json", cfg.to_dict())
 
     x_train, y_train = data.x_train.to(device), data.y_train.to(device)
-    ce_batches = Batches(n_train, t.batch_size, t.seed, stream=0)
+    ce_batches = Batches(n_train, t.batch_size, t.seed, stream=0, repeats=cfg.data.repeated_aug)
     diff_batches = Batches(n_train, t.batch_size, t.seed, stream=1)
     use_ce, use_diff = t.mode in ("vit", "hybvit"), t.mode in ("genvit", "hybvit")
     images_per_step = ce_batches.batch_size * use_ce + diff_batches.batch_size * use_diff
