@@ -10,6 +10,7 @@ export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH}
   python -c "import torch; print('torch', torch.__version__)"
   echo "== train step, bf16 autocast"; python benchmarks/train_step.py --device cuda --amp bf16 --steps 20 --warmup 5
   echo "== train step, fp32"; python benchmarks/train_step.py --device cuda --amp fp32 --steps 10 --warmup 3
+  echo "== augmentation: CPU loader vs GPU-resident batched path"; python benchmarks/augment_throughput.py --workers 8
   echo "== the default digits run (hybvit, no arguments) on CUDA (bf16)"
   python -m hybvit train --out "$OUT/digits-cuda" --quiet
   cat "$OUT/digits-cuda/metrics.json"

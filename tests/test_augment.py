@@ -1,6 +1,7 @@
+import pytest
 import torch
 
-from hybvit.augment import classifier_batch, mix
+from hybvit.augment import _per_image, _policy, auto_augment_batched, classifier_batch, mix, random_erasing_batched
 from hybvit.config import DataConfig, preset_config
 from hybvit.data import Batches, load_data, to_float
 
@@ -72,3 +73,97 @@ def test_paper_presets_turn_the_recipe_on():
     assert (d.crop_padding, d.hflip, d.autoaugment, d.random_erasing, d.mix_prob) == (4, True, "cifar10", 0.25, 0.5)
     assert preset_config("cifar10-hybvit").train.label_smoothing == 0.1
     assert not preset_config("cifar10-hybvit").data.diffusion_hflip
+
+
+def _smooth_images(n: int, seed: int = 0) -> torch.Tensor:
+    """CIFAR-sized uint8 images with structure (upsampled 8x8 noise), so every operation changes something."""
+    g = torch.Generator().manual_seed(seed)
+    low = torch.rand(n, 3, 8, 8, generator=g)
+    return (torch.nn.functional.interpolate(low, size=32, mode="bilinear") * 255).round().to(torch.uint8)
+
+
+def _change_stats(out: torch.Tensor, x: torch.Tensor) -> tuple[float, float, float]:
+    d = out.float() - x.float()
+    changed = (d != 0).flatten(1).any(1).float().mean().item()
+    return changed, d.abs().mean().item(), d.mean().item()
+
+
+@pytest.mark.parametrize("policy", ["cifar10", "imagenet", "svhn", "rand"])
+def test_batched_autoaugment_has_torchvisions_distribution(policy):
+    """The grouped batched implementation and torchvision's transform applied per image agree in distribution:
+    fraction of images changed, mean absolute and mean signed pixel change, over 1500 images."""
+    x = _smooth_images(1500)
+    ours = auto_augment_batched(x, policy, torch.Generator().manual_seed(0))
+    ref = _per_image(_policy(policy), x, torch.Generator().manual_seed(0))
+    assert ours.dtype == torch.uint8 and ours.shape == x.shape
+    (c1, a1, s1), (c2, a2, s2) = _change_stats(ours, x), _change_stats(ref, x)
+    assert abs(c1 - c2) < 0.05, (c1, c2)
+    assert abs(a1 - a2) < 0.12 * a2, (a1, a2)
+    assert abs(s1 - s2) < 0.12 * a2, (s1, s2)
+
+
+def test_batched_autoaugment_draws_per_image_and_is_seeded():
+    x = _smooth_images(64)
+    a = auto_augment_batched(x, "cifar10", torch.Generator().manual_seed(5))
+    b = auto_augment_batched(x, "cifar10", torch.Generator().manual_seed(5))
+    assert torch.equal(a, b)
+    same = x[:1].expand(64, -1, -1, -1).contiguous()           # one image 64 times: different results
+    out = auto_augment_batched(same, "cifar10", torch.Generator().manual_seed(5))
+    assert len({bytes(o.numpy().tobytes()) for o in out}) > 10
+
+
+def test_batched_random_erasing_matches_torchvision():
+    from torchvision.transforms import v2
+    x = torch.rand(2000, 3, 32, 32) + 1.0                      # strictly positive: erased pixels are exactly 0
+    ours = random_erasing_batched(x, 0.25, torch.Generator().manual_seed(0))
+    ref = _per_image(v2.RandomErasing(p=0.25, value=0.0), x, torch.Generator().manual_seed(0))
+    for out in (ours, ref):
+        zero = out == 0
+        assert torch.equal(zero.all(1), zero.any(1))            # every channel of an erased pixel
+    frac_ours, frac_ref = [(o == 0).flatten(1).any(1).float().mean().item() for o in (ours, ref)]
+    area_ours, area_ref = [(o[:, 0] == 0).float().mean().item() for o in (ours, ref)]
+    assert abs(frac_ours - 0.25) < 0.04 and abs(frac_ref - 0.25) < 0.04
+    assert abs(area_ours - area_ref) < 0.2 * area_ref, (area_ours, area_ref)
+    # each erased region is one axis-aligned box
+    for img in ours[(ours == 0).flatten(1).any(1)][:50]:
+        rows, cols = (img[0] == 0).nonzero(as_tuple=True)
+        box = (rows.max() - rows.min() + 1) * (cols.max() - cols.min() + 1)
+        assert box == len(rows)
+
+
+def test_both_backends_give_the_same_kind_of_batch():
+    x = torch.randint(0, 256, (32, 3, 32, 32), dtype=torch.uint8)
+    y = torch.randint(0, 10, (32,))
+    for backend in ("batched", "torchvision"):
+        cfg = strong()
+        cfg.augment_backend = backend
+        out, target = classifier_batch(x, y, 10, cfg, torch.Generator().manual_seed(0))
+        assert out.shape == (32, 3, 32, 32) and -1 <= out.min() and out.max() <= 1
+        assert torch.allclose(target.sum(1), torch.ones(32))
+
+
+def test_each_operation_and_magnitude_equals_torchvisions():
+    """Exact check of every operation at every magnitude bin against torchvision's own AutoAugment / RandAugment
+    internals (private API, used only here: if torchvision renames it this test fails loudly)."""
+    from torchvision.transforms import v2
+
+    from hybvit.augment import _SPACE, _apply
+    x = _smooth_images(4)
+    for tv, bins in ((v2.AutoAugment(), 10), (v2.RandAugment(), 31)):
+        for op, (mag_fn, signed) in tv._AUGMENTATION_SPACE.items():
+            ours_fn, ours_signed = _SPACE[op]
+            assert ours_signed == signed, op
+            mags = mag_fn(bins, 32, 32)
+            for b in range(bins):
+                m = None if mags is None else float(mags[b])
+                mine = ours_fn(b / (bins - 1), 32, 32)
+                if m is None:
+                    assert mine is None
+                    m = 0.0
+                else:
+                    assert abs(mine - m) < 1e-5, (op, b, mine, m)
+                for sign in ((1, -1) if signed else (1,)):
+                    expected = tv._apply_image_or_video_transform(x, op, sign * m, v2.InterpolationMode.NEAREST,
+                                                                  {torch.Tensor: None})
+                    got = _apply(x, op, None if mine is None else type(mine)(sign * m))
+                    assert torch.equal(got, expected), (op, b, sign)

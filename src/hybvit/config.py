@@ -69,12 +69,14 @@ class DataConfig:
     hflip: bool = False               # random horizontal flip for the classification batch
     autoaugment: str = "none"         # classification batch: none | cifar10 | imagenet | svhn (AutoAugment) | rand
     random_erasing: float = 0.0       # probability of random erasing per image (the paper's code: 0.25)
+    augment_backend: str = "batched"  # batched (grouped calls on the data's device) | torchvision (per image, CPU)
     mix_prob: float = 0.0             # probability per image of CutMix or Mixup, even odds (the paper's code: 0.5)
     mix_alpha: float = 1.0            # Beta(alpha, alpha) for the mixing ratio
     diffusion_hflip: bool = False     # random flips for the diffusion batch (off: the paper never augments it)
     epoch_repeats: int = 1            # an "epoch" is epoch_repeats x the training set (the paper: 3)
     repeated_aug: int = 1             # >1: each classification batch holds each image this many times, augmented
                                       # independently (true repeated augmentation); 1 = off, as the paper's code
+    device_cache_gb: float = 4.0      # keep the uint8 training set on the GPU when it is at most this size
     image_size: int = 0               # 0 = keep the data's size; >0 resizes folder images to this size
 
 
@@ -82,6 +84,8 @@ class DataConfig:
         from .augment import POLICIES
         if self.autoaugment not in POLICIES:
             raise HybvitError(f"unknown data.autoaugment '{self.autoaugment}'; use one of {', '.join(POLICIES)}")
+        if self.augment_backend not in ("batched", "torchvision"):
+            raise HybvitError(f"unknown data.augment_backend '{self.augment_backend}'; use batched or torchvision")
         if self.repeated_aug < 1:
             raise HybvitError("data.repeated_aug must be >= 1 (1 = off)")
         for name in ("random_erasing", "mix_prob"):

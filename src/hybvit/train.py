@@ -180,7 +180,15 @@ def train(cfg: Config, data: ImageData, out_dir: Path, resume: bool = False, sto
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt.write_json(out_dir / "config.json", cfg.to_dict())
 
-    x_train, y_train = data.x_train.to(device), data.y_train.to(device)
+    # Small datasets live on the training device as uint8 and are augmented there: a GPU step never waits for
+    # CPU workers. Larger ones stay in (pinned) host memory and each batch is copied over.
+    resident = device.type == "cpu" or data.x_train.numel() <= cfg.data.device_cache_gb * 2 ** 30
+    x_train = data.x_train.to(device) if resident else data.x_train.pin_memory()
+    y_train = data.y_train.to(device)
+
+    def fetch(idx: torch.Tensor) -> torch.Tensor:
+        return x_train[idx.to(x_train.device)].to(device, non_blocking=True)
+
     ce_batches = Batches(n_train, t.batch_size, t.seed, stream=0, repeats=cfg.data.repeated_aug)
     diff_batches = Batches(n_train, t.batch_size, t.seed, stream=1)
     use_ce, use_diff = t.mode in ("vit", "hybvit"), t.mode in ("genvit", "hybvit")
@@ -228,14 +236,14 @@ def train(cfg: Config, data: ImageData, out_dir: Path, resume: bool = False, sto
             with autocast(t.amp, device):
                 if use_ce:
                     idx = ce_batches.indices(step).to(device)
-                    x, target = classifier_batch(x_train[idx], y_train[idx], cfg.model.num_classes, cfg.data, g)
+                    x, target = classifier_batch(fetch(idx), y_train[idx], cfg.model.num_classes, cfg.data, g)
                     logits = forward_model(x)                                     # (B, classes)
                     ce = F.cross_entropy(logits.float(), target, label_smoothing=t.label_smoothing)
                     loss = loss + ce
                     stats["acc"] += (logits.argmax(1) == y_train[idx]).float().mean().item()
                 if use_diff:
                     idx = diff_batches.indices(step).to(device)
-                    x0 = to_float(x_train[idx])                                    # never augmented ...
+                    x0 = to_float(fetch(idx))                                    # never augmented ...
                     if cfg.data.diffusion_hflip:                                   # ... unless asked for flips
                         x0 = augment(x0, 0, True, g)
                     diff = diffusion.loss(lambda xt, tt: forward_model(xt, tt), x0, generator=g)
