@@ -53,15 +53,44 @@ def test_sample_npz_and_png(trained, tmp_path, capsys):
 
 
 def test_evaluate(trained, tmp_path, capsys):
-    rc, out, _ = run_cli(capsys, "evaluate", "--run", trained, "--metrics", "accuracy,pixel-fd", "--out",
-                         tmp_path / "r.json", "--num-samples", 30, "--steps", 2)
+    rc, out, _ = run_cli(capsys, "evaluate", "--run", trained, "--metrics", "accuracy,pixel-fd,small-fd,speed",
+                         "--out", tmp_path / "r.json", "--num-samples", 30, "--steps", 2, "--speed-samples", 2)
     assert rc == 0
     report = json.loads((tmp_path / "r.json").read_text())
-    assert 0 <= report["accuracy"]["test_accuracy"] <= 1 and report["accuracy"]["num_test_images"] == 360
-    assert "test_accuracy_raw" in report["accuracy"]
-    assert report["pixel-fd"]["num_samples"] == 30 and report["pixel-fd"]["value"] > 0
+    m = report["metrics"]
+    assert 0 <= m["accuracy"]["test_accuracy"] <= 1 and m["accuracy"]["num_test_images"] == 360
+    assert "test_accuracy_raw" in m["accuracy"]
+    assert m["pixel-fd"]["num_samples"] == 30 and m["pixel-fd"]["value"] > 0
+    assert m["small-fd"]["num_samples"] == 30 and m["small-fd"]["value"] > 0 and "random CNN" in m["small-fd"]["features"]
     metrics = json.loads((trained / "metrics.json").read_text())
-    assert report["accuracy"]["test_accuracy"] == metrics["test_accuracy"]
+    assert m["accuracy"]["test_accuracy"] == metrics["test_accuracy"]
+    assert m["speed"]["training"]["steps"] == metrics["steps"] and m["speed"]["training"]["minutes_per_epoch"] > 0
+    assert {r["sampler"] for r in m["speed"]["sampling"]} == {"ddim", "dpm-solver++", "ancestral"}
+    # the HTML report is one self-contained file: every picture inline
+    html = (tmp_path / "r.html").read_text()
+    assert "data:image/png;base64," in html and "<img src=\"data:" in html and 'src="http' not in html
+    assert html.count("<img") >= 1 + len(report["training_curves"]["plots"])
+    plots = tmp_path / "r-plots"
+    assert all((plots / p).exists() for p in report["training_curves"]["plots"].values())
+    assert not list(tmp_path.glob(".hybvit-eval-*"))                     # no temporary folder left behind
+    # the same numbers for the same checkpoint and seed
+    rc, *_ = run_cli(capsys, "evaluate", "--run", trained, "--metrics", "pixel-fd,small-fd", "--out",
+                     tmp_path / "again.json", "--num-samples", 30, "--steps", 2, "--no-html")
+    again = json.loads((tmp_path / "again.json").read_text())["metrics"]
+    assert again["pixel-fd"]["value"] == m["pixel-fd"]["value"] and again["small-fd"]["value"] == m["small-fd"]["value"]
+    assert not (tmp_path / "again.html").exists()
+
+
+def test_evaluate_bad_input_leaves_nothing(trained, tmp_path, capsys):
+    rc, _, err = run_cli(capsys, "evaluate", "--run", trained, "--metrics", "accuracy,nope", "--out", tmp_path / "r.json")
+    assert rc == 2 and "unknown metric" in err and len(err.strip().splitlines()) == 1
+    rc, _, err = run_cli(capsys, "evaluate", "--run", trained, "--metrics", "accuracy", "--out", tmp_path / "r.json",
+                         "--ece-bins", "a,b")
+    assert rc == 2 and "--ece-bins" in err
+    rc, _, err = run_cli(capsys, "evaluate", "--run", trained, "--metrics", "fid", "--out", tmp_path / "r.json",
+                         "--inception-weights", tmp_path / "none.pth", "--num-samples", 4)
+    assert rc == 2 and "--inception-weights" in err
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_resume_extends_a_run(trained, tmp_path, capsys):

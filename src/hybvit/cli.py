@@ -36,21 +36,46 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--checkpoint", help="a checkpoint file (.safetensors or last.pt)")
     s.add_argument("--num", type=int, required=True, help="number of samples")
     s.add_argument("--out", required=True, help="FILE.png (a grid) or FILE.npz (uint8 images (N,H,W,C))")
-    s.add_argument("--sampler", default="ddim", choices=["ancestral", "ddim"])
-    s.add_argument("--steps", type=int, default=50, help="DDIM steps (ancestral always uses all T steps)")
+    s.add_argument("--sampler", default="ddim", choices=["ancestral", "ddim", "dpm-solver++"])
+    s.add_argument("--steps", type=int, default=50,
+                   help="network evaluations for ddim / dpm-solver++ (ancestral always uses all T steps)")
+    s.add_argument("--order", type=int, default=2, choices=[1, 2, 3], help="DPM-Solver++ order (default 2)")
+    s.add_argument("--spacing", default="logsnr", choices=["logsnr", "time"],
+                   help="DPM-Solver++ timesteps: even in log-SNR (default) or in time")
     s.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 deterministic, 1 ancestral-like)")
     s.add_argument("--batch-size", type=int, default=500)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--device", default="auto")
 
-    e = sub.add_parser("evaluate", help="evaluate a trained run")
+    e = sub.add_parser("evaluate", help="evaluate a trained run: JSON, PNG plots and an HTML report")
     e.add_argument("--run", required=True, help="a run directory")
-    e.add_argument("--metrics", required=True, help="comma-separated: accuracy, pixel-fd")
+    e.add_argument("--metrics", required=True,
+                   help="comma-separated: accuracy, fid, is, small-fd, pixel-fd, bpd, ece, ood, pgd, "
+                        "sample-analysis, speed; or all (everything that applies except fid/is)")
     e.add_argument("--data", help="data spec to evaluate on (default: the run's)")
-    e.add_argument("--out", required=True, help="FILE.json for the report")
-    e.add_argument("--num-samples", type=int, default=1000, help="samples for generative metrics")
-    e.add_argument("--sampler", default="ddim", choices=["ancestral", "ddim"])
-    e.add_argument("--steps", type=int, default=50)
+    e.add_argument("--out", required=True, help="FILE.json; FILE.html and FILE-plots/ are written next to it")
+    e.add_argument("--num-samples", type=int,
+                   help="generated images for fid/is (default 10000, the paper's) and the FDs (default 1000)")
+    e.add_argument("--sampler", default="ddim", choices=["ancestral", "ddim", "dpm-solver++"])
+    e.add_argument("--steps", type=int, default=50, help="network evaluations for ddim / dpm-solver++")
+    e.add_argument("--order", type=int, default=2, choices=[1, 2, 3], help="DPM-Solver++ order")
+    e.add_argument("--spacing", default="logsnr", choices=["logsnr", "time"], help="DPM-Solver++ spacing")
+    e.add_argument("--inception-weights", metavar="PATH",
+                   help="local Inception file for fid/is (weights-inception-2015-12-05-6726825d.pth)")
+    e.add_argument("--fid-reference", default="train", choices=["train", "test"],
+                   help="reference statistics (cached per dataset): the training set (default) or the test set")
+    e.add_argument("--bpd-images", type=int, default=1000, help="test images for bpd (default 1000)")
+    e.add_argument("--bpd-timesteps", type=int, default=0,
+                   help="0: the full bound over all T steps; K: unbiased estimate from K random steps per image")
+    e.add_argument("--ece-bins", default="15,20", help="bin counts for ECE (default 15,20)")
+    e.add_argument("--ood", default="interp,noise",
+                   help="OOD sets: interp, noise or data specs (e.g. svhn,cifar100); default interp,noise")
+    e.add_argument("--ood-images", type=int, default=1000)
+    e.add_argument("--pgd-norms", default="linf,l2")
+    e.add_argument("--pgd-images", type=int, default=1000, help="test images attacked (use fewer on a CPU)")
+    e.add_argument("--pgd-steps", type=int, default=50)
+    e.add_argument("--speed-samples", type=int, default=32, help="images timed per sampler for speed")
+    e.add_argument("--no-html", action="store_true", help="skip the HTML report")
     e.add_argument("--batch-size", type=int, default=500)
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--device", default="auto")
@@ -216,15 +241,16 @@ def cmd_sample(args) -> int:
         raise HybvitError(f"--out '{out}' must end in .png (a grid) or .npz (uint8 images)")
     if args.num < 1:
         raise HybvitError("--num must be >= 1")
-    if args.sampler == "ddim" and args.steps < 1:
+    if args.sampler != "ancestral" and args.steps < 1:
         raise HybvitError("--steps must be >= 1")
     if not out.parent.exists():
         raise HybvitError(f"folder '{out.parent}' does not exist; create it first")
     run = load_run(args.run, args.checkpoint, device=args.device)
-    if args.sampler == "ddim" and args.steps > run.diffusion.T:
+    if args.sampler != "ancestral" and args.steps > run.diffusion.T:
         raise HybvitError(f"--steps {args.steps} exceeds the model's T = {run.diffusion.T}")
     t0 = time.time()
     x = run.sample(args.num, sampler=args.sampler, steps=args.steps, eta=args.eta, seed=args.seed,
+                   order=args.order, spacing=args.spacing,
                    batch_size=args.batch_size, progress=True)
     dt = time.time() - t0
     if out.suffix == ".png":
@@ -237,24 +263,43 @@ def cmd_sample(args) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from .checkpoint import write_json
-    from .evaluate import evaluate_run, parse_metrics
+    from .evaluate import EvalOptions, evaluate_run, parse_metrics
+    from .evaluate.report import summary_lines
 
-    metrics = parse_metrics(args.metrics)
     out = Path(args.out)
     if out.suffix != ".json":
         raise HybvitError(f"--out '{out}' must be a .json file")
     if not out.parent.exists():
         raise HybvitError(f"folder '{out.parent}' does not exist; create it first")
-    report = evaluate_run(Path(args.run), metrics, data_spec=args.data, num_samples=args.num_samples,
-                          sampler=args.sampler, steps=args.steps, seed=args.seed, batch_size=args.batch_size,
-                          device=args.device)
-    write_json(out, report)
-    if "accuracy" in report:
-        print(f"test accuracy: {report['accuracy']['test_accuracy']:.4f}")
-    if "pixel-fd" in report:
-        print(f"pixel-FD ({report['pixel-fd']['num_samples']} samples): {report['pixel-fd']['value']:.4f}")
-    print(f"report -> {out}")
+    for name in ("num_samples", "bpd_images", "ood_images", "pgd_images", "pgd_steps", "speed_samples", "batch_size"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise HybvitError(f"--{name.replace('_', '-')} must be >= 1 (got {value})")
+    if args.bpd_timesteps < 0:
+        raise HybvitError("--bpd-timesteps must be >= 0 (0 = the full bound)")
+    try:
+        bins = [int(b) for b in args.ece_bins.split(",") if b.strip()]
+    except ValueError:
+        raise HybvitError(f"--ece-bins '{args.ece_bins}' must be comma-separated integers, e.g. 15,20") from None
+    if not bins or min(bins) < 1:
+        raise HybvitError("--ece-bins needs at least one bin count >= 1")
+    norms = [n.strip() for n in args.pgd_norms.split(",") if n.strip()]
+    if not norms or set(norms) - {"linf", "l2"}:
+        raise HybvitError(f"--pgd-norms '{args.pgd_norms}': use linf, l2 or linf,l2")
+    from .sample import load_run_config
+    metrics = parse_metrics(args.metrics, load_run_config(args.run).train.mode)
+    opts = EvalOptions(data_spec=args.data, num_samples=args.num_samples, sampler=args.sampler, steps=args.steps,
+                       order=args.order, spacing=args.spacing,
+                       seed=args.seed, batch_size=args.batch_size, device=args.device,
+                       inception_weights=args.inception_weights, fid_reference=args.fid_reference,
+                       bpd_images=args.bpd_images, bpd_timesteps=args.bpd_timesteps, ece_bins=bins,
+                       ood=[o.strip() for o in args.ood.split(",") if o.strip()], ood_images=args.ood_images,
+                       pgd_norms=norms, pgd_images=args.pgd_images, pgd_steps=args.pgd_steps,
+                       speed_samples=args.speed_samples, html=not args.no_html)
+    report = evaluate_run(Path(args.run), metrics, out=out, opts=opts)
+    for line in summary_lines(report):
+        print(line)
+    print(f"report -> {out}" + ("" if args.no_html else f", {out.with_suffix('.html')}"))
     return 0
 
 

@@ -119,7 +119,7 @@ class TrainConfig:
     ckpt_every: int = 500             # steps between checkpoints (and at the end)
     sample_every: int = 0             # steps between TensorBoard sample grids (0 = only at the end)
     num_samples: int = 100            # images in samples.png
-    sampler: str = "ddim"             # sampler for samples.png and the end-of-run Frechet distance
+    sampler: str = "ddim"             # ancestral | ddim | dpm-solver++ (order 2, logSNR steps): samples.png, FD
     sample_steps: int = 50
     fd_samples: int = 0               # >0: at the end, pixel-space Frechet distance of this many samples
     eval_batch_size: int = 500
@@ -132,8 +132,8 @@ class TrainConfig:
             raise HybvitError(f"unknown optimizer '{self.optimizer}'; use adamw or sgd")
         if self.amp not in ("auto", "bf16", "fp32"):
             raise HybvitError(f"unknown amp '{self.amp}'; use auto, bf16 or fp32")
-        if self.sampler not in ("ancestral", "ddim"):
-            raise HybvitError(f"unknown sampler '{self.sampler}'; use ancestral or ddim")
+        if self.sampler not in ("ancestral", "ddim", "dpm-solver++"):
+            raise HybvitError(f"unknown sampler '{self.sampler}'; use ancestral, ddim or dpm-solver++")
         if self.batch_size < 1:
             raise HybvitError("train.batch_size must be >= 1")
         budgets = [b for b in (self.epochs, self.steps, self.minutes) if b]

@@ -23,7 +23,7 @@ from .train import autocast, resolve_device
 @torch.no_grad()
 def draw_samples(model: ViT, diffusion: GaussianDiffusion, n: int, sampler: str = "ddim", steps: int = 50,
                  eta: float = 0.0, seed: int = 0, device="cpu", amp: str = "auto", batch_size: int = 500,
-                 progress: bool = False) -> torch.Tensor:
+                 progress: bool = False, order: int = 2, spacing: str = "logsnr") -> torch.Tensor:
     """n samples (n, C, H, W) in [-1, 1], drawn in batches; batch k uses the generator seeded with seed + k."""
     cfg = model.cfg
     device = torch.device(device)
@@ -43,7 +43,8 @@ def draw_samples(model: ViT, diffusion: GaussianDiffusion, n: int, sampler: str 
             from tqdm.auto import tqdm
             bar = lambda it: tqdm(it, desc=f"sampling {start + b}/{n}", leave=False, mininterval=1.0)
         x = diffusion.sample(eps_model, (b, cfg.channels, cfg.image_size, cfg.image_size), sampler=sampler,
-                             steps=steps, eta=eta, generator=g, device=device, progress=bar)
+                             steps=steps, eta=eta, generator=g, device=device, progress=bar, order=order,
+                             spacing=spacing)
         out.append(x.float().clamp(-1, 1).cpu())
     model.train(was_training)
     return torch.cat(out) if out else torch.empty(0, cfg.channels, cfg.image_size, cfg.image_size)
@@ -111,9 +112,23 @@ class Run:
         return self.classify(images).argmax(1)
 
     def sample(self, n: int, sampler: str = "ddim", steps: int = 50, eta: float = 0.0, seed: int = 0,
-               batch_size: int = 500, progress: bool = False) -> torch.Tensor:
+               batch_size: int = 500, progress: bool = False, order: int = 2, spacing: str = "logsnr") -> torch.Tensor:
+        """n images in [-1, 1]: sampler ancestral (all T steps), ddim or dpm-solver++ (`steps` network
+        evaluations; `order` 1-3 and `spacing` logsnr|time for dpm-solver++)."""
         return draw_samples(self.model, self.diffusion, n, sampler=sampler, steps=steps, eta=eta, seed=seed,
-                            device=self.device, amp=self.config.train.amp, batch_size=batch_size, progress=progress)
+                            device=self.device, amp=self.config.train.amp, batch_size=batch_size, progress=progress,
+                            order=order, spacing=spacing)
+
+
+def load_run_config(run_dir: str | Path) -> Config:
+    """The configuration of a run directory (its config.json), without loading any weights."""
+    import json
+    path = Path(run_dir) / "config.json"
+    if not Path(run_dir).is_dir():
+        raise HybvitError(f"run directory '{run_dir}' does not exist; give the --out folder of a training run")
+    if not path.exists():
+        raise HybvitError(f"'{run_dir}' has no config.json; it is not a hybvit run directory")
+    return Config.from_dict(json.loads(path.read_text()))
 
 
 def load_run(run_dir: str | Path | None = None, checkpoint: str | Path | None = None,
@@ -145,4 +160,4 @@ def load_run(run_dir: str | Path | None = None, checkpoint: str | Path | None = 
     return Run(model, cfg, GaussianDiffusion.from_config(cfg.diffusion), dev, Path(run_dir) if run_dir else None)
 
 
-__all__ = ["Run", "load_run", "draw_samples", "make_grid", "save_png", "save_npz"]
+__all__ = ["Run", "load_run", "load_run_config", "draw_samples", "make_grid", "save_png", "save_npz"]

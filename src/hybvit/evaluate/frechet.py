@@ -16,8 +16,13 @@ import torch
 def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     """FD between the Gaussians fitted to rows of a (N, D) and b (M, D), computed in float64."""
     a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    mu1, mu2 = a.mean(0), b.mean(0)
-    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    return frechet_distance_from_stats(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
+
+
+def frechet_distance_from_stats(mu1: np.ndarray, s1: np.ndarray, mu2: np.ndarray, s2: np.ndarray) -> float:
+    """FD between N(mu1, s1) and N(mu2, s2)."""
+    mu1, mu2 = np.atleast_1d(np.asarray(mu1, dtype=np.float64)), np.atleast_1d(np.asarray(mu2, dtype=np.float64))
+    s1, s2 = np.atleast_2d(np.asarray(s1, dtype=np.float64)), np.atleast_2d(np.asarray(s2, dtype=np.float64))
     with warnings.catch_warnings():  # digits have constant (zero) border pixels: singular covariances are normal
         warnings.simplefilter("ignore")
         covmean = scipy.linalg.sqrtm(s1 @ s2)
