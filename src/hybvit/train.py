@@ -223,7 +223,12 @@ def train(cfg: Config, data: ImageData, out_dir: Path, resume: bool = False, sto
     t0 = time.time()
     step, images_seen = start_step, prior_images
     run_images = 0
-    stats = {"loss": 0.0, "ce": 0.0, "diff": 0.0, "acc": 0.0, "n": 0}
+    # Running sums stay on the device (loss, ce, diffusion, train accuracy, non-finite losses) and are read once per
+    # check: every step on the CPU (free), every log_every steps on a GPU (each read is a host synchronisation).
+    sums = torch.zeros(5, device=device, dtype=torch.float64)
+    n_summed = 0
+    check_every = 1 if device.type == "cpu" else t.log_every
+    zero = torch.zeros((), device=device)
     model.train()
     with _StopFlag() as stop:
         while step < est_total:
@@ -240,7 +245,7 @@ def train(cfg: Config, data: ImageData, out_dir: Path, resume: bool = False, sto
                     logits = forward_model(x)                                     # (B, classes)
                     ce = F.cross_entropy(logits.float(), target, label_smoothing=t.label_smoothing)
                     loss = loss + ce
-                    stats["acc"] += (logits.argmax(1) == y_train[idx]).float().mean().item()
+                    acc = (logits.argmax(1) == y_train[idx]).float().mean()
                 if use_diff:
                     idx = diff_batches.indices(step).to(device)
                     x0 = to_float(fetch(idx))                                    # never augmented ...
@@ -248,8 +253,6 @@ def train(cfg: Config, data: ImageData, out_dir: Path, resume: bool = False, sto
                         x0 = augment(x0, 0, True, g)
                     diff = diffusion.loss(lambda xt, tt: forward_model(xt, tt), x0, generator=g)
                     loss = loss + (t.alpha if use_ce else 1.0) * diff
-            if not torch.isfinite(loss):
-                raise diverged(f"loss became {loss.item()} at step {step}")
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if t.grad_clip > 0:
@@ -259,10 +262,11 @@ def train(cfg: Config, data: ImageData, out_dir: Path, resume: bool = False, sto
             step += 1
             images_seen += images_per_step
             run_images += images_per_step
-            stats["loss"] += loss.item()
-            stats["ce"] += ce.item() if ce is not None else 0.0
-            stats["diff"] += diff.item() if diff is not None else 0.0
-            stats["n"] += 1
+            sums += torch.stack([loss.detach(), zero if ce is None else ce.detach(), zero if diff is None else
+                                 diff.detach(), acc if use_ce else zero, (~torch.isfinite(loss.detach())).float()])
+            n_summed += 1
+            if check_every == 1 and sums[4] > 0:                                 # CPU: check every step
+                raise diverged(f"loss became non-finite (nan/inf) at step {step}")
 
             elapsed = time.time() - t0
             if deadline is not None:
@@ -276,7 +280,11 @@ def train(cfg: Config, data: ImageData, out_dir: Path, resume: bool = False, sto
                 if time.time() >= deadline:
                     est_total = step
             if step % t.log_every == 0 or step == est_total:
-                n = stats["n"]
+                host = sums.tolist()
+                if host[4] > 0:
+                    raise diverged(f"loss became non-finite (nan/inf) by step {step}")
+                n = n_summed
+                stats = dict(zip(("loss", "ce", "diff", "acc"), host[:4], strict=True))
                 ips = run_images / max(elapsed, 1e-9)
                 scalars = {"loss/total": stats["loss"] / n, "lr": lr, "speed/images_per_s": ips,
                            "speed/gflops_per_s": flops_per_step * (step - start_step) / max(elapsed, 1e-9) / 1e9}
@@ -294,7 +302,8 @@ def train(cfg: Config, data: ImageData, out_dir: Path, resume: bool = False, sto
                         post["diff"] = f"{stats['diff'] / n:.4f}"
                     post["img/s"] = f"{ips:.0f}"
                     bar.set_postfix(post, refresh=False)
-                stats = {k: 0.0 for k in stats} | {"n": 0}
+                sums.zero_()
+                n_summed = 0
             if bar is not None:
                 bar.update(1)
             if t.sample_every and step % t.sample_every == 0 and use_diff:
