@@ -196,3 +196,35 @@ def test_schedule_ddim_step_and_dpm_solver_match_diffusers():
             mine = d.sample_dpm_solver(lambda a, t: oracle(d)(a.double(), t), (1000, 1), steps=steps, order=order,
                                        clip=False, generator=torch.Generator().manual_seed(1))
             np.testing.assert_allclose(mine.double().numpy(), x.numpy(), atol=1e-4, err_msg=f"{order} {steps}")
+
+
+def test_v_prediction_converts_to_eps_and_its_loss_is_zero_at_the_truth():
+    d = GaussianDiffusion(1000, "cosine", loss="l2", prediction="v")
+    eps_true = oracle(d)
+    def v_net(xt, t):                                       # the oracle, expressed as v = alpha eps - sigma x0
+        a = d.sqrt_alphas_cumprod[t].to(xt.dtype).reshape(-1, 1)
+        b = d.sqrt_one_minus_alphas_cumprod[t].to(xt.dtype).reshape(-1, 1)
+        e = eps_true(xt, t)
+        return a * e - b * (xt - b * e) / a
+    xt, t = torch.randn(500, 1, dtype=torch.float64), torch.randint(0, 1000, (500,))
+    np.testing.assert_allclose(d.eps_model(v_net)(xt, t).numpy(), eps_true(xt, t).numpy(), atol=1e-6)
+    x0, noise = torch.randn(500, 1, dtype=torch.float64), torch.randn(500, 1, dtype=torch.float64)
+    xt = d.q_sample(x0, t, noise)
+    a = d.sqrt_alphas_cumprod[t].reshape(-1, 1)
+    b = d.sqrt_one_minus_alphas_cumprod[t].reshape(-1, 1)
+    assert d.output_loss(a * noise - b * x0, x0, t, noise).item() < 1e-10
+    assert d.output_loss(noise, x0, t, noise).item() > 0.1          # eps is not v
+
+
+def test_min_snr_weights():
+    d = GaussianDiffusion(1000, "cosine", loss="l2", weighting="min-snr", min_snr_gamma=5.0)
+    t = torch.tensor([0, 300, 600, 999])
+    x0, noise = torch.zeros(4, 2), torch.zeros(4, 2)
+    out = torch.ones(4, 2)                                            # squared error 1 per sample
+    abar = d.alphas_cumprod[t]
+    snr = abar / (1 - abar)
+    expected = (torch.minimum(snr, torch.tensor(5.0)) / snr).mean()
+    assert d.output_loss(out, x0, t, noise).item() == pytest.approx(expected.item(), rel=1e-6)
+    assert (torch.minimum(snr, torch.tensor(5.0)) / snr)[0] < 0.01    # t = 0 (SNR ~ 2.5e4) nearly ignored
+    plain = GaussianDiffusion(1000, "cosine", loss="l2")
+    assert plain.output_loss(out, x0, t, noise).item() == pytest.approx(1.0)

@@ -95,3 +95,49 @@ def test_every_preset_builds_and_matches_the_papers_parameter_count():
             checked += 1
     assert checked >= 10
     assert len(PRESETS) >= 40
+
+
+# ------------------------------------------------------------------ improved-architecture options (issue 6)
+OPTIONS = [dict(time_cond="adaln"), dict(time_cond="none", time_token=True), dict(time_token=True),
+           dict(long_skips=True), dict(zero_init_out=True),
+           dict(time_cond="adaln", time_token=True, long_skips=True, zero_init_out=True)]
+
+
+@pytest.mark.parametrize("opts", OPTIONS)
+@pytest.mark.parametrize("depth", [3, 4])
+def test_options_shapes_and_plain_classification(opts, depth):
+    torch.manual_seed(0)
+    cfg = ModelConfig(image_size=8, channels=1, patch_size=2, num_classes=5, dim=32, depth=depth, heads=4, **opts)
+    model = ViT(cfg)
+    x, t = torch.randn(6, 1, 8, 8), torch.randint(0, 1000, (6,))
+    assert model.classify(x).shape == (6, 5) and model.denoise(x, t).shape == x.shape
+    logits, eps = model.classify_and_denoise(x[:2], x[2:], t[2:])
+    torch.testing.assert_close(logits, model.classify(x[:2]), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(eps, model.denoise(x[2:], t[2:]), rtol=1e-5, atol=1e-5)
+    # training moves the time pathway: after one gradient step the denoiser depends on t
+    opt = torch.optim.SGD(model.parameters(), lr=0.5)
+    (model.denoise(x, t) - torch.randn_like(x)).pow(2).mean().backward()
+    opt.step()
+    a, b = model.denoise(x, torch.full((6,), 10)), model.denoise(x, torch.full((6,), 900))
+    assert not torch.allclose(a, b)
+
+
+def test_adaln_zero_starts_as_the_plain_block_and_zero_out_predicts_zero():
+    torch.manual_seed(0)
+    cfg = ModelConfig(image_size=8, channels=1, patch_size=2, dim=32, depth=2, heads=4, time_cond="adaln")
+    model = ViT(cfg)
+    x = torch.randn(4, 1, 8, 8)
+    # zero-initialised modulation: at init the time input changes nothing, and h equals the unconditioned pass
+    torch.testing.assert_close(model.forward_features(x, torch.full((4,), 5)), model.forward_features(x))
+    zero = ViT(ModelConfig(image_size=8, channels=1, patch_size=2, dim=32, depth=2, heads=4, zero_init_out=True))
+    assert torch.equal(zero.denoise(x, torch.full((4,), 5)), torch.zeros_like(x))
+
+
+def test_long_skips_add_the_projections_and_faithful_count_is_unchanged():
+    base = dict(image_size=32, channels=3, patch_size=4, dim=384, depth=9, heads=12)
+    faithful = ViT(ModelConfig(**base)).num_params()
+    assert faithful == OFFICIAL_CIFAR10_PARAMS
+    skips = ViT(ModelConfig(**base, long_skips=True)).num_params()
+    assert skips - faithful == 4 * (2 * 384 * 384 + 384)
+    with pytest.raises(HybvitError, match="time_token"):
+        ModelConfig(**base, time_cond="none").validate()

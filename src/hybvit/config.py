@@ -29,6 +29,12 @@ class ModelConfig:
     mlp_ratio: float = 2.0
     # Hidden width of the time MLP; 0 means 4 * (N + 1), the width the paper's code used (260 at 32x32/patch 4).
     time_hidden: int = 0
+    # Beyond the paper (issue 6; the paper presets keep the defaults, which are the faithful model):
+    time_cond: str = "token-scalar"   # token-scalar (Eq. 21: a scalar per token) | adaln (per-channel adaptive
+                                      # LayerNorm, zero-initialised, as DiT's adaLN-Zero) | none
+    time_token: bool = False          # the time embedding as an extra input token (as U-ViT)
+    long_skips: bool = False          # U-ViT long skips: block i's output feeds block depth-1-i (concat + Linear)
+    zero_init_out: bool = False       # zero-initialised output layer (the denoiser starts by predicting 0)
 
     @property
     def num_patches(self) -> int:
@@ -42,6 +48,10 @@ class ModelConfig:
         if self.dim % self.heads != 0:
             raise HybvitError(f"model.dim {self.dim} is not divisible by model.heads {self.heads}; "
                               f"choose heads that divide dim")
+        if self.time_cond not in ("token-scalar", "adaln", "none"):
+            raise HybvitError(f"unknown model.time_cond '{self.time_cond}'; use token-scalar, adaln or none")
+        if self.time_cond == "none" and not self.time_token:
+            raise HybvitError("model.time_cond=none needs model.time_token=true, or the denoiser never sees t")
         for name in ("image_size", "channels", "patch_size", "num_classes", "dim", "depth", "heads"):
             if getattr(self, name) < 1:
                 raise HybvitError(f"model.{name} must be >= 1 (got {getattr(self, name)})")
@@ -52,12 +62,19 @@ class DiffusionConfig:
     timesteps: int = 1000
     schedule: str = "cosine"          # cosine | linear
     loss: str = "l1"                  # l1 (the paper's code) | l2 (Eq. 15)
+    prediction: str = "eps"           # eps (the paper) | v (v = alpha_t eps - sigma_t x0, Salimans & Ho 2022)
+    weighting: str = "none"           # none (L_simple) | min-snr (min(SNR, gamma) weights, Hang et al. 2023)
+    min_snr_gamma: float = 5.0
 
     def validate(self) -> None:
         if self.schedule not in ("cosine", "linear"):
             raise HybvitError(f"unknown diffusion.schedule '{self.schedule}'; use cosine or linear")
         if self.loss not in ("l1", "l2"):
             raise HybvitError(f"unknown diffusion.loss '{self.loss}'; use l1 or l2")
+        if self.prediction not in ("eps", "v"):
+            raise HybvitError(f"unknown diffusion.prediction '{self.prediction}'; use eps or v")
+        if self.weighting not in ("none", "min-snr"):
+            raise HybvitError(f"unknown diffusion.weighting '{self.weighting}'; use none or min-snr")
         if self.timesteps < 2:
             raise HybvitError("diffusion.timesteps must be >= 2")
 

@@ -49,8 +49,10 @@ def _gather(a: torch.Tensor, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 class GaussianDiffusion:
     """Schedule tensors (float64 on the CPU, gathered per batch) and the operations built on them."""
 
-    def __init__(self, timesteps: int = 1000, schedule: str = "cosine", loss: str = "l1"):
+    def __init__(self, timesteps: int = 1000, schedule: str = "cosine", loss: str = "l1", prediction: str = "eps",
+                 weighting: str = "none", min_snr_gamma: float = 5.0):
         self.T, self.schedule, self.loss_type = timesteps, schedule, loss
+        self.prediction, self.weighting, self.min_snr_gamma = prediction, weighting, min_snr_gamma
         betas = make_betas(schedule, timesteps)
         alphas = 1.0 - betas
         abar = np.cumprod(alphas)
@@ -73,7 +75,8 @@ class GaussianDiffusion:
 
     @classmethod
     def from_config(cls, cfg) -> "GaussianDiffusion":
-        return cls(cfg.timesteps, cfg.schedule, cfg.loss)
+        return cls(cfg.timesteps, cfg.schedule, cfg.loss, getattr(cfg, "prediction", "eps"),
+                   getattr(cfg, "weighting", "none"), getattr(cfg, "min_snr_gamma", 5.0))
 
     # -- forward process -------------------------------------------------------------------------------------
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
@@ -98,9 +101,37 @@ class GaussianDiffusion:
         return self.q_sample(x0, t, noise), t, noise
 
     def loss(self, model: EpsModel, x0: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """L_simple (Eq. 15) with t ~ U{0..T-1}; L1 (the paper's code) or L2 (the paper's Eq. 15)."""
+        """L_simple (Eq. 15) with t ~ U{0..T-1}; L1 (the paper's code) or L2 (the paper's Eq. 15). `model` is the
+        raw network (its output is eps or v, as self.prediction says)."""
         xt, t, noise = self.noised(x0, generator)
-        return self.eps_loss(model(xt, t), noise)
+        return self.output_loss(model(xt, t), x0, t, noise)
+
+    def output_loss(self, out: torch.Tensor, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """The loss of one network output: against eps (Eq. 15) or v = alpha_t eps - sigma_t x0, unweighted
+        (L_simple) or min-SNR-gamma weighted: w_t = min(SNR_t, gamma) / SNR_t for eps, / (SNR_t + 1) for v."""
+        out = out.float()
+        if self.prediction == "v":
+            target = (_gather(self.sqrt_alphas_cumprod, t, x0) * noise
+                      - _gather(self.sqrt_one_minus_alphas_cumprod, t, x0) * x0).float()
+        else:
+            target = noise.float()
+        if self.weighting == "none":
+            return self.eps_loss(out, target)
+        err = (out - target).abs() if self.loss_type == "l1" else (out - target) ** 2
+        per_sample = err.flatten(1).mean(1)                                     # (B,)
+        snr = (self.alphas_cumprod / (1 - self.alphas_cumprod)).to(t.device)[t]
+        w = snr.clamp(max=self.min_snr_gamma) / (snr + 1 if self.prediction == "v" else snr)
+        return (w.float() * per_sample).mean()
+
+    def eps_model(self, net: EpsModel) -> EpsModel:
+        """The network as a noise predictor, whatever it was trained to predict (v: eps = sigma_t x_t + alpha_t v)."""
+        if self.prediction == "eps":
+            return net
+
+        def eps(xt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            v = net(xt, t).to(xt.dtype)
+            return _gather(self.sqrt_one_minus_alphas_cumprod, t, xt) * xt + _gather(self.sqrt_alphas_cumprod, t, xt) * v
+        return eps
 
     def eps_loss(self, eps_pred: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         eps_pred = eps_pred.float()

@@ -59,26 +59,40 @@ class Mlp(nn.Module):
 
 
 class Block(nn.Module):
-    """Pre-LN transformer block with the paper's per-token time modulation M(h, A) (Eq. 21)."""
+    """Pre-LN transformer block with time conditioning.
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: float, tokens: int, time_dim: int):
+    time_cond "token-scalar": the paper's per-token time modulation M(h, A) (Eq. 21).
+    time_cond "adaln": per-channel adaptive LayerNorm (shift, scale) and a residual gate for each sub-block, from a
+    zero-initialised Linear(A) as DiT's adaLN-Zero; the gate is applied as (1 + gate), so zero modulation is
+    exactly the plain block, the classification path. time_cond "none": no modulation (time comes as a token)."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: float, tokens: int, time_dim: int,
+                 time_cond: str = "token-scalar"):
         super().__init__()
+        self.time_cond = time_cond
         self.norm1 = nn.LayerNorm(dim)
         self.attn = Attention(dim, heads)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, int(dim * mlp_ratio))
-        # One (scale, shift) scalar pair per token, from the time embedding A.
-        self.modulation = nn.Linear(time_dim, 2 * tokens)
+        if time_cond == "token-scalar":
+            self.modulation = nn.Linear(time_dim, 2 * tokens)      # one (scale, shift) scalar pair per token
+        elif time_cond == "adaln":
+            self.modulation = nn.Linear(time_dim, 6 * dim)         # (shift, scale, gate) per channel, twice
 
     def forward(self, h: torch.Tensor, A: torch.Tensor | None = None, n_plain: int = 0) -> torch.Tensor:
-        # h: (B, N+1, D); A: (B - n_plain, time_dim) or None (no time input: a plain ViT block, Eq. 18-19).
-        # The first n_plain rows of h get no modulation (scale = shift = 0 is exactly "no time input").
-        if A is None:
+        # h: (B, L, D); A: (B - n_plain, time_dim) or None (no time input: a plain ViT block, Eq. 18-19).
+        # The first n_plain rows of h get no modulation (zero modulation is exactly "no time input").
+        if A is None or self.time_cond == "none":
             h = h + self.attn(self.norm1(h))                      # Eq. 18
             return h + self.mlp(self.norm2(h))                    # Eq. 19
-        scale, shift = self.modulation(F.silu(A)).unsqueeze(-1).chunk(2, dim=1)  # each (B - n_plain, N+1, 1)
+        mod = self.modulation(F.silu(A))
         if n_plain:
-            scale, shift = F.pad(scale, (0, 0, 0, 0, n_plain, 0)), F.pad(shift, (0, 0, 0, 0, n_plain, 0))
+            mod = F.pad(mod, (0, 0, n_plain, 0))                  # zero rows for the plain images
+        if self.time_cond == "adaln":
+            shift1, scale1, gate1, shift2, scale2, gate2 = mod.unsqueeze(1).chunk(6, dim=-1)  # each (B, 1, D)
+            h = h + (1 + gate1) * self.attn(self.norm1(h) * (1 + scale1) + shift1)
+            return h + (1 + gate2) * self.mlp(self.norm2(h) * (1 + scale2) + shift2)
+        scale, shift = mod.unsqueeze(-1).chunk(2, dim=1)          # each (B, L, 1)
         h = h * (1 + scale) + shift                               # M(h_{l-1}, A)
         h = h + self.attn(self.norm1(h))                          # Eq. 21, first line
         h = h * (1 + scale) + shift                               # M(h'_l, A)
@@ -103,8 +117,13 @@ class ViT(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, N + 1, D))       # E_pos
         self.time_mlp = nn.Sequential(                                # A = MLP_t(t)
             nn.Linear(D, time_hidden), nn.GELU(), nn.Linear(time_hidden, time_hidden))
+        tokens = N + 1 + int(cfg.time_token)                          # CLS, patches (, time)
         self.blocks = nn.ModuleList(
-            [Block(D, cfg.heads, cfg.mlp_ratio, N + 1, time_hidden) for _ in range(cfg.depth)])
+            [Block(D, cfg.heads, cfg.mlp_ratio, tokens, time_hidden, cfg.time_cond) for _ in range(cfg.depth)])
+        if cfg.time_token:                                            # U-ViT: time as a token
+            self.time_token = nn.Linear(time_hidden, D)
+        if cfg.long_skips:                                            # U-ViT: block i -> block depth-1-i
+            self.skip_proj = nn.ModuleList([nn.Linear(2 * D, D) for _ in range(cfg.depth // 2)])
         self.head = nn.Sequential(nn.LayerNorm(D), nn.Linear(D, cfg.num_classes))  # Eq. 20 + linear
         self.out = nn.Linear(D, P * P * C)                            # f_r: token -> patch pixels
         self.initialize_weights()
@@ -121,6 +140,12 @@ class ViT(nn.Module):
                 nn.init.zeros_(m.bias)
         nn.init.normal_(self.pos_embed, std=1.0)
         nn.init.normal_(self.cls_token, std=1.0)
+        for block in self.blocks:                                     # adaLN-Zero: modulation starts at zero
+            if block.time_cond == "adaln":
+                nn.init.zeros_(block.modulation.weight)
+                nn.init.zeros_(block.modulation.bias)
+        if self.cfg.zero_init_out:
+            nn.init.zeros_(self.out.weight)
 
     # -- patches ---------------------------------------------------------------------------------------------
     def patchify(self, x: torch.Tensor) -> torch.Tensor:
@@ -144,7 +169,22 @@ class ViT(nn.Module):
         h = self.patch_embed(self.patchify(x))                        # (B, N, D)
         h = torch.cat([self.cls_token.expand(h.shape[0], -1, -1), h], dim=1) + self.pos_embed  # (B, N+1, D)
         A = None if t is None else self.time_mlp(timestep_embedding(t, self.cfg.dim))  # (B - n_plain, time_hidden)
-        for block in self.blocks:
+        if A is not None and self.cfg.time_token:
+            if n_plain:
+                raise ValueError("model.time_token needs separate passes for clean and noisy images")
+            h = torch.cat([h, self.time_token(A)[:, None]], dim=1)   # (B, N+2, D)
+        if not self.cfg.long_skips:
+            for block in self.blocks:
+                h = block(h, A, n_plain)
+            return h
+        half = self.cfg.depth // 2
+        skips = []
+        for block in self.blocks[:half]:
+            h = block(h, A, n_plain)
+            skips.append(h)
+        for i, block in enumerate(self.blocks[half:]):
+            if i >= len(self.blocks) - 2 * half:                      # after the middle block (odd depth)
+                h = self.skip_proj[i - (len(self.blocks) - 2 * half)](torch.cat([h, skips.pop()], dim=-1))
             h = block(h, A, n_plain)
         return h
 
@@ -154,12 +194,14 @@ class ViT(nn.Module):
 
     def denoise(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Noisy images x_t and timesteps t -> predicted noise eps, shape (B, C, H, W)."""
-        h = self.forward_features(x, t)[:, 1:]                        # (B, N, D), CLS dropped
+        h = self.forward_features(x, t)[:, 1:1 + self.grid ** 2]      # (B, N, D), CLS (and time token) dropped
         return self.unpatchify(self.out(h))                           # (B, C, H, W)
 
     def classify_and_denoise(self, x0: torch.Tensor, xt: torch.Tensor, t: torch.Tensor):
         """HybViT's two branches in one pass over the concatenated batch: logits for clean x0 (no time input)
         and predicted noise for x_t. Equal to classify(x0), denoise(xt, t), with bigger matrix products."""
+        if self.cfg.time_token:                                      # sequences of different lengths
+            return self.classify(x0), self.denoise(xt, t)
         h = self.forward_features(torch.cat([x0, xt]), t, n_plain=len(x0))  # (B0 + Bt, N+1, D)
         logits = self.head(h[:len(x0), 0])                                   # (B0, classes)
         eps = self.unpatchify(self.out(h[len(x0):, 1:]))                     # (Bt, C, H, W)
@@ -176,8 +218,10 @@ class ViT(nn.Module):
         """Forward FLOPs per image (2 per multiply-add) of the transformer trunk, patch embedding and heads."""
         cfg, L = self.cfg, self.num_tokens
         D, hidden, PPC = cfg.dim, int(cfg.dim * cfg.mlp_ratio), cfg.patch_size ** 2 * cfg.channels
+        L += int(cfg.time_token)
         per_block = 2 * L * (3 * D * D + D * D + 2 * D * hidden) + 2 * 2 * L * L * D
-        return float(cfg.depth * per_block + 2 * (L - 1) * PPC * D * 2)
+        skips = (cfg.depth // 2) * 2 * L * 2 * D * D if cfg.long_skips else 0
+        return float(cfg.depth * per_block + skips + 2 * (L - 1) * PPC * D * 2)
 
 
 # Parameter count of the paper's official code at its CIFAR-10 configuration (REFERENCE-NOTES).

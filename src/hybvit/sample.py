@@ -30,9 +30,10 @@ def draw_samples(model: ViT, diffusion: GaussianDiffusion, n: int, sampler: str 
     was_training = model.training
     model.eval()
 
-    def eps_model(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def net(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         with autocast(amp, device):
             return model.denoise(x, t).float()
+    eps_model = diffusion.eps_model(net)                      # v-prediction runs are converted to eps
 
     out = []
     for k, start in enumerate(range(0, n, batch_size)):
