@@ -1,0 +1,88 @@
+"""Test-set negative log-likelihood in bits/dim from the variational bound (paper Eq. 4-8, Table 4).
+
+The paper reports the full bound over all T = 1000 steps (prior KL + 999 KLs + the discretised decoder at the
+first step, fixed small variance). That costs T model calls per image; `timesteps=K` gives an unbiased
+estimate from K random timesteps per image instead (see hybvit.likelihood.bits_per_dim), labelled as such.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+
+from ..data import to_float
+from ..errors import HybvitError
+from ..likelihood import bits_per_dim
+
+
+@torch.no_grad()
+def evaluate_bpd(run, x_test_uint8: torch.Tensor, num_images: int, timesteps: int | None = None,
+                 batch_size: int = 500, seed: int = 0, progress: bool = False) -> dict[str, Any]:
+    """Bits/dim of the first `num_images` test images (uint8 (N, C, H, W)) under the run's model.
+
+    timesteps=None: the full bound over all T steps; timesteps=K: the unbiased K-step estimate.
+    batch_size: rows per model call. Images are taken in batches of up to batch_size, and when a batch has
+    fewer images than batch_size, several timesteps share one call (batch_size // images per call).
+    One generator seeded with `seed` draws all noise (and timesteps) in order, so the same seed, data,
+    num_images and batch_size give the same numbers. The model runs under the run's autocast setting; the
+    bound is computed in float64 from its eps predictions, without clamping the predicted x_0.
+
+    Returns plain floats: bits_per_dim (mean over images), std_error (of that mean over images; None for a
+    single image), num_images, estimator, timesteps (terms evaluated per image) and terms (mean prior,
+    decoder and kl_sum; bits_per_dim = their sum).
+    """
+    if num_images < 1:
+        raise HybvitError(f"bpd needs at least one test image, got num_images={num_images}")
+    if len(x_test_uint8) == 0:
+        raise HybvitError("bpd: the test set is empty")
+    if x_test_uint8.dtype != torch.uint8:
+        raise HybvitError(f"bpd expects uint8 test images (0..255), got {x_test_uint8.dtype}")
+    if batch_size < 1:
+        raise HybvitError(f"batch size must be positive, got {batch_size}")
+    T = run.diffusion.T
+    if timesteps is not None and not 1 <= timesteps <= T:
+        raise HybvitError(f"bpd timesteps must be in [1, {T}] (or omitted for the full bound), got {timesteps}")
+    n = min(num_images, len(x_test_uint8))
+    x = x_test_uint8[:n]
+    model, device, amp = run.model, run.device, run.config.train.amp
+    from ..train import autocast
+
+    def net(xt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        with autocast(amp, device):
+            return model.denoise(xt.float(), t).float()
+    eps_model = run.diffusion.eps_model(net)         # the bound needs eps: v-prediction runs are converted
+
+    was_training = model.training
+    model.eval()
+    g = torch.Generator().manual_seed(seed)
+    per_call = batch_size
+    img_batch = min(per_call, n)
+    K = T if timesteps is None else timesteps
+    steps_per_call = max(1, min(K, per_call // img_batch))
+    parts: dict[str, list[torch.Tensor]] = {"total": [], "prior": [], "decoder": [], "kl_sum": []}
+    estimator = ""
+    try:
+        for start in range(0, n, img_batch):
+            x0 = to_float(x[start:start + img_batch].to(device))
+            bar = None
+            if progress:
+                from tqdm.auto import tqdm
+                bar = lambda it: tqdm(it, desc=f"bits/dim {min(start + img_batch, n)}/{n}", leave=False,
+                                      mininterval=1.0)
+            r = bits_per_dim(run.diffusion, eps_model, x0, g, timesteps=timesteps,
+                             steps_per_call=steps_per_call, progress=bar)
+            estimator = r["estimator"]
+            for k in parts:
+                parts[k].append(r[k].cpu())
+    finally:
+        model.train(was_training)
+    v = {k: torch.cat(p) for k, p in parts.items()}
+    total = v["total"]
+    std_error = float(total.std(unbiased=True) / math.sqrt(n)) if n > 1 else None
+    return {"bits_per_dim": float(total.mean()), "std_error": std_error, "num_images": n,
+            "estimator": estimator, "timesteps": K,
+            "terms": {k: float(v[k].mean()) for k in ("prior", "decoder", "kl_sum")}}
+
+
+__all__ = ["evaluate_bpd"]
