@@ -81,6 +81,33 @@ def test_evaluate(trained, tmp_path, capsys):
     assert not (tmp_path / "again.html").exists()
 
 
+def test_evaluate_all_metrics_and_the_html_report(trained, tmp_path, capsys):
+    rc, out, _ = run_cli(capsys, "evaluate", "--run", trained, "--metrics", "all", "--out", tmp_path / "r.json",
+                         "--num-samples", 20, "--steps", 3, "--bpd-images", 4, "--bpd-timesteps", 5, "--ood-images",
+                         20, "--pgd-images", 10, "--pgd-steps", 2, "--speed-samples", 2, "--ece-bins", "10")
+    assert rc == 0
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert set(report["metrics"]) == {"accuracy", "small-fd", "pixel-fd", "bpd", "ece", "ood", "pgd",
+                                      "sample-analysis", "speed"}                      # fid/is need Inception
+    m = report["metrics"]
+    assert m["bpd"]["num_images"] == 4 and m["bpd"]["bits_per_dim"] > 0 and "estimate" in m["bpd"]["estimator"]
+    assert set(m["ece"]["ece"]) == {"10"} and 0 <= m["ece"]["ece"]["10"] <= 1
+    assert set(m["ood"]["sets"]) == {"interp", "noise"}
+    assert "bits_per_dim (negated)" in m["ood"]["sets"]["noise"]["auroc"]
+    acc = m["pgd"]["norms"]["linf"]["accuracy"]
+    assert len(acc) == 9 and all(0 <= a <= 1 for a in acc)             # eps 0 (clean) and the paper's 8
+    html = (tmp_path / "r.html").read_text()
+    for name in report["metrics"]:
+        assert f"<h2>{name}</h2>" in html
+    plots = tmp_path / "r-plots"
+    for f in ("reliability_10bins.png", "pgd_linf.png", "pgd_l2.png", "ood_roc_interp.png",
+              "samples-logsumexp-best.png", "hist-max-softmax.png"):
+        assert (plots / f).stat().st_size > 1000, f
+    assert html.count("<img") >= 12
+    for name in report["metrics"]:                                 # the console summary names every metric
+        assert f"{name}:" in out
+
+
 def test_evaluate_bad_input_leaves_nothing(trained, tmp_path, capsys):
     rc, _, err = run_cli(capsys, "evaluate", "--run", trained, "--metrics", "accuracy,nope", "--out", tmp_path / "r.json")
     assert rc == 2 and "unknown metric" in err and len(err.strip().splitlines()) == 1

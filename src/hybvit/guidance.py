@@ -33,3 +33,38 @@ def self_guided_eps(classify: Callable[[torch.Tensor], torch.Tensor], eps_model:
             grad = torch.autograd.grad(logp, x0)[0]                           # d log p(y | x0_hat) / d x0_hat
         return e - scale * (b / a) * grad.to(xt.dtype)                         # eps - s sigma_t grad_{x_t}
     return eps
+
+
+def sample_class(run, label: int, n: int, scale: float = 1.0, sampler: str = "ddim", steps: int = 50,
+                 seed: int = 0, batch_size: int = 500, order: int = 2, spacing: str = "logsnr") -> torch.Tensor:
+    """n images in [-1, 1] of class `label`, self-guided with `scale`; batch k uses the generator seed + k (as
+    unguided sampling does, so scale 0 gives exactly the unguided samples)."""
+    from .errors import HybvitError
+    from .train import autocast
+    cfg = run.config
+    if cfg.train.mode != "hybvit":
+        raise HybvitError(f"--class needs a HybViT run (a classifier and a denoiser); this run is {cfg.train.mode}")
+    if not 0 <= label < cfg.model.num_classes:
+        raise HybvitError(f"--class {label} is out of range; the model has classes 0..{cfg.model.num_classes - 1}")
+    model, device = run.model, run.device
+    model.eval()
+
+    def net(x, t):
+        with autocast(cfg.train.amp, device):
+            return model.denoise(x, t).float()
+
+    def classify(x0):
+        with autocast(cfg.train.amp, device):
+            return model.classify(x0)
+
+    eps = self_guided_eps(classify, run.diffusion.eps_model(net), run.diffusion, label, scale)
+    out = []
+    for k, start in enumerate(range(0, n, batch_size)):
+        b = min(batch_size, n - start)
+        g = torch.Generator().manual_seed(seed + k)
+        shape = (b, cfg.model.channels, cfg.model.image_size, cfg.model.image_size)
+        with torch.no_grad():
+            x = run.diffusion.sample(eps, shape, sampler=sampler, steps=steps, generator=g, device=device,
+                                     order=order, spacing=spacing)
+        out.append(x.float().clamp(-1, 1).cpu())
+    return torch.cat(out)

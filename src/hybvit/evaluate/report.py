@@ -91,7 +91,24 @@ def _headline(name: str, r: dict[str, Any]) -> str:
         if name == "bpd":
             return f"{r['bits_per_dim']:.4f} bits/dim ({r['estimator']}, {r['num_images']} test images)"
         if name == "ece":
-            return ", ".join(f"ECE {v['ece']:.4f} ({k})" for k, v in r.items() if isinstance(v, dict) and "ece" in v)
+            return ", ".join(f"ECE {v:.4f} ({k} bins)" for k, v in r["ece"].items()) + f", accuracy {r['accuracy']:.4f}"
+        if name == "ood":
+            return "; ".join(f"{s}: " + ", ".join(f"{k} {v:.3f}" for k, v in d["auroc"].items())
+                             for s, d in r["sets"].items()) + " (AUROC)"
+        if name == "pgd":
+            return "; ".join(f"{n}: " + ", ".join(f"{e:g}/255 {a:.3f}" for e, a in zip(d["eps_255"], d["accuracy"],
+                                                                                    strict=True))
+                             for n, d in r["norms"].items()) + f" ({r['num_images']} images, PGD-{r['steps']})"
+        if name == "sample-analysis":
+            return (f"{r['num_samples']} samples; mean max p(y|x) {r['mean_max_softmax']['samples']:.3f} "
+                    f"(test images {r['mean_max_softmax']['test']:.3f}); predicted class counts "
+                    f"{r['predicted_class_counts']}")
+        if name == "speed":
+            tr = r["training"]
+            s = (f"training {tr.get('images_per_second')} images/s, {tr.get('minutes_per_epoch')} min/epoch"
+                 if "images_per_second" in tr else tr.get("note", ""))
+            return s + "".join(f"; {x['sampler']}-{x['network_evaluations']} {x['images_per_second']} img/s"
+                               for x in r.get("sampling", []))
     except (KeyError, TypeError):
         pass
     return ""

@@ -1,0 +1,135 @@
+"""Self-guided class-conditional sampling against guidance scale (issue 6 §3).
+
+    python benchmarks/self_guidance.py --run runs/digits --out docs/results/self-guidance-digits
+    python benchmarks/self_guidance.py --run runs/cifar --judge cnn --fd small-fd --per-class 50 \
+        --out docs/results/self-guidance-cifar10
+
+For each guidance scale and class K, draws --per-class samples steered to K (DDIM-50, same seeds for every scale)
+and reports (1) the fraction that an independent classifier, trained here and never seen by the HybViT, assigns to
+K, and (2) the Frechet distance of the class-K samples to the class-K test images (pixel space, or the fixed
+random-CNN features with --fd small-fd), averaged over classes. The unguided reference: the same number of
+unguided samples, grouped by the judge's label. Writes OUT.json, OUT.md and OUT-grid.png (a row per class).
+"""
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from hybvit.data import load_data, to_float, to_uint8
+from hybvit.evaluate.fid import SmallFeatures, extract
+from hybvit.evaluate.frechet import frechet_distance
+from hybvit.guidance import sample_class
+from hybvit.sample import load_run, make_grid, save_png
+
+
+def train_judge(data, kind: str, minutes: float, seed: int):
+    """An independent classifier: logistic regression on pixels (sklearn) or a small CNN trained here."""
+    if kind == "logreg":
+        from sklearn.linear_model import LogisticRegression
+        clf = LogisticRegression(max_iter=3000, C=0.1).fit(to_float(data.x_train).flatten(1).numpy(),
+                                                            data.y_train.numpy())
+        return lambda x: torch.from_numpy(clf.predict(x.flatten(1).numpy()))
+    torch.manual_seed(seed)
+    C = data.channels
+    net = torch.nn.Sequential(
+        torch.nn.Conv2d(C, 64, 3, padding=1), torch.nn.BatchNorm2d(64), torch.nn.ReLU(),
+        torch.nn.Conv2d(64, 128, 3, padding=1, stride=2), torch.nn.BatchNorm2d(128), torch.nn.ReLU(),
+        torch.nn.Conv2d(128, 256, 3, padding=1, stride=2), torch.nn.BatchNorm2d(256), torch.nn.ReLU(),
+        torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(256, data.num_classes))
+    opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=5e-4)
+    g = torch.Generator().manual_seed(seed)
+    deadline, step = time.time() + 60 * minutes, 0
+    net.train()
+    while time.time() < deadline:
+        idx = torch.randint(0, len(data.x_train), (128,), generator=g)
+        x = to_float(data.x_train[idx])
+        if torch.rand(1, generator=g) < 0.5:
+            x = x.flip(3)
+        loss = F.cross_entropy(net(x), data.y_train[idx])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        step += 1
+    net.eval()
+
+    @torch.no_grad()
+    def predict(x):
+        return torch.cat([net(x[i:i + 500]).argmax(1) for i in range(0, len(x), 500)])
+    print(f"judge CNN: {step} steps in {minutes:g} min")
+    return predict
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("--run", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--scales", default="0,1,2,4,8")
+    p.add_argument("--per-class", type=int, default=100)
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--judge", default="logreg", choices=["logreg", "cnn"])
+    p.add_argument("--judge-minutes", type=float, default=3)
+    p.add_argument("--fd", default="pixel-fd", choices=["pixel-fd", "small-fd"])
+    p.add_argument("--grid-scale", type=float, default=None, help="scale shown in the grid (default: the best)")
+    p.add_argument("--seed", type=int, default=0)
+    a = p.parse_args()
+    run = load_run(a.run, device="cpu")
+    data = load_data(run.config.data.spec, run.config.data.image_size)
+    K = data.num_classes
+    judge = train_judge(data, a.judge, a.judge_minutes, a.seed)
+    judge_acc = float((judge(to_float(data.x_test)) == data.y_test).float().mean())
+    print(f"independent judge ({a.judge}) test accuracy {judge_acc:.4f}")
+    ext = SmallFeatures() if a.fd == "small-fd" else None
+    feats = (lambda x: extract(ext, to_uint8(x), "cpu")) if ext else (lambda x: to_float(to_uint8(x)).flatten(1).numpy())
+    test_feats = feats(to_float(data.x_test))
+
+    def class_fd(x, k):
+        return frechet_distance(feats(x), test_feats[(data.y_test == k).numpy()])
+
+    rows, grids = [], {}
+    # unguided reference: K * per_class samples, grouped by the judge's label
+    t0 = time.time()
+    x = run.sample(K * a.per_class, steps=a.steps, seed=a.seed)
+    lab = judge(x)
+    unguided_fd = [class_fd(x[lab == k], k) for k in range(K) if (lab == k).sum() > 2]
+    overall = frechet_distance(feats(x), test_feats)
+    ref = {"scale": "unguided", "in_class": None, "per_class_fd": round(float(np.mean(unguided_fd)), 4),
+           "overall_fd": round(overall, 4), "judged_class_counts": torch.bincount(lab, minlength=K).tolist(),
+           "seconds": round(time.time() - t0, 1)}
+    print(json.dumps(ref), flush=True)
+    for s in [float(v) for v in a.scales.split(",")]:
+        t0 = time.time()
+        xs = [sample_class(run, k, a.per_class, scale=s, steps=a.steps, seed=a.seed + 1000 * k) for k in range(K)]
+        hit = [float((judge(xk) == k).float().mean()) for k, xk in enumerate(xs)]
+        fds = [class_fd(xk, k) for k, xk in enumerate(xs)]
+        row = {"scale": s, "in_class": round(float(np.mean(hit)), 4), "in_class_per_class": [round(h, 3) for h in hit],
+               "per_class_fd": round(float(np.mean(fds)), 4), "per_class_fds": [round(f, 3) for f in fds],
+               "seconds": round(time.time() - t0, 1)}
+        rows.append(row)
+        grids[s] = torch.cat([xk[:10] for xk in xs])
+        print(json.dumps(row), flush=True)
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    best = a.grid_scale if a.grid_scale is not None else max(
+        (r for r in rows if r["per_class_fd"] <= 1.5 * ref["per_class_fd"]), key=lambda r: r["in_class"],
+        default=rows[-1])["scale"]
+    save_png(out.with_name(out.name + "-grid.png"), make_grid(grids[best], nrow=10))
+    out.with_suffix(".json").write_text(json.dumps({"run": a.run, "judge": a.judge, "judge_test_accuracy": judge_acc,
+                                                    "fd": a.fd, "per_class": a.per_class, "steps": a.steps,
+                                                    "unguided": ref, "rows": rows, "grid_scale": best}, indent=2))
+    lines = [f"| guidance scale | samples in the requested class | mean per-class {a.fd} |", "|---:|---:|---:|",
+             f"| unguided (grouped by the judge) | - | {ref['per_class_fd']:.3f} |"]
+    lines += [f"| {r['scale']:g} | {r['in_class']:.3f} | {r['per_class_fd']:.3f} |" for r in rows]
+    out.with_suffix(".md").write_text(
+        f"# Self-guided sampling: {a.run}\n\n`python benchmarks/self_guidance.py {' '.join(sys.argv[1:])}`"
+        f"\n\nJudge: {a.judge}, test accuracy {judge_acc:.4f}; {a.per_class} samples per class, DDIM-{a.steps}.\n\n"
+        + "\n".join(lines) + f"\n\nGrid (row = requested class): scale {best:g}.\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
