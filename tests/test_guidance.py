@@ -35,3 +35,21 @@ def test_scale_zero_is_unguided_and_guidance_steers_toward_the_class(hyb_run):
 def test_guidance_needs_a_hybvit_and_a_valid_class(hyb_run):
     with pytest.raises(HybvitError, match="out of range"):
         sample_class(hyb_run, 10, 2)
+
+
+def test_sample_class_from_the_command_line(hyb_run, tmp_path, capsys):
+    from hybvit.cli import main
+    rc = main(["sample", "--run", str(hyb_run.path), "--class", "7", "--guidance-scale", "4", "--num", "12",
+               "--steps", "10", "--seed", "1", "--out", str(tmp_path / "s.npz")])
+    assert rc == 0
+    import numpy as np
+    images = np.load(tmp_path / "s.npz")["images"]
+    assert images.shape == (12, 8, 8, 1) and images.dtype == np.uint8
+    logits = hyb_run.classify(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous())
+    assert (logits.argmax(1) == 7).float().mean() > 0.5
+    assert main(["sample", "--run", str(hyb_run.path), "--guidance-scale", "2", "--num", "2",
+                 "--out", str(tmp_path / "x.png")]) == 2
+    assert "--class" in capsys.readouterr().err
+    assert main(["sample", "--run", str(hyb_run.path), "--class", "12", "--num", "2",
+                 "--out", str(tmp_path / "y.png")]) == 2
+    assert not (tmp_path / "x.png").exists() and not (tmp_path / "y.png").exists()

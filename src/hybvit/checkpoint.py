@@ -45,6 +45,21 @@ def write_json(path: Path, obj: Any) -> None:
     atomic_write(path, w)
 
 
+def plain_state_dict(obj: torch.nn.Module | dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The state dict of the bare model, as single-process tools load it: a module is unwrapped from
+    DistributedDataParallel (`.module`) and torch.compile (`._orig_mod`) first; a state dict whose keys all carry
+    the `module.` or `_orig_mod.` prefix of such a wrapper loses it."""
+    if isinstance(obj, torch.nn.Module):
+        while isinstance(obj, torch.nn.parallel.DistributedDataParallel) or hasattr(obj, "_orig_mod"):
+            obj = obj.module if isinstance(obj, torch.nn.parallel.DistributedDataParallel) else obj._orig_mod
+        obj = obj.state_dict()
+    out = dict(obj)
+    for prefix in ("module.", "_orig_mod.", "module."):
+        if out and all(k.startswith(prefix) for k in out):
+            out = {k[len(prefix):]: v for k, v in out.items()}
+    return out
+
+
 def save_training_state(path: Path, state: dict[str, Any]) -> None:
     atomic_write(path, lambda tmp: torch.save(state, tmp))
 
@@ -78,8 +93,8 @@ def load_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
             raise HybvitError(f"cannot read '{path}' as safetensors ({type(e).__name__}); the file is corrupt")
         if "config" not in meta:
             raise HybvitError(f"'{path}' has no hybvit config in its metadata; it was not written by hybvit")
-        return weights, json.loads(meta["config"])
+        return plain_state_dict(weights), json.loads(meta["config"])
     state = load_training_state(path)
     if "ema" not in state or "config" not in state:
         raise HybvitError(f"'{path}' is not a hybvit training checkpoint (no 'ema' or 'config')")
-    return state["ema"], state["config"]
+    return plain_state_dict(state["ema"]), state["config"]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -43,6 +44,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--spacing", default="logsnr", choices=["logsnr", "time"],
                    help="DPM-Solver++ timesteps: even in log-SNR (default) or in time")
     s.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 deterministic, 1 ancestral-like)")
+    s.add_argument("--class", dest="label", type=int, metavar="K",
+                   help="HybViT only: steer every sample toward class K with the model's own classifier")
+    s.add_argument("--guidance-scale", type=float, default=None, metavar="S",
+                   help="strength of --class guidance (default 1.0; 0 = unguided)")
     s.add_argument("--batch-size", type=int, default=500)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--device", default="auto")
@@ -100,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "presets":
             return cmd_presets(args)
     except HybvitError as err:
-        print(f"hybvit: error: {err}", file=sys.stderr)
+        _report(err)
         return 2
     except KeyboardInterrupt:
         print("hybvit: interrupted", file=sys.stderr)
@@ -108,6 +113,18 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # output piped into `head` and the like
         return 0
     return 0
+
+
+def _report(err: HybvitError) -> None:
+    """One line on stderr. Under torchrun rank 0 reports; another rank reports only an error of its own (tagged
+    with its rank), not one that all ranks stopped on together (distributed.CollectiveError)."""
+    rank = int(os.environ.get("RANK", "0")) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else 0
+    if rank == 0:
+        print(f"hybvit: error: {err}", file=sys.stderr)
+        return
+    dist_module = sys.modules.get("hybvit.distributed")
+    if dist_module is None or not isinstance(err, dist_module.CollectiveError):
+        print(f"hybvit: error (rank {rank}): {err}", file=sys.stderr)
 
 
 # ----------------------------------------------------------------------------- train
@@ -211,47 +228,89 @@ def _check_data_fits(cfg, data) -> None:
 
 
 def cmd_train(args) -> int:
+    from . import distributed
     from .model import ViT
     from .train import resolve_device, train
 
-    cfg, data, out, resume = resolve_train_config(args)
-    print(data.describe())
-    import torch
-    with torch.device("meta"):
-        params = ViT(cfg.model).num_params()
-    budget = (f"{cfg.train.steps} steps" if cfg.train.steps else f"{cfg.train.epochs:g} epochs" if cfg.train.epochs
-              else f"{cfg.train.minutes:g} minutes")
-    print(f"{'resuming' if resume else 'training'} {cfg.train.mode} ({cfg.preset}): {params:,} parameters, "
-          f"D {cfg.model.dim}, depth {cfg.model.depth}, patch {cfg.model.patch_size}, {budget}, "
-          f"device {resolve_device(cfg.train.device)}, run dir {out}")
+    ctx = distributed.init()                     # a process group when started by torchrun, else nothing
+    cfg, data, out, resume = resolve_train_config(args) if not ctx.distributed else _resolve_distributed(args, ctx)
+    if ctx.main:
+        print(data.describe())
+        import torch
+        with torch.device("meta"):
+            params = ViT(cfg.model).num_params()
+        budget = (f"{cfg.train.steps} steps" if cfg.train.steps else f"{cfg.train.epochs:g} epochs"
+                  if cfg.train.epochs else f"{cfg.train.minutes:g} minutes")
+        device = distributed.device_for(resolve_device(cfg.train.device), ctx)
+        split = ""
+        if ctx.distributed or cfg.train.grad_accum > 1:
+            per = cfg.train.batch_size // (ctx.world * cfg.train.grad_accum)
+            split = (f", global batch {cfg.train.batch_size} = {ctx.world} process(es) x {cfg.train.grad_accum} "
+                     f"micro-batch(es) x {per}")
+        where = f"{ctx.world} processes ({device.type})" if ctx.distributed else f"device {device}"
+        print(f"{'resuming' if resume else 'training'} {cfg.train.mode} ({cfg.preset}): {params:,} parameters, "
+              f"D {cfg.model.dim}, depth {cfg.model.depth}, patch {cfg.model.patch_size}, {budget}{split}, "
+              f"{where}, run dir {out}")
     metrics = train(cfg, data, out, resume=resume, progress=not args.quiet)
-    if not metrics.get("interrupted"):
+    if ctx.main and not metrics.get("interrupted"):
         print(f"done in {metrics['wall_seconds']:.0f} s: {out}/metrics.json" +
               (f", {out}/samples.png" if cfg.train.mode != "vit" else ""))
+    distributed.shutdown()
     return 0
+
+
+def _resolve_distributed(args, ctx):
+    """resolve_train_config under torchrun: rank 0 resolves the configuration alone (its notes and errors are printed
+    once; a download happens once) and hands it to the other ranks, which then load the same data, the first
+    process of each node before the others (a dataset missing on a node is downloaded there once)."""
+    from . import distributed
+    from .config import Config
+    from .data import load_data
+    from .train import check_batch_split, resolve_device
+
+    def resolve():
+        cfg, data, out, resume = resolve_train_config(args)
+        check_batch_split(cfg, len(data.x_train), ctx.world)
+        return cfg, data, out, resume
+    resolved = distributed.all_ok(ctx, resolve, only_main=True)
+    cfg_dict, out, resume = distributed.broadcast(
+        ctx, (resolved[0].to_dict(), str(resolved[2]), resolved[3]) if ctx.main else None)
+    cfg = resolved[0] if ctx.main else Config.from_dict(cfg_dict)
+    data = resolved[1] if ctx.main else None
+    for first_on_node in (True, False):
+        mine = not ctx.main and (ctx.local_rank == 0) == first_on_node
+        loaded = distributed.all_ok(ctx, lambda load=mine: load_data(cfg.data.spec, cfg.data.image_size)
+                                    if load else None)
+        data = loaded if mine else data
+    # every process needs a GPU of its own (when training on GPUs): the ones without say so, the others stop
+    distributed.all_ok(ctx, lambda: distributed.device_for(resolve_device(cfg.train.device), ctx))
+    return cfg, data, Path(out), resume
 
 
 # ----------------------------------------------------------------------------- sample / evaluate / presets
 
 def cmd_sample(args) -> int:
+    from . import distributed
     from .sample import load_run, make_grid, save_npz, save_png
 
-    out = Path(args.out)
-    if out.suffix not in (".png", ".npz"):
-        raise HybvitError(f"--out '{out}' must end in .png (a grid) or .npz (uint8 images)")
-    if args.num < 1:
-        raise HybvitError("--num must be >= 1")
-    if args.sampler != "ancestral" and args.steps < 1:
-        raise HybvitError("--steps must be >= 1")
-    if not out.parent.exists():
-        raise HybvitError(f"folder '{out.parent}' does not exist; create it first")
+    ctx = distributed.init()                     # a process group when started by torchrun, else nothing
+    if ctx.distributed:
+        return _sample_distributed(args, ctx)
+    out = _check_sample_args(args)
     run = load_run(args.run, args.checkpoint, device=args.device)
     if args.sampler != "ancestral" and args.steps > run.diffusion.T:
         raise HybvitError(f"--steps {args.steps} exceeds the model's T = {run.diffusion.T}")
     t0 = time.time()
-    x = run.sample(args.num, sampler=args.sampler, steps=args.steps, eta=args.eta, seed=args.seed,
-                   order=args.order, spacing=args.spacing,
-                   batch_size=args.batch_size, progress=True)
+    if args.label is not None:
+        from .guidance import sample_class
+        if args.sampler == "ddim" and args.eta:
+            raise HybvitError("--class guidance supports --eta 0 only; drop --eta")
+        x = sample_class(run, args.label, args.num, scale=1.0 if args.guidance_scale is None else args.guidance_scale,
+                         sampler=args.sampler, steps=args.steps, seed=args.seed, batch_size=args.batch_size,
+                         order=args.order, spacing=args.spacing)
+    else:
+        x = run.sample(args.num, sampler=args.sampler, steps=args.steps, eta=args.eta, seed=args.seed,
+                       order=args.order, spacing=args.spacing, batch_size=args.batch_size, progress=True)
     dt = time.time() - t0
     if out.suffix == ".png":
         save_png(out, make_grid(x))
@@ -259,6 +318,66 @@ def cmd_sample(args) -> int:
         save_npz(out, x)
     print(f"{args.num} samples ({args.sampler}{'' if args.sampler == 'ancestral' else f', {args.steps} steps'}) "
           f"in {dt:.1f} s ({args.num / dt:.1f} images/s) -> {out}")
+    return 0
+
+
+def _check_sample_args(args) -> Path:
+    out = Path(args.out)
+    if out.suffix not in (".png", ".npz"):
+        raise HybvitError(f"--out '{out}' must end in .png (a grid) or .npz (uint8 images)")
+    if args.num < 1:
+        raise HybvitError("--num must be >= 1")
+    if args.sampler != "ancestral" and args.steps < 1:
+        raise HybvitError("--steps must be >= 1")
+    if args.guidance_scale is not None and args.label is None:
+        raise HybvitError("--guidance-scale needs --class K (the class to steer toward)")
+    if not out.parent.exists():
+        raise HybvitError(f"folder '{out.parent}' does not exist; create it first")
+    return out
+
+
+def _sample_distributed(args, ctx) -> int:
+    """`hybvit sample` under torchrun: rank 0 reads the weights and hands them over; rank r draws the batches
+    k = r, r + K, ... (batch k seeded with seed + k, as one process does); rank 0 gathers them in order and writes
+    the file, which therefore holds exactly the images one process would draw."""
+    if args.label is not None:
+        raise HybvitError("--class guidance runs in one process; start `hybvit sample` without torchrun")
+    from . import checkpoint as ckpt
+    from . import distributed
+    from .data import to_float
+    from .sample import draw_samples, gather_samples, load_run, make_grid, run_from_weights, save_npz, save_png
+    from .train import resolve_device
+
+    out = Path(args.out)
+
+    def load():                                  # rank 0 checks the arguments and reads the weights
+        _check_sample_args(args)
+        resolve_device(args.device)
+        run = load_run(args.run, args.checkpoint, device="cpu")
+        if args.sampler != "ancestral" and args.steps > run.diffusion.T:
+            raise HybvitError(f"--steps {args.steps} exceeds the model's T = {run.diffusion.T}")
+        return run
+    run = distributed.all_ok(ctx, load, only_main=True)
+    weights, cfg_dict = distributed.broadcast(ctx, (ckpt.plain_state_dict(run.model), run.config.to_dict())
+                                              if ctx.main else None)
+    run = distributed.all_ok(ctx, lambda: run_from_weights(
+        weights, cfg_dict, str(distributed.device_for(resolve_device(args.device), ctx))))
+    t0 = time.time()
+    x = draw_samples(run.model, run.diffusion, args.num, sampler=args.sampler, steps=args.steps, eta=args.eta,
+                     seed=args.seed, device=run.device, amp=run.config.train.amp, batch_size=args.batch_size,
+                     progress=ctx.main, order=args.order, spacing=args.spacing, shard=(ctx.rank, ctx.world))
+    images = gather_samples(ctx, x, args.num, args.batch_size)
+
+    def write():
+        if out.suffix == ".png":
+            save_png(out, make_grid(to_float(images)))
+        else:
+            save_npz(out, images)
+        dt = time.time() - t0
+        print(f"{args.num} samples ({args.sampler}{'' if args.sampler == 'ancestral' else f', {args.steps} steps'}) "
+              f"on {ctx.world} processes in {dt:.1f} s ({args.num / dt:.1f} images/s) -> {out}")
+    distributed.all_ok(ctx, write, only_main=True)
+    distributed.shutdown()
     return 0
 
 

@@ -141,6 +141,8 @@ class TrainConfig:
     fd_samples: int = 0               # >0: at the end, pixel-space Frechet distance of this many samples
     eval_batch_size: int = 500
     compile: bool = False
+    grad_accum: int = 1               # micro-batches per step: batch_size (the global batch, over all processes)
+                                      # is split into processes x grad_accum pieces; the same update as one batch
 
     def validate(self) -> None:
         if self.mode not in MODES:
@@ -158,6 +160,8 @@ class TrainConfig:
             raise HybvitError("give one training budget: --epochs, --steps or --minutes, not several")
         if any(b < 0 for b in (self.epochs, self.steps, self.minutes)):
             raise HybvitError("training budgets must be positive")
+        if self.grad_accum < 1:
+            raise HybvitError("train.grad_accum must be >= 1 (micro-batches per step; 1 = off)")
 
 
 @dataclass

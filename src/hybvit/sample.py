@@ -23,8 +23,12 @@ from .train import autocast, resolve_device
 @torch.no_grad()
 def draw_samples(model: ViT, diffusion: GaussianDiffusion, n: int, sampler: str = "ddim", steps: int = 50,
                  eta: float = 0.0, seed: int = 0, device="cpu", amp: str = "auto", batch_size: int = 500,
-                 progress: bool = False, order: int = 2, spacing: str = "logsnr") -> torch.Tensor:
-    """n samples (n, C, H, W) in [-1, 1], drawn in batches; batch k uses the generator seeded with seed + k."""
+                 progress: bool = False, order: int = 2, spacing: str = "logsnr",
+                 shard: tuple[int, int] = (0, 1)) -> torch.Tensor:
+    """n samples (n, C, H, W) in [-1, 1], drawn in batches; batch k uses the generator seeded with seed + k.
+
+    shard=(r, K): only the batches k = r, r + K, r + 2K, ... (concatenated in that order), what rank r of K
+    processes draws; `gather_samples` interleaves the K shares back into exactly what one process draws."""
     cfg = model.cfg
     device = torch.device(device)
     was_training = model.training
@@ -35,8 +39,11 @@ def draw_samples(model: ViT, diffusion: GaussianDiffusion, n: int, sampler: str 
             return model.denoise(x, t).float()
     eps_model = diffusion.eps_model(net)                      # v-prediction runs are converted to eps
 
+    rank, world = shard
     out = []
     for k, start in enumerate(range(0, n, batch_size)):
+        if k % world != rank:
+            continue
         b = min(batch_size, n - start)
         g = torch.Generator().manual_seed(seed + k)
         bar = None
@@ -49,6 +56,20 @@ def draw_samples(model: ViT, diffusion: GaussianDiffusion, n: int, sampler: str 
         out.append(x.float().clamp(-1, 1).cpu())
     model.train(was_training)
     return torch.cat(out) if out else torch.empty(0, cfg.channels, cfg.image_size, cfg.image_size)
+
+
+def gather_samples(ctx, x: torch.Tensor, n: int, batch_size: int) -> torch.Tensor | None:
+    """Put the shares of `draw_samples(..., shard=(ctx.rank, ctx.world))` back together on rank 0: uint8 images
+    (n, C, H, W) in the order one process draws them (batch k from rank k mod K); None on the other ranks. The
+    shares travel as uint8, the levels the output files hold (to_float of them gives [-1, 1] images back)."""
+    from . import distributed
+    shares = distributed.gather(ctx, to_uint8(x))
+    if shares is None:
+        return None
+    sizes = [min(batch_size, n - start) for start in range(0, n, batch_size)]
+    pieces = [list(share.split([b for k, b in enumerate(sizes) if k % len(shares) == r]))
+              for r, share in enumerate(shares)]
+    return torch.cat([pieces[k % len(shares)][k // len(shares)] for k in range(len(sizes))])
 
 
 def make_grid(x: torch.Tensor, nrow: int | None = None, min_size: int = 32, pad: int = 1) -> torch.Tensor:
@@ -74,8 +95,8 @@ def save_png(path: Path, grid: torch.Tensor) -> None:
 
 
 def save_npz(path: Path, x: torch.Tensor) -> None:
-    """Samples as uint8 (N, H, W, C), rounded (not truncated) from [-1, 1]."""
-    images = to_uint8(x).permute(0, 2, 3, 1).numpy()
+    """Samples as uint8 (N, H, W, C), rounded (not truncated) from [-1, 1] (uint8 images are kept as they are)."""
+    images = (x if x.dtype == torch.uint8 else to_uint8(x)).permute(0, 2, 3, 1).numpy()
 
     def w(tmp: str) -> None:
         with open(tmp, "wb") as f:
@@ -150,6 +171,12 @@ def load_run(run_dir: str | Path | None = None, checkpoint: str | Path | None = 
     else:
         path = Path(checkpoint)
     weights, cfg_dict = ckpt.load_weights(path)
+    return run_from_weights(weights, cfg_dict, device, path, run_dir)
+
+
+def run_from_weights(weights: dict[str, torch.Tensor], cfg_dict: dict, device: str = "auto",
+                     path: str | Path = "weights", run_dir: str | Path | None = None) -> Run:
+    """A Run from EMA weights and the config dict stored with them (what `load_run` reads from a file)."""
     cfg = Config.from_dict(cfg_dict)
     dev = resolve_device(device)
     model = ViT(cfg.model)
@@ -161,4 +188,5 @@ def load_run(run_dir: str | Path | None = None, checkpoint: str | Path | None = 
     return Run(model, cfg, GaussianDiffusion.from_config(cfg.diffusion), dev, Path(run_dir) if run_dir else None)
 
 
-__all__ = ["Run", "load_run", "load_run_config", "draw_samples", "make_grid", "save_png", "save_npz"]
+__all__ = ["Run", "load_run", "load_run_config", "run_from_weights", "draw_samples", "gather_samples", "make_grid",
+           "save_png", "save_npz"]

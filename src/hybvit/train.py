@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from . import checkpoint as ckpt
+from . import distributed
 from .augment import classifier_batch
 from .config import Config
 from .data import Batches, ImageData, augment, step_generator, to_float
@@ -147,38 +148,108 @@ class _StopFlag:
             signal.signal(sig, old)
 
 
+def check_batch_split(cfg: Config, n_train: int, world: int = 1) -> None:
+    """train.batch_size is the global batch of each branch; it must split evenly into world processes x
+    train.grad_accum micro-batches (after the cap at the training-set size that Batches applies)."""
+    t = cfg.train
+    parts = world * t.grad_accum
+    sizes = []
+    if t.mode in ("vit", "hybvit"):
+        sizes.append(Batches(n_train, t.batch_size, t.seed, 0, cfg.data.repeated_aug).batch_size)
+    if t.mode in ("genvit", "hybvit"):
+        sizes.append(Batches(n_train, t.batch_size, t.seed, 1).batch_size)
+    for b in sizes:
+        if b % parts:
+            capped = "" if b == t.batch_size else f" (train.batch_size {t.batch_size} capped at the training set)"
+            raise HybvitError(f"the global batch of {b} images{capped} does not split into {world} process(es) x "
+                              f"train.grad_accum {t.grad_accum}; use a multiple of {parts}, e.g. "
+                              f"--set train.batch_size={max(parts, round(b / parts) * parts)}")
+
+
+class _Objective(torch.nn.Module):
+    """The loss of one (micro-)batch: CE on a classification slice + alpha * L_simple on a diffusion slice, in ONE
+    forward call (what DistributedDataParallel needs: one forward per backward). Returns the loss and its detached
+    statistics (loss, ce, diffusion, train accuracy, non-finite flag) as one tensor."""
+
+    def __init__(self, model: ViT, net, diffusion: GaussianDiffusion, alpha: float, label_smoothing: float):
+        super().__init__()
+        self.model = model                                  # the parameters DDP synchronises
+        object.__setattr__(self, "net", net)                # model, or torch.compile(model): not a 2nd submodule
+        self.diffusion, self.alpha, self.label_smoothing = diffusion, alpha, label_smoothing
+
+    def forward(self, ce_batch, diff_batch):
+        zero = torch.zeros((), device=self.model.pos_embed.device)
+        loss, ce, diff, acc = zero, zero, zero, zero
+        if ce_batch is not None:
+            x, target, labels = ce_batch
+            logits = self.net(x)                                                 # (B, classes)
+            ce = F.cross_entropy(logits.float(), target, label_smoothing=self.label_smoothing)
+            loss = loss + ce
+            acc = (logits.argmax(1) == labels).float().mean()
+        if diff_batch is not None:
+            xt, tt, x0, noise = diff_batch
+            diff = self.diffusion.output_loss(self.net(xt, tt), x0, tt, noise)
+            loss = loss + (self.alpha if ce_batch is not None else 1.0) * diff
+        stats = torch.stack([loss.detach(), ce.detach(), diff.detach(), acc, (~torch.isfinite(loss.detach())).float()])
+        return loss, stats
+
+
+def _shard(tensors: tuple | None, index: int, parts: int) -> tuple | None:
+    """Piece `index` of `parts` equal, contiguous pieces of every tensor in a batch tuple (along dim 0)."""
+    if tensors is None:
+        return None
+    return tuple(v[index * (len(v) // parts):(index + 1) * (len(v) // parts)] for v in tensors)
+
+
 def train(cfg: Config, data: ImageData, out_dir: Path, resume: bool = False, stop_after: int | None = None,
           progress: bool = True) -> dict[str, Any]:
     """Train according to cfg on data, writing the run into out_dir. Returns the metrics written.
 
     stop_after: stop (with a checkpoint, as Ctrl-C does) once this many steps are done in total; the run can
     then be continued with resume=True.
+
+    Inside a process group (torchrun; see distributed.py) every rank calls this: DistributedDataParallel over the
+    ranks, the global batch train.batch_size split between them, and rank 0 alone writing the run (the other ranks
+    return {"steps": ..., "rank": ...}).
     """
     cfg.validate()
     t = cfg.train
     out_dir = Path(out_dir)
-    device = resolve_device(t.device)
+    ctx = distributed.context()
+    device = distributed.device_for(resolve_device(t.device), ctx)
+    n_train = len(data.x_train)
+    check_batch_split(cfg, n_train, ctx.world)
     torch.manual_seed(t.seed)
     model = ViT(cfg.model).to(device)
-    ema = EMA(model, t.ema_decay, t.ema_warmup)
+    ema = EMA(model, t.ema_decay, t.ema_warmup) if ctx.main else None    # rank 0 alone keeps (and saves) the EMA
     diffusion = GaussianDiffusion.from_config(cfg.diffusion)
     optimizer = build_optimizer(model, cfg, device)
-    n_train = len(data.x_train)
     total = planned_steps(cfg, n_train)  # None for a wall-clock budget
     start_step, prior_wall, prior_images = 0, 0.0, 0
 
     last_pt = out_dir / "checkpoints" / "last.pt"
     if resume:
-        state = ckpt.load_training_state(last_pt)
-        model.load_state_dict(state["model"])
-        ema.model.load_state_dict(state["ema"])
-        optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["rng"]["torch"])
-        start_step = int(state["step"])
-        prior_wall = float(state.get("wall_seconds", 0.0))
-        prior_images = int(state.get("images_seen", 0))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    ckpt.write_json(out_dir / "config.json", cfg.to_dict())
+        # Rank 0 reads the checkpoint and hands the other ranks what they need: the run directory need not be
+        # visible from every node, and a checkpoint of any number of processes resumes on any other number.
+        state = distributed.all_ok(ctx, lambda: ckpt.load_training_state(last_pt), only_main=True)
+        shared = distributed.broadcast(ctx, None if not ctx.main else
+                                       {k: state[k] for k in ("model", "optimizer", "rng", "step") if k in state}
+                                       | {k: state.get(k, 0) for k in ("wall_seconds", "images_seen")})
+        model.load_state_dict(ckpt.plain_state_dict(shared["model"]))
+        if ema is not None:
+            ema.model.load_state_dict(ckpt.plain_state_dict(state["ema"]))
+        optimizer.load_state_dict(shared["optimizer"])
+        torch.set_rng_state(shared["rng"]["torch"])
+        start_step = int(shared["step"])
+        prior_wall = float(shared["wall_seconds"])
+        prior_images = int(shared["images_seen"])
+
+    def open_run():
+        from torch.utils.tensorboard import SummaryWriter
+        out_dir.mkdir(parents=True, exist_ok=True)
+        ckpt.write_json(out_dir / "config.json", cfg.to_dict())
+        return SummaryWriter(str(out_dir / "tb"))
+    writer = distributed.all_ok(ctx, open_run, only_main=True)            # None on the other ranks
 
     # Small datasets live on the training device as uint8 and are augmented there: a GPU step never waits for
     # CPU workers. Larger ones stay in (pinned) host memory and each batch is copied over.
@@ -189,18 +260,30 @@ def train(cfg: Config, data: ImageData, out_dir: Path, resume: bool = False, sto
     def fetch(idx: torch.Tensor) -> torch.Tensor:
         return x_train[idx.to(x_train.device)].to(device, non_blocking=True)
 
+    # The batches are global: Batches gives the step's train.batch_size indices whatever the number of processes
+    # (the role of a DistributedSampler), and rank r trains on piece r of them. So the data order does not depend
+    # on the number of processes, and a run resumed with another number continues the same sequence.
     ce_batches = Batches(n_train, t.batch_size, t.seed, stream=0, repeats=cfg.data.repeated_aug)
     diff_batches = Batches(n_train, t.batch_size, t.seed, stream=1)
     use_ce, use_diff = t.mode in ("vit", "hybvit"), t.mode in ("genvit", "hybvit")
-    images_per_step = ce_batches.batch_size * use_ce + diff_batches.batch_size * use_diff
+    images_per_step = ce_batches.batch_size * use_ce + diff_batches.batch_size * use_diff   # global, all ranks
     flops_per_step = 3 * model.flops_per_image() * images_per_step  # forward + backward ~ 3x forward
+    accum, parts = t.grad_accum, ctx.world * t.grad_accum
 
-    from torch.utils.tensorboard import SummaryWriter
-    writer = SummaryWriter(str(out_dir / "tb"))
     forward_model = torch.compile(model) if t.compile else model
+    objective = _Objective(model, forward_model, diffusion, t.alpha, t.label_smoothing)
+    if ctx.distributed:
+        from torch.nn.parallel import DistributedDataParallel
+        # vit never uses the time MLP, genvit never the classifier head: DDP must look for unused parameters
+        # there (their gradients stay None on every rank, as in one process); hybvit uses every parameter.
+        objective = DistributedDataParallel(objective, device_ids=[device.index] if device.type == "cuda" else None,
+                                            find_unused_parameters=t.mode != "hybvit")
 
     def diverged(what: str) -> HybvitError:
-        """Close the outputs and build the error for a NaN/inf; the last checkpoint on disk stays as it is."""
+        """Close the outputs and build the error for a NaN/inf; the last checkpoint on disk stays as it is.
+        Every rank sees the same (reduced) losses and weights, so all stop here; rank 0 reports it."""
+        if not ctx.main:
+            return distributed.CollectiveError(what)
         writer.close()
         if bar is not None:
             bar.close()
@@ -209,129 +292,160 @@ def train(cfg: Config, data: ImageData, out_dir: Path, resume: bool = False, sto
                            f"train.grad_clip")
 
     def save(step: int, images_seen: int, wall: float, total_steps: int) -> None:
-        if not all(torch.isfinite(p).all() for p in model.parameters()):
+        if not bool(torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all()):
             raise diverged(f"weights became non-finite (nan/inf) by step {step}")
-        state = {"config": cfg.to_dict(), "step": step, "total_steps": total_steps, "images_seen": images_seen,
-                 "wall_seconds": wall, "model": model.state_dict(), "ema": ema.model.state_dict(),
-                 "optimizer": optimizer.state_dict(), "rng": {"torch": torch.get_rng_state()}}
-        ckpt.save_training_state(last_pt, state)
-        ckpt.save_weights(out_dir / "checkpoints" / "ema.safetensors", ema.model.state_dict(), cfg.to_dict())
+
+        def write() -> None:
+            state = {"config": cfg.to_dict(), "step": step, "total_steps": total_steps, "images_seen": images_seen,
+                     "wall_seconds": wall, "model": ckpt.plain_state_dict(model),
+                     "ema": ckpt.plain_state_dict(ema.model), "optimizer": optimizer.state_dict(),
+                     "rng": {"torch": torch.get_rng_state()}, "processes": ctx.world}
+            ckpt.save_training_state(last_pt, state)
+            ckpt.save_weights(out_dir / "checkpoints" / "ema.safetensors", state["ema"], cfg.to_dict())
+        distributed.all_ok(ctx, write, only_main=True)                  # the other ranks wait for rank 0's write
 
     deadline = time.time() + 60 * t.minutes if t.minutes else None
     est_total = total if total is not None else 10 ** 9
-    bar = _progress_bar(total, start_step, progress)
+    bar = _progress_bar(total, start_step, progress and ctx.main)
     t0 = time.time()
     step, images_seen = start_step, prior_images
     run_images = 0
     # Running sums stay on the device (loss, ce, diffusion, train accuracy, non-finite losses) and are read once per
     # check: every step on the CPU (free), every log_every steps on a GPU (each read is a host synchronisation).
+    # With several processes each rank sums its own pieces; a check adds them over the ranks first.
     sums = torch.zeros(5, device=device, dtype=torch.float64)
     n_summed = 0
     check_every = 1 if device.type == "cpu" else t.log_every
-    zero = torch.zeros((), device=device)
     model.train()
     with _StopFlag() as stop:
         while step < est_total:
             lr = lr_at(step, est_total, warmup_steps(cfg, n_train, est_total), t.lr, t.min_lr)
             for group in optimizer.param_groups:
                 group["lr"] = lr
+            # Every rank builds the inputs of the WHOLE global batch from the step's generator, exactly as one
+            # process does, and keeps its own piece; so K processes (and grad_accum micro-batches) compute the
+            # gradient of the same batch as one process, augmentation choices, CutMix/Mixup partners (drawn from
+            # the global batch), timesteps and noise included. The price is that each rank augments and noises
+            # the global batch (input preparation, not network work): augment.py draws the per-image choices and
+            # applies them in one pass, so the draws cannot be made for the global batch and applied to a piece.
             g = step_generator(t.seed, step, 0)
-            loss = torch.zeros((), device=device)
-            ce = diff = None
-            with autocast(t.amp, device):
-                if use_ce:
-                    idx = ce_batches.indices(step).to(device)
-                    x, target = classifier_batch(fetch(idx), y_train[idx], cfg.model.num_classes, cfg.data, g)
-                    logits = forward_model(x)                                     # (B, classes)
-                    ce = F.cross_entropy(logits.float(), target, label_smoothing=t.label_smoothing)
-                    loss = loss + ce
-                    acc = (logits.argmax(1) == y_train[idx]).float().mean()
-                if use_diff:
-                    idx = diff_batches.indices(step).to(device)
-                    x0 = to_float(fetch(idx))                                    # never augmented ...
-                    if cfg.data.diffusion_hflip:                                   # ... unless asked for flips
-                        x0 = augment(x0, 0, True, g)
-                    diff = diffusion.loss(lambda xt, tt: forward_model(xt, tt), x0, generator=g)
-                    loss = loss + (t.alpha if use_ce else 1.0) * diff
+            ce_inputs = diff_inputs = None
+            if use_ce:
+                idx = ce_batches.indices(step).to(device)
+                x, target = classifier_batch(fetch(idx), y_train[idx], cfg.model.num_classes, cfg.data, g)
+                ce_inputs = (x, target, y_train[idx])
+            if use_diff:
+                idx = diff_batches.indices(step).to(device)
+                x0 = to_float(fetch(idx))                                    # never augmented ...
+                if cfg.data.diffusion_hflip:                                   # ... unless asked for flips
+                    x0 = augment(x0, 0, True, g)
+                xt, tt, noise = diffusion.noised(x0, generator=g)             # t ~ U{0..T-1}, eps ~ N(0, I)
+                diff_inputs = (xt, tt, x0, noise)
             optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            for m in range(accum):
+                piece = ctx.rank * accum + m          # rank r owns pieces r*A .. r*A + A-1 of the global batch
+                last = m == accum - 1                 # DDP averages the gradients over the ranks after the last
+                with (objective.no_sync() if ctx.distributed and not last else contextlib.nullcontext()):
+                    with autocast(t.amp, device):
+                        loss, stats = objective(_shard(ce_inputs, piece, parts), _shard(diff_inputs, piece, parts))
+                    # mean over the local piece, / A here, averaged over K ranks by DDP: the global batch mean
+                    (loss / accum if accum > 1 else loss).backward()
+                sums += stats / accum if accum > 1 else stats
             if t.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
             optimizer.step()
-            ema.update(model, step)
+            if ema is not None:
+                ema.update(model, step)
             step += 1
             images_seen += images_per_step
             run_images += images_per_step
-            sums += torch.stack([loss.detach(), zero if ce is None else ce.detach(), zero if diff is None else
-                                 diff.detach(), acc if use_ce else zero, (~torch.isfinite(loss.detach())).float()])
             n_summed += 1
-            if check_every == 1 and sums[4] > 0:                                 # CPU: check every step
-                raise diverged(f"loss became non-finite (nan/inf) at step {step}")
 
             elapsed = time.time() - t0
-            if deadline is not None:
-                if step - start_step == 10 and total is None:   # calibrate the wall-clock budget once
-                    per_step = elapsed / 10
-                    est_total = step + max(1, int((deadline - time.time()) / per_step))
-                    total = est_total
-                    if bar is not None:
-                        bar.total = est_total
-                        bar.refresh()
-                if time.time() >= deadline:
-                    est_total = step
-            if step % t.log_every == 0 or step == est_total:
-                host = sums.tolist()
-                if host[4] > 0:
-                    raise diverged(f"loss became non-finite (nan/inf) by step {step}")
-                n = n_summed
-                stats = dict(zip(("loss", "ce", "diff", "acc"), host[:4], strict=True))
-                ips = run_images / max(elapsed, 1e-9)
-                scalars = {"loss/total": stats["loss"] / n, "lr": lr, "speed/images_per_s": ips,
-                           "speed/gflops_per_s": flops_per_step * (step - start_step) / max(elapsed, 1e-9) / 1e9}
-                if use_ce:
-                    scalars["loss/ce"], scalars["train/accuracy"] = stats["ce"] / n, stats["acc"] / n
-                if use_diff:
-                    scalars["loss/diffusion"] = stats["diff"] / n
-                for k, v in scalars.items():
-                    writer.add_scalar(k, v, step)
+            if deadline is not None and step - start_step == 10 and total is None:  # calibrate the budget once
+                per_step = elapsed / 10
+                est = step + max(1, int((deadline - time.time()) / per_step))
+                est_total = total = int(distributed.agree(ctx, [est], "min")[0])   # all ranks stop together
                 if bar is not None:
-                    post = {"loss": f"{stats['loss'] / n:.4f}"}
-                    if use_ce:
-                        post.update(ce=f"{stats['ce'] / n:.3f}", acc=f"{stats['acc'] / n:.3f}")
-                    if use_diff:
-                        post["diff"] = f"{stats['diff'] / n:.4f}"
-                    post["img/s"] = f"{ips:.0f}"
-                    bar.set_postfix(post, refresh=False)
-                sums.zero_()
-                n_summed = 0
+                    bar.total = est_total
+                    bar.refresh()
+            # Ctrl-C / SIGTERM (on any rank) and the deadline. With several processes they are agreed over the CPU
+            # control group at each check (every step on the CPU, every log_every steps on GPUs: ~0.1-0.6 ms each),
+            # so all ranks stop after the same step, whichever of them got the signal.
+            stop_now, past_deadline = stop.stop, deadline is not None and time.time() >= deadline
+            if ctx.distributed:
+                if step % check_every == 0:
+                    stop_now, past_deadline = (bool(v) for v in distributed.agree(ctx, [stop_now, past_deadline]))
+                else:
+                    stop_now = past_deadline = False
+            if past_deadline:
+                est_total = step
+            log_now = step % t.log_every == 0 or step == est_total
+            if log_now or step % check_every == 0:
+                host = distributed.sum_over_ranks(ctx, sums).tolist()
+                if host[4] > 0:
+                    raise diverged(f"loss became non-finite (nan/inf) {'at' if check_every == 1 else 'by'} "
+                                   f"step {step}")
+                if log_now:
+                    n = n_summed * ctx.world
+                    stats = dict(zip(("loss", "ce", "diff", "acc"), host[:4], strict=True))
+                    ips = run_images / max(elapsed, 1e-9)
+                    if writer is not None:
+                        scalars = {"loss/total": stats["loss"] / n, "lr": lr, "speed/images_per_s": ips,
+                                   "speed/gflops_per_s": flops_per_step * (step - start_step) / max(elapsed, 1e-9)
+                                   / 1e9}
+                        if use_ce:
+                            scalars["loss/ce"], scalars["train/accuracy"] = stats["ce"] / n, stats["acc"] / n
+                        if use_diff:
+                            scalars["loss/diffusion"] = stats["diff"] / n
+                        for k, v in scalars.items():
+                            writer.add_scalar(k, v, step)
+                    if bar is not None:
+                        post = {"loss": f"{stats['loss'] / n:.4f}"}
+                        if use_ce:
+                            post.update(ce=f"{stats['ce'] / n:.3f}", acc=f"{stats['acc'] / n:.3f}")
+                        if use_diff:
+                            post["diff"] = f"{stats['diff'] / n:.4f}"
+                        post["img/s"] = f"{ips:.0f}"
+                        bar.set_postfix(post, refresh=False)
+                    sums.zero_()
+                    n_summed = 0
             if bar is not None:
                 bar.update(1)
             if t.sample_every and step % t.sample_every == 0 and use_diff:
-                _log_samples(writer, ema.model, diffusion, cfg, device, step, n=min(64, t.num_samples))
-            interrupted = stop.stop or (stop_after is not None and step >= stop_after)
+                distributed.all_ok(ctx, lambda s=step: _log_samples(writer, ema.model, diffusion, cfg, device, s,
+                                                                    n=min(64, t.num_samples)), only_main=True)
+            interrupted = stop_now or (stop_after is not None and step >= stop_after)
             if step % t.ckpt_every == 0 or interrupted:
                 save(step, images_seen, prior_wall + time.time() - t0, est_total)
             if interrupted:
-                if bar is not None:
-                    bar.close()
-                writer.close()
-                print(f"stopped at step {step}; checkpoint written to {last_pt}; continue with "
-                      f"`hybvit train --resume {out_dir}`")
+                if ctx.main:
+                    if bar is not None:
+                        bar.close()
+                    writer.close()
+                    print(f"stopped at step {step}; checkpoint written to {last_pt}; continue with "
+                          f"`hybvit train --resume {out_dir}`" + (" (any number of processes)" if ctx.distributed
+                                                                   else ""))
                 return {"steps": step, "interrupted": True}
     if bar is not None:
         bar.close()
     train_seconds = time.time() - t0
     save(step, images_seen, prior_wall + train_seconds, step)
-    metrics = finish(cfg, data, model, ema.model, diffusion, out_dir, writer, device)
-    metrics.update(steps=step, images_seen=images_seen, wall_seconds=round(prior_wall + time.time() - t0, 2),
-                   train_seconds=round(prior_wall + train_seconds, 2),
-                   images_per_second=round(run_images / max(train_seconds, 1e-9), 1),
-                   train_gflops_per_second=round(flops_per_step * (step - start_step) / max(train_seconds, 1e-9) / 1e9, 2),
-                   params=model.num_params(), mode=t.mode, preset=cfg.preset, data=cfg.data.spec,
-                   device=str(device))
-    ckpt.write_json(out_dir / "metrics.json", metrics)
-    writer.close()
-    return metrics
+
+    def finish_run() -> dict[str, Any]:                      # rank 0; the other ranks wait in all_ok
+        metrics = finish(cfg, data, model, ema.model, diffusion, out_dir, writer, device)
+        metrics.update(steps=step, images_seen=images_seen, wall_seconds=round(prior_wall + time.time() - t0, 2),
+                       train_seconds=round(prior_wall + train_seconds, 2),
+                       images_per_second=round(run_images / max(train_seconds, 1e-9), 1),
+                       train_gflops_per_second=round(flops_per_step * (step - start_step)
+                                                     / max(train_seconds, 1e-9) / 1e9, 2),
+                       params=model.num_params(), mode=t.mode, preset=cfg.preset, data=cfg.data.spec,
+                       device=str(device), processes=ctx.world, grad_accum=t.grad_accum)
+        ckpt.write_json(out_dir / "metrics.json", metrics)
+        writer.close()
+        return metrics
+    metrics = distributed.all_ok(ctx, finish_run, only_main=True)
+    return metrics if ctx.main else {"steps": step, "rank": ctx.rank}
 
 
 def _progress_bar(total: int | None, start: int, enabled: bool):

@@ -1,0 +1,181 @@
+"""Several processes (torchrun): the process group and the few collectives hybvit needs.
+
+    torchrun --nproc_per_node=K -m hybvit train ...      # one process per GPU (or K CPU processes)
+
+torchrun sets WORLD_SIZE, RANK, LOCAL_RANK, MASTER_ADDR and MASTER_PORT. `init()` reads them and starts the default
+process group: NCCL for CUDA tensors plus gloo for CPU tensors where CUDA is available, gloo alone otherwise; each
+process uses GPU LOCAL_RANK. Without torchrun (WORLD_SIZE unset or 1) nothing is started and every helper here is
+the identity, so single-process code pays nothing.
+
+A second, gloo-only group (`Context.control`) carries the small host-side agreements: stop flags, "did rank 0's
+checkpoint write succeed", Python objects. It never synchronises a GPU, and its timeout is long
+(`CONTROL_TIMEOUT`) because the other ranks wait on it while rank 0 alone writes checkpoints or runs the end-of-run
+evaluation; a rank that dies closes its connections, so the others still fail at once instead of waiting it out.
+
+The failure rule: work done by some ranks only goes through `all_ok`, which every rank calls; when any rank raised,
+every rank raises, the failing one its own error and the others `CollectiveError`, which the command line prints
+on rank 0 only. No rank is ever left waiting for one that has stopped.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+
+from .errors import HybvitError
+
+CONTROL_TIMEOUT = timedelta(hours=24)
+T = TypeVar("T")
+
+
+class CollectiveError(HybvitError):
+    """An error all ranks stop on together (another rank failed, or all saw the same NaN). Rank 0 prints it; the
+    other ranks exit with status 2 without repeating it."""
+
+
+@dataclass(frozen=True)
+class Context:
+    """Where this process stands: its rank among `world` processes, its GPU index on the node, the control group."""
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    control: Any = None
+
+    @property
+    def main(self) -> bool:
+        """Rank 0: the process that writes checkpoints, logs, samples and metrics."""
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+
+SINGLE = Context()
+_control: tuple[Any, Any] | None = None          # (the default group it belongs to, the control group)
+
+
+def launched() -> bool:
+    """True when a launcher (torchrun) started this process as one of several."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def rank_from_env() -> int:
+    return int(os.environ.get("RANK", "0")) if launched() else 0
+
+
+def init() -> Context:
+    """Start the process group from torchrun's environment (once); the single-process Context without torchrun."""
+    if not launched():
+        return SINGLE
+    if not dist.is_initialized():
+        backend = "gloo"
+        if torch.cuda.is_available() and dist.is_nccl_available():
+            local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+            if local_rank < torch.cuda.device_count():      # (more processes than GPUs: refused in device_for)
+                torch.cuda.set_device(local_rank)
+            backend = "cpu:gloo,cuda:nccl"                   # DDP on GPUs over NCCL, CPU tensors over gloo
+        dist.init_process_group(backend=backend)
+    return context()
+
+
+def context() -> Context:
+    """The running process group as a Context (created by `init` or by the caller, e.g. a test with
+    init_process_group); the single-process Context when there is none or it has one process."""
+    global _control
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return SINGLE
+    world_group = dist.group.WORLD
+    if _control is None or _control[0] is not world_group:   # collective: every rank creates it at the same point
+        _control = (world_group, dist.new_group(backend="gloo", timeout=CONTROL_TIMEOUT))
+    rank = dist.get_rank()
+    return Context(rank, dist.get_world_size(), int(os.environ.get("LOCAL_RANK", str(rank))), _control[1])
+
+
+def shutdown() -> None:
+    """Tear the process group down after a successful run (on errors the process just exits)."""
+    global _control
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    _control = None
+
+
+def device_for(device: torch.device, ctx: Context) -> torch.device:
+    """With several processes each one drives GPU LOCAL_RANK of its node, whatever CUDA index the config names."""
+    if ctx.distributed and device.type == "cuda":
+        if ctx.local_rank >= torch.cuda.device_count():
+            raise HybvitError(f"process {ctx.local_rank} of this node has no GPU of its own (the node has "
+                              f"{torch.cuda.device_count()}); start at most that many: torchrun "
+                              f"--nproc_per_node={torch.cuda.device_count()}")
+        return torch.device("cuda", ctx.local_rank)
+    return device
+
+
+# ----------------------------------------------------------------------------- collectives
+
+def all_ok(ctx: Context, fn: Callable[[], T], only_main: bool = False) -> T | None:
+    """Run fn() (on rank 0 alone when only_main; the other ranks wait here) and agree on the outcome: if any rank
+    raised, every rank raises (that rank its own exception, the others CollectiveError naming it)."""
+    if not ctx.distributed:
+        return fn()
+    result, error = None, None
+    try:
+        if ctx.main or not only_main:
+            result = fn()
+    except BaseException as e:  # noqa: BLE001 - re-raised below, after the others have heard of it
+        error = e
+    failed = torch.zeros(ctx.world, dtype=torch.float64)
+    failed[ctx.rank] = float(error is not None)
+    dist.all_reduce(failed, group=ctx.control)
+    if error is not None:
+        raise error
+    bad = [r for r, f in enumerate(failed.tolist()) if f]
+    if bad:
+        raise CollectiveError(f"rank {', '.join(map(str, bad))} failed (its error is printed above); all "
+                              f"{ctx.world} processes stopped")
+    return result
+
+
+def agree(ctx: Context, values: list[float], op: str = "max") -> list[float]:
+    """Element-wise max (or min) of a few numbers over all ranks, on the control group: no GPU synchronisation."""
+    if not ctx.distributed:
+        return list(values)
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.MIN, group=ctx.control)
+    return t.tolist()
+
+
+def sum_over_ranks(ctx: Context, x: torch.Tensor) -> torch.Tensor:
+    """The sum of x over all ranks (a new tensor on x's device); x itself when there is one process."""
+    if not ctx.distributed:
+        return x
+    y = x.clone()
+    dist.all_reduce(y)
+    return y
+
+
+def broadcast(ctx: Context, obj: T) -> T:
+    """Rank 0's Python object, on every rank (pickled over the control group: only between this job's ranks)."""
+    if not ctx.distributed:
+        return obj
+    box = [obj if ctx.main else None]
+    dist.broadcast_object_list(box, src=0, group=ctx.control)
+    return box[0]
+
+
+def gather(ctx: Context, obj: Any) -> list[Any] | None:
+    """Every rank's object, in rank order, on rank 0 (None elsewhere)."""
+    if not ctx.distributed:
+        return [obj]
+    out = [None] * ctx.world if ctx.main else None
+    dist.gather_object(obj, out, dst=0, group=ctx.control)
+    return out
+
+
+__all__ = ["SINGLE", "CollectiveError", "Context", "agree", "all_ok", "broadcast", "context", "device_for", "gather",
+           "init", "launched", "rank_from_env", "shutdown", "sum_over_ranks"]

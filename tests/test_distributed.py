@@ -1,0 +1,327 @@
+"""Several processes on the CPU (DistributedDataParallel over gloo, no network): K processes train exactly what one
+process trains with the same global batch, gradient accumulation gives the full-batch update, a run resumes on
+another number of processes, a failure or a signal on one rank stops every rank, and torchrun sampling draws the
+images one process draws.
+
+How equal is "equal": with SGD every parameter agrees to 1e-5 relative. With AdamW (the default) the parameters as
+one vector agree to 1e-5 relative (measured ~1e-6), but single elements whose gradient is a cancellation down to
+rounding noise (the per-token time modulation) differ by up to ~1e-5 absolute, because Adam divides the gradient
+by its own running magnitude: any change of summation order does that. A real mistake (rank 1 drawing its own
+timesteps and noise) gives ~5e-3, 400x the tolerance.
+"""
+import json
+import multiprocessing
+import os
+import signal
+import socket
+import subprocess
+import sys
+import traceback
+
+import numpy as np
+import pytest
+import torch
+
+from hybvit import checkpoint as ckpt
+from hybvit.config import Config
+from hybvit.data import load_data, to_uint8
+from hybvit.errors import HybvitError
+from hybvit.sample import draw_samples, load_run
+from hybvit.train import check_batch_split, train
+
+STEPS = 5
+TIMEOUT = 90  # seconds for a group of processes; reaching it means a deadlock
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def flat(state: dict) -> torch.Tensor:
+    return torch.cat([v.flatten().double() for v in state.values()])
+
+
+def rel_diff(a: dict, b: dict) -> float:
+    """|a - b| / |b| over all parameters taken as one vector."""
+    fa, fb = flat(a), flat(b)
+    return ((fa - fb).norm() / fb.norm()).item()
+
+
+def weights(run_dir) -> dict:
+    return ckpt.load_training_state(run_dir / "checkpoints" / "last.pt")
+
+
+def assert_same_training(a: dict, b: dict, elementwise: bool = False) -> None:
+    for part in ("model", "ema"):
+        assert a[part].keys() == b[part].keys()
+        assert rel_diff(a[part], b[part]) < 1e-5, (part, rel_diff(a[part], b[part]))
+        assert (flat(a[part]) - flat(b[part])).abs().max() < 1e-4, part
+        if elementwise:
+            for k in a[part]:
+                assert torch.allclose(a[part][k], b[part][k], rtol=1e-5, atol=1e-7), (part, k)
+
+
+# ----------------------------------------------------------------------------- the spawned ranks
+
+def _rank_main(rank: int, world: int, port: int, jobs: list, result_dir: str) -> None:
+    """One rank: init gloo, run each job (a train() call, possibly with a fault injected), record the outcome."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), HYBVIT_NO_DOWNLOAD="1")
+    torch.set_num_threads(1)
+    import torch.distributed as dist
+
+    import hybvit.checkpoint
+    import hybvit.train
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    data = load_data("digits")
+    results = {}
+    save_state, lr_at = hybvit.checkpoint.save_training_state, hybvit.train.lr_at
+    for job in jobs:
+        hybvit.checkpoint.save_training_state, hybvit.train.lr_at = save_state, lr_at
+        if job.get("fault") == "rank0-write-fails" and rank == 0:
+            def failing_save(path, state):
+                raise OSError("disk full (injected)")
+            hybvit.checkpoint.save_training_state = failing_save
+        if job.get("fault") == "sigterm-rank1" and rank == 1:     # SIGTERM to rank 1 alone, during step 3
+            def signalling_lr_at(step, *args):
+                if step == 2:
+                    os.kill(os.getpid(), signal.SIGTERM)
+                return lr_at(step, *args)
+            hybvit.train.lr_at = signalling_lr_at
+        try:
+            out = train(Config.from_dict(job["cfg"]), data, job["out"], resume=job.get("resume", False),
+                        stop_after=job.get("stop_after"), progress=False)
+            results[job["name"]] = {"ok": out}
+        except BaseException as e:  # noqa: BLE001 - recorded for the test to judge
+            results[job["name"]] = {"error": type(e).__name__, "message": str(e),
+                                    "trace": traceback.format_exc()[-2000:]}
+    with open(os.path.join(result_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(results, f, default=str)
+    dist.destroy_process_group()
+
+
+def run_ranks(world: int, jobs: list, result_dir) -> list[dict]:
+    """Start `world` ranks, wait (a deadlock fails the test instead of hanging it), return each rank's results."""
+    mp = multiprocessing.get_context("spawn")
+    port = free_port()
+    procs = [mp.Process(target=_rank_main, args=(r, world, port, jobs, str(result_dir))) for r in range(world)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(TIMEOUT)
+    hung = [r for r, p in enumerate(procs) if p.is_alive()]
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+            p.join()
+    assert not hung, f"ranks {hung} still running after {TIMEOUT} s: deadlock"
+    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+    return [json.loads((result_dir / f"rank{r}.json").read_text()) for r in range(world)]
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_data("digits")
+
+
+@pytest.fixture(scope="module")
+def cfgs():
+    """The tiny digits config of conftest (hybvit, global batch 32) with augmentation on, so that the crop, flip
+    and CutMix/Mixup draws are part of what must match; plus its SGD twin."""
+    from hybvit.config import preset_config
+    cfg = preset_config("digits-hybvit")
+    cfg.model.dim, cfg.model.depth, cfg.model.heads = 32, 2, 2
+    t = cfg.train
+    t.steps, t.batch_size, t.num_samples, t.sample_steps, t.fd_samples, t.ckpt_every = STEPS, 32, 4, 3, 0, 1000
+    t.device = "cpu"
+    cfg.data.crop_padding, cfg.data.hflip, cfg.data.mix_prob, cfg.data.diffusion_hflip = 1, True, 0.5, True
+    sgd = Config.from_dict(cfg.to_dict())
+    sgd.train.optimizer, sgd.train.lr = "sgd", 0.05
+    return {"adamw": cfg, "sgd": sgd}
+
+
+@pytest.fixture(scope="module")
+def two_ranks(cfgs, tmp_path_factory):
+    """One group of 2 ranks runs every 2-process scenario in turn; returns the run root and both ranks' results."""
+    root = tmp_path_factory.mktemp("ddp")
+    adamw, sgd = cfgs["adamw"].to_dict(), cfgs["sgd"].to_dict()
+    nan = Config.from_dict(adamw)
+    nan.train.lr, nan.train.ckpt_every = float("inf"), 1
+    ckpt2 = Config.from_dict(adamw)
+    ckpt2.train.ckpt_every = 2
+    jobs = [
+        {"name": "adamw", "cfg": adamw, "out": str(root / "adamw")},
+        {"name": "sgd", "cfg": sgd, "out": str(root / "sgd")},
+        {"name": "stopped", "cfg": adamw, "out": str(root / "stopped"), "stop_after": 3},
+        {"name": "sigterm", "cfg": adamw, "out": str(root / "sigterm"), "fault": "sigterm-rank1"},
+        {"name": "write-fails", "cfg": ckpt2.to_dict(), "out": str(root / "write-fails"), "fault": "rank0-write-fails"},
+        {"name": "nan", "cfg": nan.to_dict(), "out": str(root / "nan")},
+    ]
+    return root, run_ranks(2, jobs, root)
+
+
+@pytest.fixture(scope="module")
+def one_rank(cfgs, digits, tmp_path_factory):
+    """The single-process references: AdamW and SGD, each with grad_accum 1 and 2 (recording the size of every
+    piece of a batch the network was given, in PIECES)."""
+    import hybvit.train
+    root = tmp_path_factory.mktemp("single")
+    shard = hybvit.train._shard
+
+    def recording_shard(tensors, index, parts):
+        piece = shard(tensors, index, parts)
+        PIECES.setdefault(current, []).append(None if piece is None else len(piece[0]))
+        return piece
+    hybvit.train._shard = recording_shard
+    try:
+        for name, cfg in cfgs.items():
+            for accum in (1, 2):
+                c = Config.from_dict(cfg.to_dict())
+                c.train.grad_accum = accum
+                current = f"{name}-accum{accum}"
+                train(c, digits, root / current, progress=False)
+    finally:
+        hybvit.train._shard = shard
+    return root
+
+
+PIECES: dict[str, list] = {}
+
+
+# ----------------------------------------------------------------------------- tests
+
+def test_two_processes_train_what_one_process_trains(two_ranks, one_rank):
+    root, results = two_ranks
+    for rank, res in enumerate(results):
+        assert "ok" in res["adamw"], res["adamw"]
+        assert res["adamw"]["ok"]["steps"] == STEPS
+    metrics = results[0]["adamw"]["ok"]
+    assert metrics["processes"] == 2 and metrics["images_seen"] == STEPS * 64   # the global batch, both branches
+    assert results[1]["adamw"]["ok"] == {"steps": STEPS, "rank": 1}               # rank 1 writes nothing
+    assert_same_training(weights(root / "adamw"), weights(one_rank / "adamw-accum1"))
+    assert_same_training(weights(root / "sgd"), weights(one_rank / "sgd-accum1"), elementwise=True)
+    # the checkpoint holds the bare model: single-process tools load it
+    assert not any(k.startswith("module.") for k in weights(root / "adamw")["model"])
+    assert load_run(root / "adamw", device="cpu").sample(2, steps=2).shape == (2, 1, 8, 8)
+
+
+def test_grad_accum_gives_the_full_batch_update(one_rank):
+    assert_same_training(weights(one_rank / "adamw-accum2"), weights(one_rank / "adamw-accum1"))
+    assert_same_training(weights(one_rank / "sgd-accum2"), weights(one_rank / "sgd-accum1"), elementwise=True)
+    # not vacuous: with grad_accum 2 the network saw pieces of 16 images, two per branch and step
+    assert PIECES["adamw-accum1"] == [32] * (2 * STEPS) and PIECES["adamw-accum2"] == [16] * (4 * STEPS)
+    assert json.loads((one_rank / "sgd-accum2" / "metrics.json").read_text())["grad_accum"] == 2
+
+
+def test_two_process_run_resumes_on_one_process(two_ranks, one_rank, cfgs, digits):
+    root, results = two_ranks
+    assert all(r["stopped"]["ok"] == {"steps": 3, "interrupted": True} for r in results)
+    stopped = weights(root / "stopped")
+    assert stopped["step"] == 3 and stopped["processes"] == 2
+    reference = weights(one_rank / "adamw-accum1")
+    assert rel_diff(stopped["model"], reference["model"]) > 1e-3        # 3 of 5 steps: really unfinished
+    metrics = train(cfgs["adamw"], digits, root / "stopped", resume=True, progress=False)
+    assert metrics["steps"] == STEPS and metrics["processes"] == 1
+    assert_same_training(weights(root / "stopped"), reference)
+
+
+def test_sigterm_on_one_rank_stops_all_ranks_with_a_checkpoint(two_ranks):
+    root, results = two_ranks
+    assert [r["sigterm"].get("ok") for r in results] == [{"steps": 3, "interrupted": True}] * 2, results
+    assert weights(root / "sigterm")["step"] == 3
+
+
+def test_failure_on_rank_zero_stops_every_rank(two_ranks):
+    root, results = two_ranks
+    rank0, rank1 = results[0]["write-fails"], results[1]["write-fails"]
+    assert rank0.get("error") == "OSError" and "injected" in rank0["message"], rank0
+    assert rank1.get("error") == "CollectiveError" and "rank 0 failed" in rank1["message"], rank1
+    assert not (root / "write-fails" / "checkpoints" / "last.pt").exists()
+    # a NaN is seen by all ranks together: rank 0 reports it, rank 1 stops quietly
+    nan0, nan1 = results[0]["nan"], results[1]["nan"]
+    assert nan0.get("error") == "HybvitError" and "non-finite" in nan0["message"], nan0
+    assert nan1.get("error") == "CollectiveError", nan1
+
+
+def test_global_batch_must_split_into_processes_and_micro_batches(cfgs, digits, tmp_path):
+    cfg = Config.from_dict(cfgs["adamw"].to_dict())
+    cfg.train.batch_size, cfg.train.grad_accum = 30, 2
+    check_batch_split(cfg, len(digits.x_train), world=1)                  # 30 = 2 x 15: fine on one process
+    with pytest.raises(HybvitError, match=r"global batch of 30 .* 2 process\(es\) x train.grad_accum 2; use a "
+                                          r"multiple of 4, e.g. --set train.batch_size=32"):
+        check_batch_split(cfg, len(digits.x_train), world=2)
+    cfg.train.batch_size, cfg.train.grad_accum = 32, 3
+    with pytest.raises(HybvitError, match="multiple of 3"):
+        train(cfg, digits, tmp_path / "r", progress=False)
+    assert not (tmp_path / "r").exists()
+
+
+def _torchrun(*args, timeout=TIMEOUT) -> subprocess.CompletedProcess:
+    """torchrun --nproc_per_node=2 -m hybvit ARGS (a `--` in ARGS ends torchrun's own options: its parser takes
+    `--run` and `--num` for abbreviations of its --run-path and --numa-binding)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
+           "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", "hybvit", *map(str, args)]
+    env = dict(os.environ, OMP_NUM_THREADS="1", HYBVIT_NO_DOWNLOAD="1")
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, check=False)
+
+
+TINY = ["--set", "model.dim=32", "--set", "model.depth=2", "--set", "model.heads=2", "--set", "num_samples=4",
+        "--set", "sample_steps=3", "--set", "fd_samples=0", "--set", "train.device=cpu", "--quiet"]
+
+
+def test_torchrun_train_and_sample(tmp_path):
+    # a global batch that does not split: one error line (rank 0), exit status 2, no run directory
+    bad = _torchrun("train", "--steps", 2, "--out", tmp_path / "bad", "--set", "batch_size=31", *TINY)
+    assert bad.returncode != 0
+    lines = [ln for ln in bad.stderr.splitlines() if ln.startswith("hybvit: error")]
+    assert len(lines) == 1 and "multiple of 2" in lines[0], bad.stderr
+    assert not (tmp_path / "bad").exists()
+
+    run = tmp_path / "run"
+    done = _torchrun("train", "--steps", 2, "--out", run, "--set", "batch_size=16", *TINY)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("test accuracy") == 1                       # rank 0 alone evaluates and prints
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["processes"] == 2 and metrics["steps"] == 2 and (run / "samples.png").exists()
+
+    # 7 samples in batches of 2: rank 0 draws batches 0 and 2, rank 1 batches 1 and 3 (the last one of 1 image)
+    sampled = _torchrun("--", "sample", "--run", run, "--num", 7, "--batch-size", 2, "--steps", 3, "--seed", 5,
+                        "--out", tmp_path / "s.npz")
+    assert sampled.returncode == 0, sampled.stderr[-3000:]
+    images = np.load(tmp_path / "s.npz")["images"]
+    one = load_run(run, device="cpu")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)                                             # as each torchrun process
+    try:
+        expected = to_uint8(draw_samples(one.model, one.diffusion, 7, steps=3, seed=5, batch_size=2))
+    finally:
+        torch.set_num_threads(threads)
+    expected = expected.permute(0, 2, 3, 1)
+    assert images.shape == (7, 8, 8, 1) and np.array_equal(images, expected.numpy())
+    # and the interleaving matters: the images are not one batch repeated
+    assert not np.array_equal(images[0], images[2])
+
+
+@pytest.mark.parametrize("world", [2, 3, 5])
+def test_gathered_shares_are_in_the_one_process_order(world, monkeypatch):
+    """gather_samples puts the shares of draw_samples(shard=(r, K)) back in batch order, whatever K (5 ranks for
+    3 batches: two ranks draw nothing)."""
+    import hybvit.distributed
+    from hybvit.data import to_float
+    from hybvit.sample import gather_samples
+    x = to_float(torch.randint(0, 256, (5, 1, 8, 8), dtype=torch.uint8))      # batches of 2: sizes 2, 2, 1
+    batches = list(x.split(2))
+    shares = [torch.cat([b for k, b in enumerate(batches) if k % world == r] or [x[:0]]) for r in range(world)]
+    monkeypatch.setattr(hybvit.distributed, "gather", lambda ctx, obj: [to_uint8(s) for s in shares])
+    assert torch.equal(gather_samples(None, x[:0], 5, 2), to_uint8(x))
+
+
+def test_checkpoints_hold_the_bare_model_state():
+    """Wrappers (DistributedDataParallel's `module.`, torch.compile's `_orig_mod.`) never reach a checkpoint."""
+    lin = torch.nn.Linear(2, 3)
+    assert set(ckpt.plain_state_dict(torch.compile(lin))) == {"weight", "bias"}
+    wrapped = {f"module._orig_mod.{k}": v for k, v in lin.state_dict().items()}
+    assert set(ckpt.plain_state_dict(wrapped)) == {"weight", "bias"}
+    mixed = {"module.weight": lin.weight, "bias": lin.bias}                   # not a wrapper's: left alone
+    assert set(ckpt.plain_state_dict(mixed)) == {"module.weight", "bias"}
