@@ -64,9 +64,13 @@ def time_step(mode: str, args, device) -> dict:
     def step():
         loss = torch.zeros((), device=device)
         with autocast(args.amp, device):
-            if mode in ("vit", "hybvit"):
+            if mode == "hybvit" and args.joint:                 # both batches in one pass (train.joint_pass)
+                xt, t, noise = diffusion.noised(x, g)
+                logits, eps = model.classify_and_denoise(x, xt, t)
+                loss = F.cross_entropy(logits.float(), y) + 100 * diffusion.output_loss(eps, x, t, noise)
+            elif mode in ("vit", "hybvit"):
                 loss = loss + F.cross_entropy(fwd(x).float(), y)
-            if mode in ("genvit", "hybvit"):
+            if mode == "genvit" or (mode == "hybvit" and not args.joint):
                 loss = loss + 100 * diffusion.loss(lambda xt, t: fwd(xt, t), x, generator=g)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -74,6 +78,8 @@ def time_step(mode: str, args, device) -> dict:
         opt.step()
         ema.update(model, 0)
 
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     for _ in range(args.warmup):
         step()
     sync(device)
@@ -84,8 +90,28 @@ def time_step(mode: str, args, device) -> dict:
     dt = (time.perf_counter() - t0) / args.steps
     images = B * (2 if mode == "hybvit" else 1)
     flops = 3 * model.flops_per_image() * images
+    peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else float("nan")
     return {"mode": mode, "s_per_step": dt, "images_per_s": images / dt, "gflops": flops / dt / 1e9,
-            "tflop_per_step": flops / 1e12}
+            "tflop_per_step": flops / 1e12, "peak_gib": peak}
+
+
+def time_sampling(args, device) -> None:
+    """Sampling images/s per sampler at the paper's CIFAR-10 model (random weights: speed only)."""
+    from hybvit.sample import draw_samples
+    cfg = preset_config("cifar10-hybvit")
+    model = ViT(cfg.model).to(device).eval()
+    diffusion = GaussianDiffusion.from_config(cfg.diffusion)
+    amp = args.amp
+    for sampler, steps, n in (("ddim", 20, args.sample_batch), ("dpm-solver++", 20, args.sample_batch),
+                              ("ddim", 50, args.sample_batch), ("ancestral", 1000, max(1, args.sample_batch // 10))):
+        if sampler != "ancestral":                                   # warm-up
+            draw_samples(model, diffusion, min(n, 8), sampler=sampler, steps=2, device=device, amp=amp)
+        sync(device)
+        t0 = time.perf_counter()
+        draw_samples(model, diffusion, n, sampler=sampler, steps=steps, device=device, amp=amp, batch_size=n)
+        sync(device)
+        dt = time.perf_counter() - t0
+        print(f"sampling {sampler:13s} {steps:5d} evaluations, batch {n:4d}: {n / dt:9.1f} images/s")
 
 
 def main():
@@ -97,20 +123,26 @@ def main():
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--joint", action="store_true", help="hybvit: CE and diffusion batches in one forward pass")
+    p.add_argument("--sampling", action="store_true", help="also time the samplers")
+    p.add_argument("--sample-batch", type=int, default=500)
     args = p.parse_args()
     device = torch.device(args.device)
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, threads {torch.get_num_threads()}, "
           f"device {device}{' ' + torch.cuda.get_device_name() if device.type == 'cuda' else ''}, "
-          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}, amp {args.amp}, compile {args.compile}")
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}, amp {args.amp}, compile {args.compile}, "
+          f"joint {args.joint}")
     peak = {"fp32": matmul_gflops(torch.float32, device), "bf16": matmul_gflops(torch.bfloat16, device)}
     print(f"matmul (best of 2048^3 and 8320x384x768): fp32 {peak['fp32']:.0f} GFLOP/s, bf16 {peak['bf16']:.0f} GFLOP/s "
           f"(bf16/fp32 {peak['bf16'] / peak['fp32']:.2f}x)")
     ref = peak[args.amp]
-    print(f"{'mode':8s} {'s/step':>8s} {'images/s':>9s} {'TFLOP/step':>11s} {'GFLOP/s':>9s} {'MFU':>6s}")
+    print(f"{'mode':8s} {'s/step':>8s} {'images/s':>9s} {'TFLOP/step':>11s} {'GFLOP/s':>9s} {'MFU':>6s} {'peak GiB':>9s}")
     for mode in args.modes.split(","):
         r = time_step(mode, args, device)
         print(f"{mode:8s} {r['s_per_step']:8.3f} {r['images_per_s']:9.1f} {r['tflop_per_step']:11.3f} "
-              f"{r['gflops']:9.1f} {r['gflops'] / ref:6.1%}")
+              f"{r['gflops']:9.1f} {r['gflops'] / ref:6.1%} {r['peak_gib']:9.2f}")
+    if args.sampling:
+        time_sampling(args, device)
     print("MFU = achieved / measured matmul rate of the same dtype on this machine (not a datasheet peak).")
 
 

@@ -129,3 +129,15 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_cfg, digits, tmp_pat
     assert kept["step"] == 4
     assert all(torch.isfinite(v).all() for v in kept["model"].values())
     assert torch.equal(kept["model"]["head.1.weight"], good["model"]["head.1.weight"])
+
+
+def test_joint_pass_trains_the_same_model(tiny_cfg, digits, tmp_path):
+    """CE and diffusion batches through one forward pass (train.joint_pass) give the same run as two passes."""
+    from hybvit.checkpoint import load_training_state
+    runs = {}
+    for joint in (False, True):
+        cfg = tiny_cfg(steps=4, joint_pass=joint)
+        train(cfg, digits, tmp_path / str(joint), progress=False)
+        runs[joint] = load_training_state(tmp_path / str(joint) / "checkpoints" / "last.pt")["model"]
+    for k, v in runs[False].items():
+        torch.testing.assert_close(runs[True][k], v, rtol=1e-4, atol=1e-5)

@@ -143,6 +143,8 @@ class TrainConfig:
     compile: bool = False
     grad_accum: int = 1               # micro-batches per step: batch_size (the global batch, over all processes)
                                       # is split into processes x grad_accum pieces; the same update as one batch
+    joint_pass: bool = False          # hybvit: CE and diffusion batches through one forward pass (bigger matmuls;
+                                      # measured no gain on the CPU; for launch-bound GPUs)
 
     def validate(self) -> None:
         if self.mode not in MODES:

@@ -171,24 +171,32 @@ class _Objective(torch.nn.Module):
     forward call (what DistributedDataParallel needs: one forward per backward). Returns the loss and its detached
     statistics (loss, ce, diffusion, train accuracy, non-finite flag) as one tensor."""
 
-    def __init__(self, model: ViT, net, diffusion: GaussianDiffusion, alpha: float, label_smoothing: float):
+    def __init__(self, model: ViT, net, diffusion: GaussianDiffusion, alpha: float, label_smoothing: float,
+                 joint: bool = False):
         super().__init__()
         self.model = model                                  # the parameters DDP synchronises
         object.__setattr__(self, "net", net)                # model, or torch.compile(model): not a 2nd submodule
         self.diffusion, self.alpha, self.label_smoothing = diffusion, alpha, label_smoothing
+        self.joint = joint                                  # HybViT: both batches through one forward pass
 
     def forward(self, ce_batch, diff_batch):
         zero = torch.zeros((), device=self.model.pos_embed.device)
         loss, ce, diff, acc = zero, zero, zero, zero
+        joint_out = None
+        if self.joint and ce_batch is not None and diff_batch is not None:
+            # One pass over the concatenated batch; the clean rows get zero modulation, which is exactly "no time
+            # input" (ViT.classify_and_denoise; equal to two passes, tested). Larger matrix products per launch.
+            joint_out = self.model.classify_and_denoise(ce_batch[0], diff_batch[0], diff_batch[1])
         if ce_batch is not None:
             x, target, labels = ce_batch
-            logits = self.net(x)                                                 # (B, classes)
+            logits = self.net(x) if joint_out is None else joint_out[0]          # (B, classes)
             ce = F.cross_entropy(logits.float(), target, label_smoothing=self.label_smoothing)
             loss = loss + ce
             acc = (logits.argmax(1) == labels).float().mean()
         if diff_batch is not None:
             xt, tt, x0, noise = diff_batch
-            diff = self.diffusion.output_loss(self.net(xt, tt), x0, tt, noise)
+            out = self.net(xt, tt) if joint_out is None else joint_out[1]       # (B, C, H, W)
+            diff = self.diffusion.output_loss(out, x0, tt, noise)
             loss = loss + (self.alpha if ce_batch is not None else 1.0) * diff
         stats = torch.stack([loss.detach(), ce.detach(), diff.detach(), acc, (~torch.isfinite(loss.detach())).float()])
         return loss, stats
@@ -271,7 +279,7 @@ def train(cfg: Config, data: ImageData, out_dir: Path, resume: bool = False, sto
     accum, parts = t.grad_accum, ctx.world * t.grad_accum
 
     forward_model = torch.compile(model) if t.compile else model
-    objective = _Objective(model, forward_model, diffusion, t.alpha, t.label_smoothing)
+    objective = _Objective(model, forward_model, diffusion, t.alpha, t.label_smoothing, joint=t.joint_pass)
     if ctx.distributed:
         from torch.nn.parallel import DistributedDataParallel
         # vit never uses the time MLP, genvit never the classifier head: DDP must look for unused parameters
