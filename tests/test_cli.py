@@ -84,7 +84,8 @@ def test_evaluate(trained, tmp_path, capsys):
 def test_evaluate_all_metrics_and_the_html_report(trained, tmp_path, capsys):
     rc, out, _ = run_cli(capsys, "evaluate", "--run", trained, "--metrics", "all", "--out", tmp_path / "r.json",
                          "--num-samples", 20, "--steps", 3, "--bpd-images", 4, "--bpd-timesteps", 5, "--ood-images",
-                         20, "--pgd-images", 10, "--pgd-steps", 2, "--speed-samples", 2, "--ece-bins", "10")
+                         20, "--pgd-images", 10, "--pgd-steps", 2, "--speed-samples", 2, "--ece-bins", "10",
+                         "--pgd-eps-l2", "50,100", "--pgd-step-factor", "2")
     assert rc == 0
     report = json.loads((tmp_path / "r.json").read_text())
     assert set(report["metrics"]) == {"accuracy", "small-fd", "pixel-fd", "bpd", "ece", "ood", "pgd",
@@ -96,6 +97,7 @@ def test_evaluate_all_metrics_and_the_html_report(trained, tmp_path, capsys):
     assert "bits_per_dim (negated)" in m["ood"]["sets"]["noise"]["auroc"]
     acc = m["pgd"]["norms"]["linf"]["accuracy"]
     assert len(acc) == 9 and all(0 <= a <= 1 for a in acc)             # eps 0 (clean) and the paper's 8
+    assert m["pgd"]["norms"]["l2"]["eps_255"] == [0, 50, 100]
     html = (tmp_path / "r.html").read_text()
     for name in report["metrics"]:
         assert f"<h2>{name}</h2>" in html
@@ -114,6 +116,9 @@ def test_evaluate_bad_input_leaves_nothing(trained, tmp_path, capsys):
     rc, _, err = run_cli(capsys, "evaluate", "--run", trained, "--metrics", "accuracy", "--out", tmp_path / "r.json",
                          "--ece-bins", "a,b")
     assert rc == 2 and "--ece-bins" in err
+    rc, _, err = run_cli(capsys, "evaluate", "--run", trained, "--metrics", "pgd", "--out", tmp_path / "r.json",
+                         "--pgd-eps-linf", "x")
+    assert rc == 2 and "--pgd-eps-linf" in err
     rc, _, err = run_cli(capsys, "evaluate", "--run", trained, "--metrics", "fid", "--out", tmp_path / "r.json",
                          "--inception-weights", tmp_path / "none.pth", "--num-samples", 4)
     assert rc == 2 and "--inception-weights" in err

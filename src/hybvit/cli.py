@@ -79,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--pgd-norms", default="linf,l2")
     e.add_argument("--pgd-images", type=int, default=1000, help="test images attacked (use fewer on a CPU)")
     e.add_argument("--pgd-steps", type=int, default=50)
+    e.add_argument("--pgd-step-factor", type=float, default=2.5, help="PGD step size = F * eps / steps (2.5)")
+    e.add_argument("--pgd-eps-linf", metavar="LIST", help="L-inf eps in /255, e.g. 1,2,4,8 (default: Table 12)")
+    e.add_argument("--pgd-eps-l2", metavar="LIST", help="L2 eps in /255, e.g. 50,100 (default: Table 12)")
     e.add_argument("--speed-samples", type=int, default=32, help="images timed per sampler for speed")
     e.add_argument("--no-html", action="store_true", help="skip the HTML report")
     e.add_argument("--batch-size", type=int, default=500)
@@ -405,6 +408,19 @@ def cmd_evaluate(args) -> int:
     norms = [n.strip() for n in args.pgd_norms.split(",") if n.strip()]
     if not norms or set(norms) - {"linf", "l2"}:
         raise HybvitError(f"--pgd-norms '{args.pgd_norms}': use linf, l2 or linf,l2")
+    if args.pgd_step_factor <= 0:
+        raise HybvitError("--pgd-step-factor must be > 0")
+    pgd_eps = None
+    if args.pgd_eps_linf or args.pgd_eps_l2:
+        from .evaluate.robustness import PAPER_EPS
+        pgd_eps = {}
+        for norm, text in (("linf", args.pgd_eps_linf), ("l2", args.pgd_eps_l2)):
+            try:
+                pgd_eps[norm] = [float(v) for v in text.split(",") if v.strip()] if text else list(PAPER_EPS[norm])
+            except ValueError:
+                raise HybvitError(f"--pgd-eps-{norm} '{text}' must be comma-separated numbers (units of 1/255)") from None
+            if not pgd_eps[norm] or min(pgd_eps[norm]) <= 0:
+                raise HybvitError(f"--pgd-eps-{norm} needs positive values (units of 1/255)")
     from .sample import load_run_config
     metrics = parse_metrics(args.metrics, load_run_config(args.run).train.mode)
     opts = EvalOptions(data_spec=args.data, num_samples=args.num_samples, sampler=args.sampler, steps=args.steps,
@@ -414,6 +430,7 @@ def cmd_evaluate(args) -> int:
                        bpd_images=args.bpd_images, bpd_timesteps=args.bpd_timesteps, ece_bins=bins,
                        ood=[o.strip() for o in args.ood.split(",") if o.strip()], ood_images=args.ood_images,
                        pgd_norms=norms, pgd_images=args.pgd_images, pgd_steps=args.pgd_steps,
+                       pgd_step_factor=args.pgd_step_factor, pgd_eps=pgd_eps,
                        speed_samples=args.speed_samples, html=not args.no_html)
     report = evaluate_run(Path(args.run), metrics, out=out, opts=opts)
     for line in summary_lines(report):

@@ -46,6 +46,8 @@ class EvalOptions:
     pgd_norms: list[str] = field(default_factory=lambda: ["linf", "l2"])
     pgd_images: int = 1000
     pgd_steps: int = 50
+    pgd_step_factor: float = 2.5         # step size = factor * eps / steps
+    pgd_eps: dict[str, list[float]] | None = None   # per norm, in /255; None = the paper's Table 12 lists
     speed_samples: int = 32
     html: bool = True
 
@@ -154,8 +156,9 @@ def _metric(name: str, run, run_dir: Path, data, opts: EvalOptions, work: Path |
                             out_dir=work)
     if name == "pgd":
         from .robustness import evaluate_pgd
-        return evaluate_pgd(run, data, norms=tuple(opts.pgd_norms), num_images=opts.pgd_images,
-                            steps=opts.pgd_steps, seed=opts.seed, batch_size=min(opts.batch_size, 250), out_dir=work)
+        return evaluate_pgd(run, data, norms=tuple(opts.pgd_norms), eps=opts.pgd_eps, num_images=opts.pgd_images,
+                            steps=opts.pgd_steps, seed=opts.seed, batch_size=min(opts.batch_size, 250), out_dir=work,
+                            step_size_factor=opts.pgd_step_factor)
     if name == "sample-analysis":
         from .sample_analysis import analyse_samples
         return analyse_samples(run, data, num_samples=n_gen or 1000, sampler=opts.sampler, steps=opts.steps,
