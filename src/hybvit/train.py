@@ -313,6 +313,7 @@ def train(cfg: Config, data: ImageData, out_dir: Path, resume: bool = False, sto
         distributed.all_ok(ctx, write, only_main=True)                  # the other ranks wait for rank 0's write
 
     deadline = time.time() + 60 * t.minutes if t.minutes else None
+    calibrated: list = [None, -1]         # (step, time) of the first budget estimate; the step of the re-estimate
     est_total = total if total is not None else 10 ** 9
     bar = _progress_bar(total, start_step, progress and ctx.main)
     t0 = time.time()
@@ -370,10 +371,18 @@ def train(cfg: Config, data: ImageData, out_dir: Path, resume: bool = False, sto
             n_summed += 1
 
             elapsed = time.time() - t0
-            if deadline is not None and step - start_step == 10 and total is None:  # calibrate the budget once
-                per_step = elapsed / 10
-                est = step + max(1, int((deadline - time.time()) / per_step))
+            # A wall-clock budget: estimate the total steps (the LR schedule needs it) after 10 steps, then once more
+            # at 10 % of the budget from the rate since step 10, when start-up costs no longer distort it.
+            if deadline is not None and ((step - start_step == 10 and total is None) or step == calibrated[1]):
+                now = time.time()
+                if calibrated[0] is None:
+                    per_step = elapsed / 10
+                else:
+                    per_step = (now - calibrated[0][1]) / (step - calibrated[0][0])
+                est = step + max(1, int((deadline - now) / per_step))
                 est_total = total = int(distributed.agree(ctx, [est], "min")[0])   # all ranks stop together
+                if calibrated[0] is None:                   # re-estimate at ~10 % of the run (a step every rank
+                    calibrated = [(step, now), step + max(5, (est_total - step) // 10)]   # reaches together)
                 if bar is not None:
                     bar.total = est_total
                     bar.refresh()
