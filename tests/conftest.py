@@ -27,3 +27,22 @@ def tiny_cfg():
             setattr(cfg.train, k, v)
         return cfg
     return make
+
+
+@pytest.fixture(scope="session")
+def digits():
+    """The bundled digits (tests that need their own copy define a module fixture of the same name)."""
+    from hybvit.data import load_data
+    return load_data("digits")
+
+
+@pytest.fixture
+def tiny_run(tiny_cfg):
+    """An untrained tiny ViT as a Run (vit mode), for metric plumbing tests."""
+    from hybvit.diffusion import GaussianDiffusion
+    from hybvit.model import ViT
+    from hybvit.sample import Run
+    cfg = tiny_cfg(mode="vit")
+    torch.manual_seed(0)
+    model = ViT(cfg.model).eval().requires_grad_(False)
+    return Run(model, cfg, GaussianDiffusion.from_config(cfg.diffusion), torch.device("cpu"))

@@ -123,23 +123,6 @@ def test_evaluate_ece_on_tiny_run(tiny_run, digits, tmp_path):
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.fixture(scope="module")
-def digits():
-    from hybvit.data import load_data
-    return load_data("digits")
-
-
-@pytest.fixture
-def tiny_run(tiny_cfg):
-    from hybvit.diffusion import GaussianDiffusion
-    from hybvit.model import ViT
-    from hybvit.sample import Run
-    cfg = tiny_cfg(mode="vit")
-    torch.manual_seed(0)
-    model = ViT(cfg.model).eval().requires_grad_(False)
-    return Run(model, cfg, GaussianDiffusion.from_config(cfg.diffusion), torch.device("cpu"))
-
-
 def test_plots_without_matplotlib_raise_one_line_error(monkeypatch, tmp_path):
     import sys
     from hybvit.evaluate.plots import reliability_diagram

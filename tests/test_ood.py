@@ -8,23 +8,6 @@ from hybvit.evaluate.ood import (auroc, evaluate_ood, interp_images, match_chann
                                  score_logits)
 
 
-@pytest.fixture(scope="module")
-def digits():
-    from hybvit.data import load_data
-    return load_data("digits")
-
-
-@pytest.fixture
-def tiny_run(tiny_cfg):
-    from hybvit.diffusion import GaussianDiffusion
-    from hybvit.model import ViT
-    from hybvit.sample import Run
-    cfg = tiny_cfg(mode="vit")
-    torch.manual_seed(0)
-    model = ViT(cfg.model).eval().requires_grad_(False)
-    return Run(model, cfg, GaussianDiffusion.from_config(cfg.diffusion), torch.device("cpu"))
-
-
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_auroc_equals_sklearn_with_ties(seed):
     from sklearn.metrics import roc_auc_score

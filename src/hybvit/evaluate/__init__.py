@@ -7,7 +7,6 @@ grids, every metric and plot). The same checkpoint and seed give the same number
 """
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import tempfile
@@ -249,10 +248,6 @@ def _finish(report: dict[str, Any], run_dir: Path, run, out: Path, work: Path, o
     write_json(out, report)
     if opts.html:
         write_html(out.with_suffix(".html"), report, run_dir, run.config, plots_dir)
-
-
-def dumps(report: dict[str, Any]) -> str:
-    return json.dumps(report, indent=2)
 
 
 __all__ = ["METRICS", "EvalOptions", "evaluate_run", "parse_metrics"]
