@@ -141,3 +141,50 @@ def test_long_skips_add_the_projections_and_faithful_count_is_unchanged():
     assert skips - faithful == 4 * (2 * 384 * 384 + 384)
     with pytest.raises(HybvitError, match="time_token"):
         ModelConfig(**base, time_cond="none").validate()
+
+
+@pytest.mark.parametrize("options", [{}, {"time_cond": "adaln", "long_skips": True, "zero_init_out": False},
+                                     {"time_cond": "none", "time_token": True, "long_skips": True, "depth": 5}])
+def test_classify_computes_only_the_cls_token_in_the_last_block_with_the_same_result(options):
+    cfg = ModelConfig(image_size=8, channels=3, patch_size=2, num_classes=5, dim=32, depth=options.pop("depth", 4),
+                      heads=4, **options)
+    torch.manual_seed(0)
+    model = ViT(cfg)
+    for p in model.parameters():                                   # no zero-initialised (inert) weights
+        torch.nn.init.normal_(p, std=0.3)
+    x = torch.randn(6, 3, 8, 8)
+    full = model.head(model.forward_features(x)[:, 0])             # all tokens through every block
+
+    def close(a, b):                                               # float32 rounding of large activations
+        return torch.allclose(a, b, rtol=1e-4, atol=1e-5 * b.abs().max().item())
+    assert close(model.classify(x), full)
+    xt, t = torch.randn(4, 3, 8, 8), torch.randint(0, 1000, (4,))
+    if not cfg.time_token:
+        logits, eps = model.classify_and_denoise(x, xt, t)
+        assert close(logits, full)
+        assert close(eps, model.denoise(xt, t))
+
+
+def test_cpu_bf16_attention_backward_matches_autograd():
+    from hybvit.model import _CPUAttention
+
+    def reference(qkv, heads):
+        B, L, D3 = qkv.shape
+        q, k, v = qkv.reshape(B, L, 3, heads, D3 // 3 // heads).permute(2, 0, 3, 1, 4).unbind(0)
+        x = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        return x.transpose(1, 2).reshape(B, L, D3 // 3)
+
+    qkv = torch.randn(2, 5, 24, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda a: _CPUAttention.apply(a, 4), (qkv,))
+    assert torch.allclose(_CPUAttention.apply(qkv, 4), reference(qkv, 4), atol=1e-12)
+    # the bf16 path the model takes on the CPU, against fp32 SDPA: forward and gradient within bf16 rounding
+    x, w = torch.randn(3, 17, 48), torch.randn(3, 17, 16)          # qkv and a fixed random readout
+    grads = []
+    for fn, dtype in ((reference, torch.float32), (_CPUAttention.apply, torch.bfloat16)):
+        a = x.to(dtype).detach().clone().requires_grad_()
+        out = fn(a, 4)
+        (out.float() * w).sum().backward()
+        grads.append((out.float(), a.grad.float()))
+    (o32, g32), (o16, g16) = grads
+    assert (o16 - o32).abs().max() < 0.05 * o32.abs().max()
+    assert (g16 - g32).norm() < 0.05 * g32.norm()

@@ -31,6 +31,45 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
     return emb
 
 
+class _CPUAttention(torch.autograd.Function):
+    """softmax(q k^T / sqrt(d)) v (Eq. 16) from the fused qkv projection, with a hand-written backward.
+
+    Used for bf16 on the CPU only. There, at ViT sequence lengths (65 tokens), torch's CPU flash-attention kernel
+    runs forward + backward ~5x slower than explicit batched products, and autograd through the explicit form spends
+    a third of its time re-laying-out gradients (the backward of unbind + permute is a stack and a strided copy).
+    This version gathers q, k, v once and writes dq, dk, dv straight into the fused layout; in fp32 and on CUDA,
+    F.scaled_dot_product_attention is the faster path and is used instead. Checked against autograd by gradcheck
+    (tests/test_model.py); timed by benchmarks/train_step.py."""
+
+    @staticmethod
+    def forward(ctx, qkv: torch.Tensor, heads: int) -> torch.Tensor:
+        B, L, D3 = qkv.shape                                          # qkv: (B, L, 3 D), last dim (3, heads, d)
+        d = D3 // 3 // heads
+        qkv5 = qkv.view(B, L, 3, heads, d)
+        q, k, v = (qkv5[:, :, i].transpose(1, 2).reshape(B * heads, L, d) for i in range(3))  # (B h, L, d)
+        with torch.autocast("cpu", enabled=False):
+            p = torch.bmm(q, k.transpose(1, 2)).mul_(d ** -0.5).softmax(dim=-1)                   # (B h, L, L)
+            o = torch.bmm(p, v)                                                                    # (B h, L, d)
+        ctx.save_for_backward(q, k, v, p)
+        ctx.heads = heads
+        return o.view(B, heads, L, d).transpose(1, 2).reshape(B, L, heads * d)                 # (B, L, D)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        q, k, v, p = ctx.saved_tensors
+        B, L, D = g.shape
+        H, d = ctx.heads, D // ctx.heads
+        with torch.autocast("cpu", enabled=False):
+            go = g.to(v.dtype).reshape(B, L, H, d).transpose(1, 2).reshape(B * H, L, d)         # (B h, L, d)
+            dv = torch.bmm(p.transpose(1, 2), go)
+            ds = torch._softmax_backward_data(torch.bmm(go, v.transpose(1, 2)), p, -1, p.dtype).mul_(d ** -0.5)
+            dq, dk = torch.bmm(ds, k), torch.bmm(ds.transpose(1, 2), q)
+        dqkv = torch.empty(B, L, 3, H, d, dtype=q.dtype, device=q.device)
+        for i, grad in enumerate((dq, dk, dv)):
+            dqkv[:, :, i] = grad.view(B, H, L, d).transpose(1, 2)
+        return dqkv.view(B, L, 3 * D), None
+
+
 class Attention(nn.Module):
     """Multi-head self-attention (Eq. 16) through F.scaled_dot_product_attention; qkv without bias."""
 
@@ -40,12 +79,23 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(dim, 3 * dim, bias=False)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, queries: int = 0) -> torch.Tensor:
+        """x: (B, L, D) -> (B, L, D); with queries > 0 only the first `queries` positions attend (keys and values
+        still come from all L), giving (B, queries, D): the same rows, for a fraction of the work."""
         B, L, D = x.shape
-        qkv = self.qkv(x).reshape(B, L, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)                                   # each (B, heads, L, D/heads)
-        x = F.scaled_dot_product_attention(q, k, v)               # (B, heads, L, D/heads)
-        return self.proj(x.transpose(1, 2).reshape(B, L, D))      # (B, L, D)
+        if queries:
+            H, d = self.heads, D // self.heads
+            q = F.linear(x[:, :queries], self.qkv.weight[:D]).reshape(B, queries, H, d).transpose(1, 2)
+            k, v = F.linear(x, self.qkv.weight[D:]).reshape(B, L, 2, H, d).permute(2, 0, 3, 1, 4).unbind(0)
+            scores = (q * d ** -0.5) @ k.transpose(-2, -1)               # (B, H, queries, L)
+            x = scores.softmax(dim=-1) @ v                                # (B, H, queries, d)
+            return self.proj(x.transpose(1, 2).reshape(B, queries, D))
+        qkv = self.qkv(x)                                             # (B, L, 3 D)
+        if qkv.device.type == "cpu" and qkv.dtype == torch.bfloat16:
+            return self.proj(_CPUAttention.apply(qkv, self.heads))   # (B, L, D)
+        q, k, v = qkv.reshape(B, L, 3, self.heads, D // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        x = F.scaled_dot_product_attention(q, k, v)                   # (B, heads, L, D/heads)
+        return self.proj(x.transpose(1, 2).reshape(B, L, D))          # (B, L, D)
 
 
 class Mlp(nn.Module):
@@ -79,9 +129,16 @@ class Block(nn.Module):
         elif time_cond == "adaln":
             self.modulation = nn.Linear(time_dim, 6 * dim)         # (shift, scale, gate) per channel, twice
 
-    def forward(self, h: torch.Tensor, A: torch.Tensor | None = None, n_plain: int = 0) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, A: torch.Tensor | None = None, n_plain: int = 0,
+                cls_only: bool = False) -> torch.Tensor:
         # h: (B, L, D); A: (B - n_plain, time_dim) or None (no time input: a plain ViT block, Eq. 18-19).
         # The first n_plain rows of h get no modulation (zero modulation is exactly "no time input").
+        # cls_only (plain rows only): return just the CLS position, (B, 1, D), computing attention for that one
+        # query and the MLP for that one token: what the classifier head needs from the last block.
+        if cls_only:
+            assert A is None or self.time_cond == "none"
+            h = h[:, :1] + self.attn(self.norm1(h), queries=1)    # Eq. 18 for the CLS token
+            return h + self.mlp(self.norm2(h))                    # Eq. 19
         if A is None or self.time_cond == "none":
             h = h + self.attn(self.norm1(h))                      # Eq. 18
             return h + self.mlp(self.norm2(h))                    # Eq. 19
@@ -163,9 +220,14 @@ class ViT(nn.Module):
         return x.reshape(B, C, G * P, G * P)
 
     # -- forward ---------------------------------------------------------------------------------------------
-    def forward_features(self, x: torch.Tensor, t: torch.Tensor | None = None, n_plain: int = 0) -> torch.Tensor:
+    def forward_features(self, x: torch.Tensor, t: torch.Tensor | None = None, n_plain: int = 0,
+                         cls_rows: int = 0):
         """x: (B, C, H, W) in [-1, 1]; t: (B - n_plain,) timesteps for the last rows, or None.
-        Returns h_L: (B, N+1, D). The first n_plain images are processed with no time input."""
+        The first n_plain images are processed with no time input. Returns h_L: (B, N+1, D).
+
+        cls_rows > 0 (at most n_plain, or B when t is None): the first cls_rows images only need their CLS output,
+        so the last block computes that token alone (~8 % fewer FLOPs for a classification pass, same values);
+        returns (h_cls (cls_rows, D), h_L of the other rows (B - cls_rows, N+1, D) or None)."""
         h = self.patch_embed(self.patchify(x))                        # (B, N, D)
         h = torch.cat([self.cls_token.expand(h.shape[0], -1, -1), h], dim=1) + self.pos_embed  # (B, N+1, D)
         A = None if t is None else self.time_mlp(timestep_embedding(t, self.cfg.dim))  # (B - n_plain, time_hidden)
@@ -173,24 +235,23 @@ class ViT(nn.Module):
             if n_plain:
                 raise ValueError("model.time_token needs separate passes for clean and noisy images")
             h = torch.cat([h, self.time_token(A)[:, None]], dim=1)   # (B, N+2, D)
-        if not self.cfg.long_skips:
-            for block in self.blocks:
-                h = block(h, A, n_plain)
-            return h
-        half = self.cfg.depth // 2
+        depth, half = len(self.blocks), self.cfg.depth // 2
         skips = []
-        for block in self.blocks[:half]:
+        for i, block in enumerate(self.blocks):
+            if self.cfg.long_skips and i >= depth - half:            # U-ViT: block j's output into block depth-1-j
+                h = self.skip_proj[i - (depth - half)](torch.cat([h, skips.pop()], dim=-1))
+            if i == depth - 1 and cls_rows:
+                h_cls = block(h[:cls_rows], None, cls_only=True)[:, 0]            # (cls_rows, D)
+                rest = block(h[cls_rows:], A, n_plain - cls_rows) if cls_rows < len(h) else None
+                return h_cls, rest
             h = block(h, A, n_plain)
-            skips.append(h)
-        for i, block in enumerate(self.blocks[half:]):
-            if i >= len(self.blocks) - 2 * half:                      # after the middle block (odd depth)
-                h = self.skip_proj[i - (len(self.blocks) - 2 * half)](torch.cat([h, skips.pop()], dim=-1))
-            h = block(h, A, n_plain)
+            if self.cfg.long_skips and i < half:
+                skips.append(h)
         return h
 
     def classify(self, x: torch.Tensor) -> torch.Tensor:
         """Clean images -> logits (B, num_classes), from the CLS token; no time input."""
-        return self.head(self.forward_features(x)[:, 0])
+        return self.head(self.forward_features(x, cls_rows=len(x))[0])
 
     def denoise(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """Noisy images x_t and timesteps t -> predicted noise eps, shape (B, C, H, W)."""
@@ -202,9 +263,9 @@ class ViT(nn.Module):
         and predicted noise for x_t. Equal to classify(x0), denoise(xt, t), with bigger matrix products."""
         if self.cfg.time_token:                                      # sequences of different lengths
             return self.classify(x0), self.denoise(xt, t)
-        h = self.forward_features(torch.cat([x0, xt]), t, n_plain=len(x0))  # (B0 + Bt, N+1, D)
-        logits = self.head(h[:len(x0), 0])                                   # (B0, classes)
-        eps = self.unpatchify(self.out(h[len(x0):, 1:]))                     # (Bt, C, H, W)
+        h_cls, h = self.forward_features(torch.cat([x0, xt]), t, n_plain=len(x0), cls_rows=len(x0))
+        logits = self.head(h_cls)                                            # (B0, classes)
+        eps = self.unpatchify(self.out(h[:, 1:]))                            # (Bt, C, H, W)
         return logits, eps
 
     def forward(self, x: torch.Tensor, t: torch.Tensor | None = None) -> torch.Tensor:
