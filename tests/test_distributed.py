@@ -134,7 +134,7 @@ def cfgs():
     cfg.model.dim, cfg.model.depth, cfg.model.heads = 32, 2, 2
     t = cfg.train
     t.steps, t.batch_size, t.num_samples, t.sample_steps, t.fd_samples, t.ckpt_every = STEPS, 32, 4, 3, 0, 1000
-    t.device = "cpu"
+    t.device, t.amp = "cpu", "fp32"   # equality across process counts is an exact-arithmetic promise: fp32
     cfg.data.crop_padding, cfg.data.hflip, cfg.data.mix_prob, cfg.data.diffusion_hflip = 1, True, 0.5, True
     sgd = Config.from_dict(cfg.to_dict())
     sgd.train.optimizer, sgd.train.lr = "sgd", 0.05

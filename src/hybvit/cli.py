@@ -48,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="HybViT only: steer every sample toward class K with the model's own classifier")
     s.add_argument("--guidance-scale", type=float, default=None, metavar="S",
                    help="strength of --class guidance (default 1.0; 0 = unguided)")
+    s.add_argument("--guidance-through", default="denoiser", choices=["denoiser", "classifier"],
+                   help="--class guidance gradient: through the denoiser too (default, better samples) or through "
+                        "the classifier only (cheaper)")
     s.add_argument("--batch-size", type=int, default=500)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--device", default="auto")
@@ -306,11 +309,9 @@ def cmd_sample(args) -> int:
     t0 = time.time()
     if args.label is not None:
         from .guidance import sample_class
-        if args.sampler == "ddim" and args.eta:
-            raise HybvitError("--class guidance supports --eta 0 only; drop --eta")
         x = sample_class(run, args.label, args.num, scale=1.0 if args.guidance_scale is None else args.guidance_scale,
                          sampler=args.sampler, steps=args.steps, seed=args.seed, batch_size=args.batch_size,
-                         order=args.order, spacing=args.spacing)
+                         order=args.order, spacing=args.spacing, through=args.guidance_through, eta=args.eta)
     else:
         x = run.sample(args.num, sampler=args.sampler, steps=args.steps, eta=args.eta, seed=args.seed,
                        order=args.order, spacing=args.spacing, batch_size=args.batch_size, progress=True)
