@@ -29,7 +29,7 @@ from hybvit.guidance import sample_class
 from hybvit.sample import load_run, make_grid, save_png
 
 
-def train_judge(data, kind: str, minutes: float, seed: int):
+def train_judge(data, kind: str, steps: int, seed: int):
     """An independent classifier: logistic regression on pixels (sklearn) or a small CNN trained here."""
     if kind == "logreg":
         from sklearn.linear_model import LogisticRegression
@@ -45,9 +45,9 @@ def train_judge(data, kind: str, minutes: float, seed: int):
         torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(256, data.num_classes))
     opt = torch.optim.AdamW(net.parameters(), lr=2e-3, weight_decay=5e-4)
     g = torch.Generator().manual_seed(seed)
-    deadline, step = time.time() + 60 * minutes, 0
+    t0 = time.time()
     net.train()
-    while time.time() < deadline:
+    for step in range(steps):                     # a fixed number of steps: the same judge on every machine
         idx = torch.randint(0, len(data.x_train), (128,), generator=g)
         x = to_float(data.x_train[idx])
         if torch.rand(1, generator=g) < 0.5:
@@ -56,13 +56,12 @@ def train_judge(data, kind: str, minutes: float, seed: int):
         opt.zero_grad()
         loss.backward()
         opt.step()
-        step += 1
     net.eval()
 
     @torch.no_grad()
     def predict(x):
         return torch.cat([net(x[i:i + 500]).argmax(1) for i in range(0, len(x), 500)])
-    print(f"judge CNN: {step} steps in {minutes:g} min")
+    print(f"judge CNN: {steps} steps in {time.time() - t0:.0f} s")
     return predict
 
 
@@ -74,17 +73,18 @@ def main():
     p.add_argument("--per-class", type=int, default=100)
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--judge", default="logreg", choices=["logreg", "cnn"])
-    p.add_argument("--judge-minutes", type=float, default=3)
+    p.add_argument("--judge-steps", type=int, default=3000, help="training steps of the CNN judge (batch 128)")
     p.add_argument("--fd", default="pixel-fd", choices=["pixel-fd", "small-fd"])
     p.add_argument("--grid-scale", type=float, default=None, help="scale shown in the grid (default: the best)")
     p.add_argument("--through", default="denoiser", choices=["denoiser", "classifier"])
-    p.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 deterministic, 1 ancestral-like)")
+    p.add_argument("--eta", type=float, default=1.0,
+                   help="DDIM eta for guided and unguided samples (1, the default: stochastic, ancestral-like)")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
     run = load_run(a.run, device="cpu")
     data = load_data(run.config.data.spec, run.config.data.image_size)
     K = data.num_classes
-    judge = train_judge(data, a.judge, a.judge_minutes, a.seed)
+    judge = train_judge(data, a.judge, a.judge_steps, a.seed)
     judge_acc = float((judge(to_float(data.x_test)) == data.y_test).float().mean())
     print(f"independent judge ({a.judge}) test accuracy {judge_acc:.4f}")
     ext = SmallFeatures() if a.fd == "small-fd" else None

@@ -51,7 +51,8 @@ def test_guided_eps_is_eps_minus_scale_sigma_times_the_analytic_gradient():
 @pytest.mark.parametrize("through", ["denoiser", "classifier"])
 def test_scale_zero_is_unguided_and_guidance_steers_toward_the_class(hyb_run, through):
     run = hyb_run
-    assert torch.equal(sample_class(run, 3, 12, scale=0, steps=10), run.sample(12, steps=10))
+    assert torch.equal(sample_class(run, 3, 12, scale=0, steps=10, eta=0.0), run.sample(12, steps=10))
+    assert torch.equal(sample_class(run, 3, 12, scale=0, steps=10), run.sample(12, steps=10, eta=1.0))
     unguided = run.sample(60, steps=10, seed=1)
     base = (run.classify(unguided).argmax(1) == 7).float().mean().item()
     guided = sample_class(run, 7, 60, scale=4.0, steps=10, seed=1, through=through)

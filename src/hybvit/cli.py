@@ -43,7 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--order", type=int, default=2, choices=[1, 2, 3], help="DPM-Solver++ order (default 2)")
     s.add_argument("--spacing", default="logsnr", choices=["logsnr", "time"],
                    help="DPM-Solver++ timesteps: even in log-SNR (default) or in time")
-    s.add_argument("--eta", type=float, default=0.0, help="DDIM eta (0 deterministic, 1 ancestral-like)")
+    s.add_argument("--eta", type=float, default=None,
+                   help="DDIM eta (0 deterministic, 1 ancestral-like); default 0, and 1 with --class")
     s.add_argument("--class", dest="label", type=int, metavar="K",
                    help="HybViT only: steer every sample toward class K with the model's own classifier")
     s.add_argument("--guidance-scale", type=float, default=None, metavar="S",
@@ -311,9 +312,10 @@ def cmd_sample(args) -> int:
         from .guidance import sample_class
         x = sample_class(run, args.label, args.num, scale=1.0 if args.guidance_scale is None else args.guidance_scale,
                          sampler=args.sampler, steps=args.steps, seed=args.seed, batch_size=args.batch_size,
-                         order=args.order, spacing=args.spacing, through=args.guidance_through, eta=args.eta)
+                         order=args.order, spacing=args.spacing, through=args.guidance_through,
+                         eta=1.0 if args.eta is None else args.eta)
     else:
-        x = run.sample(args.num, sampler=args.sampler, steps=args.steps, eta=args.eta, seed=args.seed,
+        x = run.sample(args.num, sampler=args.sampler, steps=args.steps, eta=args.eta or 0.0, seed=args.seed,
                        order=args.order, spacing=args.spacing, batch_size=args.batch_size, progress=True)
     dt = time.time() - t0
     if out.suffix == ".png":
@@ -367,7 +369,7 @@ def _sample_distributed(args, ctx) -> int:
     run = distributed.all_ok(ctx, lambda: run_from_weights(
         weights, cfg_dict, str(distributed.device_for(resolve_device(args.device), ctx))))
     t0 = time.time()
-    x = draw_samples(run.model, run.diffusion, args.num, sampler=args.sampler, steps=args.steps, eta=args.eta,
+    x = draw_samples(run.model, run.diffusion, args.num, sampler=args.sampler, steps=args.steps, eta=args.eta or 0.0,
                      seed=args.seed, device=run.device, amp=run.config.train.amp, batch_size=args.batch_size,
                      progress=ctx.main, order=args.order, spacing=args.spacing, shard=(ctx.rank, ctx.world))
     images = gather_samples(ctx, x, args.num, args.batch_size)

@@ -60,9 +60,14 @@ def self_guided_eps(classify: Callable[[torch.Tensor], torch.Tensor], eps_model:
 
 def sample_class(run, label: int, n: int, scale: float = 1.0, sampler: str = "ddim", steps: int = 50,
                  seed: int = 0, batch_size: int = 500, order: int = 2, spacing: str = "logsnr",
-                 through: str = "denoiser", eta: float = 0.0) -> torch.Tensor:
+                 through: str = "denoiser", eta: float = 1.0) -> torch.Tensor:
     """n images in [-1, 1] of class `label`, self-guided with `scale`; batch k uses the generator seed + k (as
-    unguided sampling does, so scale 0 gives exactly the unguided samples)."""
+    unguided sampling does, so scale 0 gives exactly the unguided samples of the same sampler and eta).
+
+    eta = 1 (stochastic DDIM, the default here) matters: the fresh noise of each step washes out what the guidance
+    pushed off the data manifold. On digits, guidance through the denoiser at scale 64 put 81 % of DDIM samples in
+    the requested class with eta 0 (per-class FD 1.3x the unguided samples'), and 93 % with eta 1, with a per-class
+    FD below the unguided samples' (docs/results/self-guidance-digits.md)."""
     from .errors import HybvitError
     from .train import autocast
     cfg = run.config
