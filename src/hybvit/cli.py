@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--class", dest="label", type=int, metavar="K",
                    help="HybViT only: steer every sample toward class K with the model's own classifier")
     s.add_argument("--guidance-scale", type=float, default=None, metavar="S",
-                   help="strength of --class guidance (default 1.0; 0 = unguided)")
+                   help="strength of --class guidance (default 32; 0 = unguided)")
     s.add_argument("--guidance-through", default="denoiser", choices=["denoiser", "classifier"],
                    help="--class guidance gradient: through the denoiser too (default, better samples) or through "
                         "the classifier only (cheaper)")
@@ -310,7 +310,7 @@ def cmd_sample(args) -> int:
     t0 = time.time()
     if args.label is not None:
         from .guidance import sample_class
-        x = sample_class(run, args.label, args.num, scale=1.0 if args.guidance_scale is None else args.guidance_scale,
+        x = sample_class(run, args.label, args.num, scale=32.0 if args.guidance_scale is None else args.guidance_scale,
                          sampler=args.sampler, steps=args.steps, seed=args.seed, batch_size=args.batch_size,
                          order=args.order, spacing=args.spacing, through=args.guidance_through,
                          eta=1.0 if args.eta is None else args.eta)

@@ -58,7 +58,7 @@ def self_guided_eps(classify: Callable[[torch.Tensor], torch.Tensor], eps_model:
     return eps
 
 
-def sample_class(run, label: int, n: int, scale: float = 1.0, sampler: str = "ddim", steps: int = 50,
+def sample_class(run, label: int, n: int, scale: float = 32.0, sampler: str = "ddim", steps: int = 50,
                  seed: int = 0, batch_size: int = 500, order: int = 2, spacing: str = "logsnr",
                  through: str = "denoiser", eta: float = 1.0) -> torch.Tensor:
     """n images in [-1, 1] of class `label`, self-guided with `scale`; batch k uses the generator seed + k (as
