@@ -36,7 +36,7 @@ class _CPUAttention(torch.autograd.Function):
 
     Used for bf16 on the CPU only. There, at ViT sequence lengths (65 tokens), torch's CPU flash-attention kernel
     runs forward + backward ~5x slower than explicit batched products, and autograd through the explicit form spends
-    a third of its time re-laying-out gradients (the backward of unbind + permute is a stack and a strided copy).
+    much of its time re-laying-out gradients (the backward of unbind + permute is a stack and a strided copy).
     This version gathers q, k, v once and writes dq, dk, dv straight into the fused layout; in fp32 and on CUDA,
     F.scaled_dot_product_attention is the faster path and is used instead. Checked against autograd by gradcheck
     (tests/test_model.py); timed by benchmarks/train_step.py."""
@@ -71,7 +71,8 @@ class _CPUAttention(torch.autograd.Function):
 
 
 class Attention(nn.Module):
-    """Multi-head self-attention (Eq. 16) through F.scaled_dot_product_attention; qkv without bias."""
+    """Multi-head self-attention (Eq. 16), qkv without bias: F.scaled_dot_product_attention, or _CPUAttention for
+    bf16 on the CPU."""
 
     def __init__(self, dim: int, heads: int):
         super().__init__()

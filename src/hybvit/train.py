@@ -63,7 +63,7 @@ def resolve_device(name: str) -> torch.device:
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX, from /proc/cpuinfo on Linux). Where it
     does, bf16 autocast made the CPU training step ~2x faster at the paper's CIFAR-10 size and the default digits
-    run 1.4x faster with the same accuracy and FD (benchmarks/train_step.py, docs/results/cpu-fast-path.md);
+    run 1.4x faster with the same accuracy and FD (benchmarks/train_step.py, README "Speed");
     elsewhere bf16 is emulated and slower, so "auto" stays fp32."""
     try:
         flags = Path("/proc/cpuinfo").read_text()
