@@ -12,7 +12,7 @@ export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH}
   date -u; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
   python -c "import torch; print('torch', torch.__version__)"
   echo "== train step, bf16 autocast, eager, with sampler timings"
-  timeout 150 python benchmarks/train_step.py --device cuda --amp bf16 --steps 20 --warmup 5 --sampling
+  timeout 150 python benchmarks/train_step.py --device cuda --amp bf16 --steps 20 --warmup 5 --sampling --reference
   echo "== train step, bf16, joint CE + diffusion pass"
   timeout 60 python benchmarks/train_step.py --device cuda --amp bf16 --steps 20 --warmup 5 --modes hybvit --joint
   echo "== train step, bf16, torch.compile"
