@@ -141,3 +141,11 @@ def test_joint_pass_trains_the_same_model(tiny_cfg, digits, tmp_path):
         runs[joint] = load_training_state(tmp_path / str(joint) / "checkpoints" / "last.pt")["model"]
     for k, v in runs[False].items():
         torch.testing.assert_close(runs[True][k], v, rtol=1e-4, atol=1e-5)
+
+
+def test_metrics_record_the_precision_that_ran(tiny_cfg, digits, tmp_path):
+    from hybvit.train import use_bf16
+    for amp in ("fp32", "bf16"):
+        metrics = train(tiny_cfg(steps=2, amp=amp), digits, tmp_path / amp, progress=False)
+        assert metrics["amp"] == amp
+    assert use_bf16("auto", torch.device("cuda")) and not use_bf16("fp32", torch.device("cuda"))

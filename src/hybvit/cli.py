@@ -237,7 +237,7 @@ def _check_data_fits(cfg, data) -> None:
 def cmd_train(args) -> int:
     from . import distributed
     from .model import ViT
-    from .train import resolve_device, train
+    from .train import resolve_device, train, use_bf16
 
     ctx = distributed.init()                     # a process group when started by torchrun, else nothing
     cfg, data, out, resume = resolve_train_config(args) if not ctx.distributed else _resolve_distributed(args, ctx)
@@ -255,6 +255,7 @@ def cmd_train(args) -> int:
             split = (f", global batch {cfg.train.batch_size} = {ctx.world} process(es) x {cfg.train.grad_accum} "
                      f"micro-batch(es) x {per}")
         where = f"{ctx.world} processes ({device.type})" if ctx.distributed else f"device {device}"
+        where += ", bf16 autocast" if use_bf16(cfg.train.amp, device) else ", fp32"
         print(f"{'resuming' if resume else 'training'} {cfg.train.mode} ({cfg.preset}): {params:,} parameters, "
               f"D {cfg.model.dim}, depth {cfg.model.depth}, patch {cfg.model.patch_size}, {budget}{split}, "
               f"{where}, run dir {out}")

@@ -477,7 +477,8 @@ def train(cfg: Config, data: ImageData, out_dir: Path, resume: bool = False, sto
                        train_gflops_per_second=round(flops_per_step * (step - start_step)
                                                      / max(train_seconds, 1e-9) / 1e9, 2),
                        params=model.num_params(), mode=t.mode, preset=cfg.preset, data=cfg.data.spec,
-                       device=str(device), processes=ctx.world, grad_accum=t.grad_accum)
+                       device=str(device), amp="bf16" if use_bf16(t.amp, device) else "fp32",
+                       processes=ctx.world, grad_accum=t.grad_accum)
         ckpt.write_json(out_dir / "metrics.json", metrics)
         writer.close()
         return metrics
