@@ -228,3 +228,18 @@ def test_min_snr_weights():
     assert (torch.minimum(snr, torch.tensor(5.0)) / snr)[0] < 0.01    # t = 0 (SNR ~ 2.5e4) nearly ignored
     plain = GaussianDiffusion(1000, "cosine", loss="l2")
     assert plain.output_loss(out, x0, t, noise).item() == pytest.approx(1.0)
+
+
+def test_stratified_times_cover_the_range_once_per_stratum():
+    """diffusion.t_sampling=stratified: one time per stratum of width T/B in every batch, each t uniform overall."""
+    d = GaussianDiffusion(1000, "cosine", "l2", t_sampling="stratified")
+    x0 = torch.zeros(100, 1, 2, 2)
+    counts = torch.zeros(1000)
+    for s in range(200):
+        _, t, _ = d.noised(x0, torch.Generator().manual_seed(s))
+        assert torch.equal(torch.sort(t // 10).values, torch.arange(100))
+        counts += torch.bincount(t, minlength=1000)
+    # 20,000 draws over 1000 values: every tenth of the range gets 2000 +- sampling noise
+    assert counts.view(10, 100).sum(1).sub(2000).abs().max() < 150
+    _, t_uniform, _ = GaussianDiffusion(1000, "cosine", "l2").noised(x0, torch.Generator().manual_seed(0))
+    assert not torch.equal(torch.sort(t_uniform // 10).values, torch.arange(100))

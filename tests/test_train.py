@@ -149,3 +149,23 @@ def test_metrics_record_the_precision_that_ran(tiny_cfg, digits, tmp_path):
         metrics = train(tiny_cfg(steps=2, amp=amp), digits, tmp_path / amp, progress=False)
         assert metrics["amp"] == amp
     assert use_bf16("auto", torch.device("cuda")) and not use_bf16("fp32", torch.device("cuda"))
+
+
+def test_diffusion_batch_size_sets_the_diffusion_batch_alone(tiny_cfg, digits, tmp_path):
+    """train.diffusion_batch_size: a diffusion batch of its own size; num_samples = 0 writes no samples.png."""
+    metrics = train(tiny_cfg(steps=2, diffusion_batch_size=48, num_samples=0), small(digits), tmp_path / "h",
+                    progress=False)
+    assert metrics["images_seen"] == 2 * (32 + 48)
+    assert not (tmp_path / "h" / "samples.png").exists()
+    metrics = train(tiny_cfg(mode="genvit", steps=2, diffusion_batch_size=16), small(digits), tmp_path / "g",
+                    progress=False)
+    assert metrics["images_seen"] == 2 * 16
+
+
+def test_diffusion_batch_that_does_not_split_names_its_key(tiny_cfg, digits, tmp_path):
+    from hybvit.train import check_batch_split
+    cfg = tiny_cfg(diffusion_batch_size=30, grad_accum=4)
+    with pytest.raises(HybvitError, match="diffusion_batch_size=32"):
+        check_batch_split(cfg, len(digits.x_train))
+    cfg.train.diffusion_batch_size = 0
+    check_batch_split(cfg, len(digits.x_train))        # 32 + 32 split into 4 micro-batches

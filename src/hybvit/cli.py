@@ -254,6 +254,8 @@ def cmd_train(args) -> int:
             per = cfg.train.batch_size // (ctx.world * cfg.train.grad_accum)
             split = (f", global batch {cfg.train.batch_size} = {ctx.world} process(es) x {cfg.train.grad_accum} "
                      f"micro-batch(es) x {per}")
+        if cfg.train.diffusion_batch_size and cfg.train.mode == "hybvit":
+            split += f", diffusion batch {cfg.train.diffusion_batch_size}"
         where = f"{ctx.world} processes ({device.type})" if ctx.distributed else f"device {device}"
         where += ", bf16 autocast" if use_bf16(cfg.train.amp, device) else ", fp32"
         print(f"{'resuming' if resume else 'training'} {cfg.train.mode} ({cfg.preset}): {params:,} parameters, "
@@ -262,7 +264,7 @@ def cmd_train(args) -> int:
     metrics = train(cfg, data, out, resume=resume, progress=not args.quiet)
     if ctx.main and not metrics.get("interrupted"):
         print(f"done in {metrics['wall_seconds']:.0f} s: {out}/metrics.json" +
-              (f", {out}/samples.png" if cfg.train.mode != "vit" else ""))
+              (f", {out}/samples.png" if cfg.train.mode != "vit" and cfg.train.num_samples else ""))
     distributed.shutdown()
     return 0
 

@@ -65,6 +65,7 @@ class DiffusionConfig:
     prediction: str = "eps"           # eps (the paper) | v (v = alpha_t eps - sigma_t x0, Salimans & Ho 2022)
     weighting: str = "none"           # none (L_simple) | min-snr (min(SNR, gamma) weights, Hang et al. 2023)
     min_snr_gamma: float = 5.0
+    t_sampling: str = "uniform"       # uniform (the paper) | stratified (one low-discrepancy draw per batch)
 
     def validate(self) -> None:
         if self.schedule not in ("cosine", "linear"):
@@ -75,6 +76,8 @@ class DiffusionConfig:
             raise HybvitError(f"unknown diffusion.prediction '{self.prediction}'; use eps or v")
         if self.weighting not in ("none", "min-snr"):
             raise HybvitError(f"unknown diffusion.weighting '{self.weighting}'; use none or min-snr")
+        if self.t_sampling not in ("uniform", "stratified"):
+            raise HybvitError(f"unknown diffusion.t_sampling '{self.t_sampling}'; use uniform or stratified")
         if self.timesteps < 2:
             raise HybvitError("diffusion.timesteps must be >= 2")
 
@@ -115,6 +118,7 @@ class TrainConfig:
     mode: str = "hybvit"
     alpha: float = 100.0              # L = L_CE + alpha * L_simple (Eq. 23)
     batch_size: int = 128             # per branch: hybvit draws two independent batches of this size
+    diffusion_batch_size: int = 0     # >0: the diffusion batch's size when it differs from batch_size (0 = same)
     optimizer: str = "adamw"          # adamw (the paper's code) | sgd (the paper's text)
     lr: float = 1e-3
     weight_decay: float = 0.05
@@ -146,6 +150,11 @@ class TrainConfig:
     joint_pass: bool = False          # hybvit: CE and diffusion batches through one forward pass (bigger matmuls;
                                       # measured no gain on the CPU; for launch-bound GPUs)
 
+    @property
+    def diff_batch_size(self) -> int:
+        """The global size of the diffusion batch (genvit, hybvit)."""
+        return self.diffusion_batch_size or self.batch_size
+
     def validate(self) -> None:
         if self.mode not in MODES:
             raise HybvitError(f"unknown mode '{self.mode}'; use one of {', '.join(MODES)}")
@@ -157,6 +166,8 @@ class TrainConfig:
             raise HybvitError(f"unknown sampler '{self.sampler}'; use ancestral, ddim or dpm-solver++")
         if self.batch_size < 1:
             raise HybvitError("train.batch_size must be >= 1")
+        if self.diffusion_batch_size < 0:
+            raise HybvitError("train.diffusion_batch_size must be >= 0 (0 = the same as train.batch_size)")
         budgets = [b for b in (self.epochs, self.steps, self.minutes) if b]
         if len(budgets) > 1:
             raise HybvitError("give one training budget: --epochs, --steps or --minutes, not several")

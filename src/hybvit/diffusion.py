@@ -50,8 +50,8 @@ class GaussianDiffusion:
     """Schedule tensors (float64 on the CPU, gathered per batch) and the operations built on them."""
 
     def __init__(self, timesteps: int = 1000, schedule: str = "cosine", loss: str = "l1", prediction: str = "eps",
-                 weighting: str = "none", min_snr_gamma: float = 5.0):
-        self.T, self.schedule, self.loss_type = timesteps, schedule, loss
+                 weighting: str = "none", min_snr_gamma: float = 5.0, t_sampling: str = "uniform"):
+        self.T, self.schedule, self.loss_type, self.t_sampling = timesteps, schedule, loss, t_sampling
         self.prediction, self.weighting, self.min_snr_gamma = prediction, weighting, min_snr_gamma
         betas = make_betas(schedule, timesteps)
         alphas = 1.0 - betas
@@ -76,7 +76,8 @@ class GaussianDiffusion:
     @classmethod
     def from_config(cls, cfg) -> "GaussianDiffusion":
         return cls(cfg.timesteps, cfg.schedule, cfg.loss, getattr(cfg, "prediction", "eps"),
-                   getattr(cfg, "weighting", "none"), getattr(cfg, "min_snr_gamma", 5.0))
+                   getattr(cfg, "weighting", "none"), getattr(cfg, "min_snr_gamma", 5.0),
+                   getattr(cfg, "t_sampling", "uniform"))
 
     # -- forward process -------------------------------------------------------------------------------------
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
@@ -94,9 +95,16 @@ class GaussianDiffusion:
 
     # -- training loss ---------------------------------------------------------------------------------------
     def noised(self, x0: torch.Tensor, generator: torch.Generator | None = None):
-        """A training input: t ~ U{0..T-1}, eps ~ N(0, I), x_t by Eq. 10. Returns (x_t, t, eps)."""
+        """A training input: t ~ U{0..T-1}, eps ~ N(0, I), x_t by Eq. 10. Returns (x_t, t, eps).
+
+        t_sampling "stratified" draws the batch's times low-discrepancy (as VDM, Kingma et al. 2021): one u ~ U[0, 1),
+        t_i = floor(T * ((u + i / B) mod 1)); each t is still uniform, the batch covers [0, T) evenly (less variance)."""
         B = x0.shape[0]
-        t = torch.randint(0, self.T, (B,), generator=generator, device="cpu").to(x0.device)
+        if self.t_sampling == "stratified":
+            u = torch.rand((), generator=generator, device="cpu", dtype=torch.float64)
+            t = ((u + torch.arange(B, dtype=torch.float64) / B) % 1 * self.T).long().clamp(max=self.T - 1).to(x0.device)
+        else:
+            t = torch.randint(0, self.T, (B,), generator=generator, device="cpu").to(x0.device)
         noise = torch.randn(x0.shape, generator=generator, device="cpu").to(x0.device, x0.dtype)
         return self.q_sample(x0, t, noise), t, noise
 

@@ -106,7 +106,8 @@ def lr_at(step: int, total: int, warmup: int, lr: float, min_lr: float) -> float
 
 
 def steps_per_epoch(cfg: Config, n_train: int) -> int:
-    return max(1, (cfg.data.epoch_repeats * n_train) // min(cfg.train.batch_size, n_train))
+    b = cfg.train.diff_batch_size if cfg.train.mode == "genvit" else cfg.train.batch_size
+    return max(1, (cfg.data.epoch_repeats * n_train) // min(b, n_train))
 
 
 def planned_steps(cfg: Config, n_train: int) -> int | None:
@@ -175,15 +176,17 @@ def check_batch_split(cfg: Config, n_train: int, world: int = 1) -> None:
     parts = world * t.grad_accum
     sizes = []
     if t.mode in ("vit", "hybvit"):
-        sizes.append(Batches(n_train, t.batch_size, t.seed, 0, cfg.data.repeated_aug).batch_size)
+        sizes.append((Batches(n_train, t.batch_size, t.seed, 0, cfg.data.repeated_aug).batch_size, t.batch_size,
+                      "batch_size"))
     if t.mode in ("genvit", "hybvit"):
-        sizes.append(Batches(n_train, t.batch_size, t.seed, 1).batch_size)
-    for b in sizes:
+        sizes.append((Batches(n_train, t.diff_batch_size, t.seed, 1).batch_size, t.diff_batch_size,
+                      "diffusion_batch_size" if t.diffusion_batch_size else "batch_size"))
+    for b, asked, key in sizes:
         if b % parts:
-            capped = "" if b == t.batch_size else f" (train.batch_size {t.batch_size} capped at the training set)"
+            capped = "" if b == asked else f" (train.{key} {asked} capped at the training set)"
             raise HybvitError(f"the global batch of {b} images{capped} does not split into {world} process(es) x "
                               f"train.grad_accum {t.grad_accum}; use a multiple of {parts}, e.g. "
-                              f"--set train.batch_size={max(parts, round(b / parts) * parts)}")
+                              f"--set train.{key}={max(parts, round(b / parts) * parts)}")
 
 
 class _Objective(torch.nn.Module):
@@ -292,7 +295,7 @@ def train(cfg: Config, data: ImageData, out_dir: Path, resume: bool = False, sto
     # (the role of a DistributedSampler), and rank r trains on piece r of them. So the data order does not depend
     # on the number of processes, and a run resumed with another number continues the same sequence.
     ce_batches = Batches(n_train, t.batch_size, t.seed, stream=0, repeats=cfg.data.repeated_aug)
-    diff_batches = Batches(n_train, t.batch_size, t.seed, stream=1)
+    diff_batches = Batches(n_train, t.diff_batch_size, t.seed, stream=1)
     use_ce, use_diff = t.mode in ("vit", "hybvit"), t.mode in ("genvit", "hybvit")
     images_per_step = ce_batches.batch_size * use_ce + diff_batches.batch_size * use_diff   # global, all ranks
     flops_per_step = 3 * model.flops_per_image() * images_per_step  # forward + backward ~ 3x forward
@@ -512,15 +515,16 @@ def finish(cfg: Config, data: ImageData, model: ViT, ema_model: ViT, diffusion: 
         metrics["test_accuracy_raw"] = accuracy(model, data.x_test, data.y_test, t.eval_batch_size, t.amp)
         writer.add_scalar("test/accuracy", metrics["test_accuracy"], 0)
         print(f"test accuracy: {metrics['test_accuracy']:.4f} (EMA), {metrics['test_accuracy_raw']:.4f} (raw)")
-    if t.mode in ("genvit", "hybvit"):
-        n = max(t.num_samples, t.fd_samples)
+    n = max(t.num_samples, t.fd_samples)
+    if t.mode in ("genvit", "hybvit") and n > 0:                      # num_samples = fd_samples = 0: no sampling
         t0 = time.time()
         x = draw_samples(ema_model, diffusion, n, sampler=t.sampler, steps=t.sample_steps, seed=t.seed,
                          device=device, amp=t.amp, batch_size=t.eval_batch_size)
         metrics["sampling_images_per_second"] = round(n / (time.time() - t0), 1)
-        grid = make_grid(x[:t.num_samples])
-        save_png(out_dir / "samples.png", grid)
-        writer.add_image("samples", grid.permute(2, 0, 1), 0)
+        if t.num_samples:
+            grid = make_grid(x[:t.num_samples])
+            save_png(out_dir / "samples.png", grid)
+            writer.add_image("samples", grid.permute(2, 0, 1), 0)
         if t.fd_samples:
             from .evaluate.frechet import pixel_frechet_distance
             fd = pixel_frechet_distance(x[:t.fd_samples], data.x_test)
