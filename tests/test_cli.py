@@ -79,6 +79,14 @@ def test_evaluate(trained, tmp_path, capsys):
     again = json.loads((tmp_path / "again.json").read_text())["metrics"]
     assert again["pixel-fd"]["value"] == m["pixel-fd"]["value"] and again["small-fd"]["value"] == m["small-fd"]["value"]
     assert not (tmp_path / "again.html").exists()
+    # --eta: stochastic DDIM draws other samples, and the report says which sampler ran
+    run_cli(capsys, "evaluate", "--run", trained, "--metrics", "pixel-fd", "--out", tmp_path / "eta.json",
+            "--num-samples", 30, "--steps", 2, "--eta", 1, "--no-html")
+    eta = json.loads((tmp_path / "eta.json").read_text())["metrics"]["pixel-fd"]
+    assert eta["eta"] == 1 and m["pixel-fd"]["eta"] == 0 and eta["value"] != m["pixel-fd"]["value"]
+    rc, _, err = run_cli(capsys, "evaluate", "--run", trained, "--metrics", "pixel-fd", "--out", tmp_path / "bad.json",
+                         "--eta", -1)
+    assert rc != 0 and "--eta" in err and not (tmp_path / "bad.json").exists()
 
 
 def test_evaluate_all_metrics_and_the_html_report(trained, tmp_path, capsys):

@@ -67,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="generated images for fid/is (default 10000, the paper's) and the FDs (default 1000)")
     e.add_argument("--sampler", default="ddim", choices=["ancestral", "ddim", "dpm-solver++"])
     e.add_argument("--steps", type=int, default=50, help="network evaluations for ddim / dpm-solver++")
+    e.add_argument("--eta", type=float, default=0.0, help="DDIM stochasticity: 0 deterministic (default), 1 ancestral-like")
     e.add_argument("--order", type=int, default=2, choices=[1, 2, 3], help="DPM-Solver++ order")
     e.add_argument("--spacing", default="logsnr", choices=["logsnr", "time"], help="DPM-Solver++ spacing")
     e.add_argument("--inception-weights", metavar="PATH",
@@ -405,6 +406,8 @@ def cmd_evaluate(args) -> int:
             raise HybvitError(f"--{name.replace('_', '-')} must be >= 1 (got {value})")
     if args.bpd_timesteps < 0:
         raise HybvitError("--bpd-timesteps must be >= 0 (0 = the full bound)")
+    if args.eta < 0:
+        raise HybvitError(f"--eta must be >= 0 (got {args.eta}); 0 is deterministic DDIM, 1 ancestral-like")
     try:
         bins = [int(b) for b in args.ece_bins.split(",") if b.strip()]
     except ValueError:
@@ -430,7 +433,7 @@ def cmd_evaluate(args) -> int:
     from .sample import load_run_config
     metrics = parse_metrics(args.metrics, load_run_config(args.run).train.mode)
     opts = EvalOptions(data_spec=args.data, num_samples=args.num_samples, sampler=args.sampler, steps=args.steps,
-                       order=args.order, spacing=args.spacing,
+                       eta=args.eta, order=args.order, spacing=args.spacing,
                        seed=args.seed, batch_size=args.batch_size, device=args.device,
                        inception_weights=args.inception_weights, fid_reference=args.fid_reference,
                        bpd_images=args.bpd_images, bpd_timesteps=args.bpd_timesteps, ece_bins=bins,

@@ -29,6 +29,7 @@ class EvalOptions:
     num_samples: int | None = None       # generated images for fid / is (default 10,000) and the FDs (1,000)
     sampler: str = "ddim"
     steps: int = 50
+    eta: float = 0.0                     # ddim only: 0 deterministic, 1 as stochastic as the ancestral sampler
     order: int = 2                       # dpm-solver++ only
     spacing: str = "logsnr"              # dpm-solver++ only
     seed: int = 0
@@ -174,7 +175,7 @@ def _metric(name: str, run, run_dir: Path, data, opts: EvalOptions, work: Path |
 
 
 def _sampling(opts: EvalOptions) -> dict[str, Any]:
-    return dict(sampler=opts.sampler, steps=opts.steps, seed=opts.seed, batch_size=opts.batch_size,
+    return dict(sampler=opts.sampler, steps=opts.steps, eta=opts.eta, seed=opts.seed, batch_size=opts.batch_size,
                 order=opts.order, spacing=opts.spacing)
 
 
@@ -182,6 +183,8 @@ def _sampler_info(run, opts: EvalOptions) -> dict[str, Any]:
     info = {"sampler": opts.sampler, "steps": run.diffusion.T if opts.sampler == "ancestral" else opts.steps}
     if opts.sampler == "dpm-solver++":
         info.update(order=opts.order, spacing=opts.spacing)
+    if opts.sampler == "ddim":
+        info.update(eta=opts.eta)
     return info
 
 
