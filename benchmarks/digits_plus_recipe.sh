@@ -34,4 +34,5 @@ row clip0     --set grad_clip=0
 row strat     --set diffusion.t_sampling=stratified
 row db256     --set diffusion_batch_size=256 --set batch_size=64
 row p1d64     --set model.patch_size=1 --set model.dim=64 --set model.heads=4
+row d192      --set model.dim=192 --set model.heads=6
 row base10    --set minutes=10
