@@ -3,7 +3,7 @@
 # 5 CPU-minutes): every row is `hybvit train --preset digits-hybvit-plus --minutes 5 --seed 0` with one change,
 # then the EMA test accuracy and the pixel-space FD of 1000 DDIM-50 samples against the 360 test images (the
 # end-of-run measure, train.fd_samples=1000). It first prints the floor of that measure: the FD of 1000 real
-# training images against the same test images. About 5.5 minutes a row on 2 cores; one process at a time, on a
+# training images against the same test images. About 7 minutes a row on 2 cores (training, then three sample seeds); one process at a time, on a
 # quiet machine (a --minutes budget turns machine load into fewer steps). Results: docs/results/digits-plus-recipe.md
 set -euo pipefail
 OUT=${OUT:-runs/digits-plus-recipe}; mkdir -p "$OUT"
@@ -20,11 +20,19 @@ row() {
   name=$1; shift
   [ -f "$OUT/$name/metrics.json" ] || hybvit train --preset digits-hybvit-plus --minutes 5 --seed 0 --quiet \
       --set fd_samples=1000 --out "$OUT/$name" "$@" > "$OUT/$name.log" 2>&1
-  python - "$OUT/$name/metrics.json" "$name" <<'PY'
+  # the same measure with three sample seeds (one FD moves by about +-0.03 with the sample seed alone)
+  for s in 0 100 200; do
+    [ -f "$OUT/ev-$name-$s.json" ] || hybvit evaluate --run "$OUT/$name" --metrics pixel-fd --steps 50 --seed $s \
+        --out "$OUT/ev-$name-$s.json" > /dev/null 2>&1
+  done
+  python - "$OUT" "$name" <<'PY'
 import json, sys
-m = json.load(open(sys.argv[1]))
-print(f"{sys.argv[2]:10s} steps {m['steps']:5d}  acc {m['test_accuracy']:.4f}  pixel-FD {m['pixel_fd']:.3f}  "
-      f"train {m['train_seconds']:.0f} s")
+out, name = sys.argv[1:]
+m = json.load(open(f"{out}/{name}/metrics.json"))
+fds = [json.load(open(f"{out}/ev-{name}-{s}.json"))["metrics"]["pixel-fd"]["value"] for s in (0, 100, 200)]
+acc = f"{m['test_accuracy']:.4f}" if "test_accuracy" in m else "  -   "
+print(f"{name:10s} steps {m['steps']:5d}  acc {acc}  pixel-FD {m['pixel_fd']:.3f}  "
+      f"seeds 0/100/200 {' '.join(f'{f:.3f}' for f in fds)} mean {sum(fds) / 3:.3f}  train {m['train_seconds']:.0f} s")
 PY
 }
 row base
@@ -36,3 +44,11 @@ row db256     --set diffusion_batch_size=256 --set batch_size=64
 row p1d64     --set model.patch_size=1 --set model.dim=64 --set model.heads=4
 row d192      --set model.dim=192 --set model.heads=6
 row base10    --set minutes=10
+# generator changes (2026-11-27)
+row fnorm     --set model.final_norm=true
+row conv      --set model.conv_out=true
+row fnconv    --set model.final_norm=true --set model.conv_out=true
+row wnone     --set diffusion.weighting=none
+row linear    --set diffusion.schedule=linear
+row genvit    --set mode=genvit
+row selfcond  --set model.self_cond=true

@@ -169,3 +169,24 @@ def test_diffusion_batch_that_does_not_split_names_its_key(tiny_cfg, digits, tmp
         check_batch_split(cfg, len(digits.x_train))
     cfg.train.diffusion_batch_size = 0
     check_batch_split(cfg, len(digits.x_train))        # 32 + 32 split into 4 micro-batches
+
+
+def test_self_conditioning_trains_on_the_marked_share(tiny_cfg, digits, tmp_path):
+    """model.self_cond: with train.self_cond_prob=0 every image conditions on zeros, so the estimate's embedding
+    weight never gets a gradient; with 1 every image conditions on a first-pass estimate and it learns. The joint
+    pass (clean and noisy images in one forward) trains the same model as two passes."""
+    from hybvit.checkpoint import load_training_state
+    weights = {}
+    for name, prob, joint in (("p0", 0.0, False), ("p1", 1.0, False), ("p1j", 1.0, True), ("half", 0.5, False)):
+        cfg = tiny_cfg(steps=3, self_cond_prob=prob, joint_pass=joint, amp="fp32", warmup_epochs=0)
+        cfg.model.self_cond = True
+        train(cfg, small(digits), tmp_path / name, progress=False)
+        weights[name] = load_training_state(tmp_path / name / "checkpoints" / "last.pt")["model"]
+    assert torch.count_nonzero(weights["p0"]["cond_embed.weight"]) == 0
+    assert torch.count_nonzero(weights["p1"]["cond_embed.weight"]) > 0
+    for k, v in weights["p1"].items():     # Adam turns float rounding in near-zero gradients into ~1e-5 moves
+        torch.testing.assert_close(weights["p1j"][k], v, rtol=1e-4, atol=1e-4)
+    assert not torch.equal(weights["half"]["cond_embed.weight"], weights["p1"]["cond_embed.weight"])
+    cfg = tiny_cfg(self_cond_prob=1.5)
+    with pytest.raises(HybvitError, match="self_cond_prob"):
+        cfg.train.validate()

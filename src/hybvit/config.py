@@ -35,6 +35,12 @@ class ModelConfig:
     time_token: bool = False          # the time embedding as an extra input token (as U-ViT)
     long_skips: bool = False          # U-ViT long skips: block i's output feeds block depth-1-i (concat + Linear)
     zero_init_out: bool = False       # zero-initialised output layer (the denoiser starts by predicting 0)
+    final_norm: bool = False          # a LayerNorm before the output layer (adaLN-modulated with time_cond=adaln,
+                                      # as DiT's final layer)
+    conv_out: bool = False            # a 3x3 convolution on the predicted image (as U-ViT), initialised to the
+                                      # identity: neighbouring patches' pixels inform each other
+    self_cond: bool = False           # self-conditioning (Chen et al., 2022): the denoiser also sees its own
+                                      # previous estimate of x0 (zeros when there is none)
 
     @property
     def num_patches(self) -> int:
@@ -119,6 +125,8 @@ class TrainConfig:
     alpha: float = 100.0              # L = L_CE + alpha * L_simple (Eq. 23)
     batch_size: int = 128             # per branch: hybvit draws two independent batches of this size
     diffusion_batch_size: int = 0     # >0: the diffusion batch's size when it differs from batch_size (0 = same)
+    self_cond_prob: float = 0.5       # model.self_cond: the share of diffusion images trained on a first-pass x0
+                                      # estimate (the rest on zeros), 0.5 as Chen et al. (2022)
     optimizer: str = "adamw"          # adamw (the paper's code) | sgd (the paper's text)
     lr: float = 1e-3
     weight_decay: float = 0.05
@@ -166,6 +174,8 @@ class TrainConfig:
             raise HybvitError(f"unknown sampler '{self.sampler}'; use ancestral, ddim or dpm-solver++")
         if self.batch_size < 1:
             raise HybvitError("train.batch_size must be >= 1")
+        if not 0.0 <= self.self_cond_prob <= 1.0:
+            raise HybvitError(f"train.self_cond_prob must be in [0, 1] (got {self.self_cond_prob})")
         if self.diffusion_batch_size < 0:
             raise HybvitError("train.diffusion_batch_size must be >= 0 (0 = the same as train.batch_size)")
         budgets = [b for b in (self.epochs, self.steps, self.minutes) if b]

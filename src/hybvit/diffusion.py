@@ -88,6 +88,16 @@ class GaussianDiffusion:
         """Invert Eq. 10: x_0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)."""
         return _gather(self.sqrt_recip_alphas_cumprod, t, xt) * xt - _gather(self.sqrt_recipm1_alphas_cumprod, t, xt) * eps
 
+    def x0_from_output(self, out: torch.Tensor, xt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The x0 estimate of a raw network output (eps, or v: x0 = alpha_t x_t - sigma_t v), clamped to [-1, 1]."""
+        out = out.to(xt.dtype)
+        if self.prediction == "v":
+            alpha, sigma = _gather(self.sqrt_alphas_cumprod, t, xt), _gather(self.sqrt_one_minus_alphas_cumprod, t, xt)
+            x0 = alpha * xt - sigma * out
+        else:
+            x0 = self.predict_x0(xt, t, out)
+        return x0.clamp(-1, 1)
+
     def q_posterior(self, x0: torch.Tensor, xt: torch.Tensor, t: torch.Tensor):
         """Mean, variance and log-variance of q(x_{t-1} | x_t, x_0): Eq. 11-13."""
         mean = _gather(self.posterior_mean_coef1, t, xt) * x0 + _gather(self.posterior_mean_coef2, t, xt) * xt

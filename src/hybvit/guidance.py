@@ -69,6 +69,7 @@ def sample_class(run, label: int, n: int, scale: float = 32.0, sampler: str = "d
     the requested class with eta 0 (per-class FD 1.3x the unguided samples'), and 93 % with eta 1, with a per-class
     FD below the unguided samples' (docs/results/self-guidance-digits.md)."""
     from .errors import HybvitError
+    from .sample import eps_function
     from .train import autocast
     cfg = run.config
     if cfg.train.mode != "hybvit":
@@ -78,17 +79,14 @@ def sample_class(run, label: int, n: int, scale: float = 32.0, sampler: str = "d
     model, device = run.model, run.device
     model.eval()
 
-    def net(x, t):
-        with autocast(cfg.train.amp, device):
-            return model.denoise(x, t).float()
-
     def classify(x0):
         with autocast(cfg.train.amp, device):
             return model.classify(x0)
 
-    eps = self_guided_eps(classify, run.diffusion.eps_model(net), run.diffusion, label, scale, through)
     out = []
     for k, start in enumerate(range(0, n, batch_size)):
+        eps_model = eps_function(model, run.diffusion, cfg.train.amp, device)   # one per chain
+        eps = self_guided_eps(classify, eps_model, run.diffusion, label, scale, through)
         b = min(batch_size, n - start)
         g = torch.Generator().manual_seed(seed + k)
         shape = (b, cfg.model.channels, cfg.model.image_size, cfg.model.image_size)

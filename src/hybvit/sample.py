@@ -20,6 +20,34 @@ from .model import ViT
 from .train import autocast, resolve_device
 
 
+def eps_function(model: ViT, diffusion: GaussianDiffusion, amp: str = "auto", device="cpu", chain: bool = True):
+    """The model's denoiser as the noise predictor eps(x_t, t) that the samplers, guidance and the likelihood
+    bound use: bf16 autocast as the run was trained, float32 out, v-prediction converted to eps.
+
+    With model.self_cond (Chen et al., 2022) the network also takes an estimate of x0. chain=True (samplers: make
+    one function per sampling chain): each call passes the x0 estimate of the call before, zeros at the first.
+    chain=False (calls at unrelated timesteps, as the likelihood bound makes): a first pass with zeros gives the
+    estimate the second pass conditions on, as in training."""
+    device = torch.device(device)
+
+    def net(x: torch.Tensor, t: torch.Tensor, x0_cond: torch.Tensor | None = None) -> torch.Tensor:
+        with autocast(amp, device):
+            return model.denoise(x.float(), t, x0_cond).float()
+    if not model.cfg.self_cond:
+        return diffusion.eps_model(net)
+    previous: list = [None]
+
+    def self_conditioned(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        est = previous[0] if chain and previous[0] is not None and previous[0].shape == x.shape else None
+        if not chain:
+            with torch.no_grad():
+                est = diffusion.x0_from_output(net(x, t), x.detach(), t)
+        out = net(x, t, est)
+        previous[0] = diffusion.x0_from_output(out.detach(), x.detach(), t)
+        return out
+    return diffusion.eps_model(self_conditioned)
+
+
 @torch.no_grad()
 def draw_samples(model: ViT, diffusion: GaussianDiffusion, n: int, sampler: str = "ddim", steps: int = 50,
                  eta: float = 0.0, seed: int = 0, device="cpu", amp: str = "auto", batch_size: int = 500,
@@ -34,11 +62,6 @@ def draw_samples(model: ViT, diffusion: GaussianDiffusion, n: int, sampler: str 
     was_training = model.training
     model.eval()
 
-    def net(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        with autocast(amp, device):
-            return model.denoise(x, t).float()
-    eps_model = diffusion.eps_model(net)                      # v-prediction runs are converted to eps
-
     rank, world = shard
     out = []
     for k, start in enumerate(range(0, n, batch_size)):
@@ -50,6 +73,7 @@ def draw_samples(model: ViT, diffusion: GaussianDiffusion, n: int, sampler: str 
         if progress:
             from tqdm.auto import tqdm
             bar = lambda it: tqdm(it, desc=f"sampling {start + b}/{n}", leave=False, mininterval=1.0)
+        eps_model = eps_function(model, diffusion, amp, device)   # one per chain (self-conditioning's state)
         x = diffusion.sample(eps_model, (b, cfg.channels, cfg.image_size, cfg.image_size), sampler=sampler,
                              steps=steps, eta=eta, generator=g, device=device, progress=bar, order=order,
                              spacing=spacing)

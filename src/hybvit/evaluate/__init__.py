@@ -194,11 +194,9 @@ def _bpd_score(run, opts: EvalOptions):
     import torch
 
     from ..likelihood import bits_per_dim
-    from ..train import autocast
-
-    def eps_model(x, t):
-        with autocast(run.config.train.amp, run.device):
-            return run.model.denoise(x, t).float()
+    from ..sample import eps_function
+    # eps (v-prediction runs converted), one-pass self-conditioning estimates: the bound's timesteps are unrelated
+    eps_model = eps_function(run.model, run.diffusion, run.config.train.amp, run.device, chain=False)
 
     @torch.no_grad()
     def score(x_uint8: torch.Tensor) -> torch.Tensor:

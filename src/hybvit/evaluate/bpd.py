@@ -45,13 +45,10 @@ def evaluate_bpd(run, x_test_uint8: torch.Tensor, num_images: int, timesteps: in
         raise HybvitError(f"bpd timesteps must be in [1, {T}] (or omitted for the full bound), got {timesteps}")
     n = min(num_images, len(x_test_uint8))
     x = x_test_uint8[:n]
-    model, device, amp = run.model, run.device, run.config.train.amp
-    from ..train import autocast
-
-    def net(xt: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        with autocast(amp, device):
-            return model.denoise(xt.float(), t).float()
-    eps_model = run.diffusion.eps_model(net)         # the bound needs eps: v-prediction runs are converted
+    model, device = run.model, run.device
+    from ..sample import eps_function
+    # the bound needs eps (v-prediction runs are converted); its timesteps are unrelated, so no self-cond chain
+    eps_model = eps_function(model, run.diffusion, run.config.train.amp, run.device, chain=False)
 
     was_training = model.training
     model.eval()
