@@ -49,6 +49,7 @@ row fnorm     --set model.final_norm=true
 row conv      --set model.conv_out=true
 row fnconv    --set model.final_norm=true --set model.conv_out=true
 row wnone     --set diffusion.weighting=none
+row wd0       --set weight_decay=0
 row linear    --set diffusion.schedule=linear
 row genvit    --set mode=genvit
 row selfcond  --set model.self_cond=true
