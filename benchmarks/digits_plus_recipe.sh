@@ -50,6 +50,8 @@ row conv      --set model.conv_out=true
 row fnconv    --set model.final_norm=true --set model.conv_out=true
 row wnone     --set diffusion.weighting=none
 row wd0       --set weight_decay=0
+row mlp4      --set model.mlp_ratio=4
+row depth8    --set model.depth=8
 row linear    --set diffusion.schedule=linear
 row genvit    --set mode=genvit
 row selfcond  --set model.self_cond=true
