@@ -48,7 +48,7 @@ def evaluate_bpd(run, x_test_uint8: torch.Tensor, num_images: int, timesteps: in
     model, device = run.model, run.device
     from ..sample import eps_function
     # the bound needs eps (v-prediction runs are converted); its timesteps are unrelated, so no self-cond chain
-    eps_model = eps_function(model, run.diffusion, run.config.train.amp, run.device, chain=False)
+    eps_model = eps_function(model, run.diffusion, run.config.train.amp, device, chain=False)
 
     was_training = model.training
     model.eval()
