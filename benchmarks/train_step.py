@@ -67,7 +67,7 @@ def reference_style(model: ViT) -> None:
     model.classify = lambda x: model.head(model.forward_features(x)[:, 0])
 
 
-def time_step(mode: str, args, device, reference: bool = False) -> dict:
+def time_step(mode: str, args, device, batch_size: int, reference: bool = False) -> dict:
     cfg = preset_config(args.preset)
     cfg.train.mode, cfg.train.amp = mode, "fp32" if reference else args.amp
     torch.manual_seed(0)
@@ -77,19 +77,24 @@ def time_step(mode: str, args, device, reference: bool = False) -> dict:
     ema = EMA(model, 0.999)
     opt = build_optimizer(model, cfg, device)
     diffusion = GaussianDiffusion.from_config(cfg.diffusion)
-    fwd = torch.compile(model) if args.compile else model
-    B = args.batch_size
+    compile_ = (lambda f: torch.compile(f, mode=args.compile_mode)) if args.compile and not reference else (lambda f: f)
+    fwd, joint = compile_(model), compile_(model.classify_and_denoise)
+    B = batch_size
     m = cfg.model
     x = torch.rand(B, m.channels, m.image_size, m.image_size, device=device) * 2 - 1
     y = torch.randint(0, m.num_classes, (B,), device=device)
     g = torch.Generator().manual_seed(0)
 
+    graphs = args.compile and args.compile_mode == "reduce-overhead" and device.type == "cuda" and not reference
+
     def step():
+        if graphs:
+            torch.compiler.cudagraph_mark_step_begin()
         loss = torch.zeros((), device=device)
         with autocast(cfg.train.amp, device):
             if mode == "hybvit" and args.joint and not reference:                 # both batches in one pass (train.joint_pass)
                 xt, t, noise = diffusion.noised(x, g)
-                logits, eps = model.classify_and_denoise(x, xt, t)
+                logits, eps = joint(x, xt, t)
                 loss = F.cross_entropy(logits.float(), y) + 100 * diffusion.output_loss(eps, x, t, noise)
             elif mode in ("vit", "hybvit"):
                 loss = loss + F.cross_entropy((model.classify(x) if reference else fwd(x)).float(), y)
@@ -145,10 +150,13 @@ def main():
     p.add_argument("--preset", default="cifar10-hybvit", help="model and diffusion configuration to time")
     p.add_argument("--reference", action="store_true",
                    help="also time the reference-style fp32 step of each mode and print our speed-up over it")
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--batch-size", default="128", help="images per branch; a comma list times each size")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--compile", action="store_true")
+    p.add_argument("--compile-mode", default="default",
+                   choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+                   help="torch.compile mode (reduce-overhead: CUDA graphs, fewer launches)")
     p.add_argument("--joint", action="store_true", help="hybvit: CE and diffusion batches in one forward pass")
     p.add_argument("--sampling", action="store_true", help="also time the samplers")
     p.add_argument("--sample-batch", type=int, default=500)
@@ -156,22 +164,25 @@ def main():
     device = torch.device(args.device)
     print(f"torch {torch.__version__}, {platform.processor() or platform.machine()}, threads {torch.get_num_threads()}, "
           f"device {device}{' ' + torch.cuda.get_device_name() if device.type == 'cuda' else ''}, "
-          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}, amp {args.amp}, compile {args.compile}, "
+          f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', '(unset)')}, amp {args.amp}, "
+          f"compile {args.compile_mode if args.compile else False}, "
           f"joint {args.joint}")
     peak = {"fp32": matmul_gflops(torch.float32, device), "bf16": matmul_gflops(torch.bfloat16, device)}
     print(f"matmul (best of 2048^3 and 8320x384x768): fp32 {peak['fp32']:.0f} GFLOP/s, bf16 {peak['bf16']:.0f} GFLOP/s "
           f"(bf16/fp32 {peak['bf16'] / peak['fp32']:.2f}x)")
     ref = peak[args.amp]
-    print(f"{'mode':8s} {'s/step':>8s} {'images/s':>9s} {'TFLOP/step':>11s} {'GFLOP/s':>9s} {'MFU':>6s} {'peak GiB':>9s}")
-    for mode in args.modes.split(","):
-        r = time_step(mode, args, device)
-        print(f"{mode:8s} {r['s_per_step']:8.3f} {r['images_per_s']:9.1f} {r['tflop_per_step']:11.3f} "
-              f"{r['gflops']:9.1f} {r['gflops'] / ref:6.1%} {r['peak_gib']:9.2f}")
-        if args.reference:
-            b = time_step(mode, args, device, reference=True)
-            print(f"{b['mode']:8s} {b['s_per_step']:8.3f} {b['images_per_s']:9.1f} {b['tflop_per_step']:11.3f} "
-                  f"{b['gflops']:9.1f} {b['gflops'] / peak['fp32']:6.1%} {b['peak_gib']:9.2f}   "
-                  f"-> speed-up {b['s_per_step'] / r['s_per_step']:.2f}x")
+    print(f"{'mode':8s} {'batch':>5s} {'s/step':>8s} {'images/s':>9s} {'TFLOP/step':>11s} {'GFLOP/s':>9s} {'MFU':>6s} "
+          f"{'peak GiB':>9s}")
+    for batch_size in [int(b) for b in args.batch_size.split(",")]:
+        for mode in args.modes.split(","):
+            r = time_step(mode, args, device, batch_size)
+            print(f"{mode:8s} {batch_size:5d} {r['s_per_step']:8.4f} {r['images_per_s']:9.1f} {r['tflop_per_step']:11.3f} "
+                  f"{r['gflops']:9.1f} {r['gflops'] / ref:6.1%} {r['peak_gib']:9.2f}", flush=True)
+            if args.reference:
+                b = time_step(mode, args, device, batch_size, reference=True)
+                print(f"{b['mode']:8s} {batch_size:5d} {b['s_per_step']:8.4f} {b['images_per_s']:9.1f} "
+                      f"{b['tflop_per_step']:11.3f} {b['gflops']:9.1f} {b['gflops'] / peak['fp32']:6.1%} "
+                      f"{b['peak_gib']:9.2f}   -> speed-up {b['s_per_step'] / r['s_per_step']:.2f}x", flush=True)
     if args.sampling:
         time_sampling(args, device)
     print("MFU = achieved / measured matmul rate of the same dtype on this machine (not a datasheet peak).")

@@ -14,6 +14,7 @@ from typing import Any
 
 from .errors import HybvitError
 
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 MODES = ("vit", "genvit", "hybvit")
 
 
@@ -153,6 +154,8 @@ class TrainConfig:
     fd_samples: int = 0               # >0: at the end, pixel-space Frechet distance of this many samples
     eval_batch_size: int = 500
     compile: bool = False
+    compile_mode: str = "default"     # torch.compile mode: default | reduce-overhead (CUDA graphs) | max-autotune
+                                      # | max-autotune-no-cudagraphs
     grad_accum: int = 1               # micro-batches per step: batch_size (the global batch, over all processes)
                                       # is split into processes x grad_accum pieces; the same update as one batch
     joint_pass: bool = False          # hybvit: CE and diffusion batches through one forward pass (bigger matmuls;
@@ -170,6 +173,8 @@ class TrainConfig:
             raise HybvitError(f"unknown optimizer '{self.optimizer}'; use adamw or sgd")
         if self.amp not in ("auto", "bf16", "fp32"):
             raise HybvitError(f"unknown amp '{self.amp}'; use auto, bf16 or fp32")
+        if self.compile_mode not in COMPILE_MODES:
+            raise HybvitError(f"unknown train.compile_mode '{self.compile_mode}'; use one of {', '.join(COMPILE_MODES)}")
         if self.sampler not in ("ancestral", "ddim", "dpm-solver++"):
             raise HybvitError(f"unknown sampler '{self.sampler}'; use ancestral, ddim or dpm-solver++")
         if self.batch_size < 1:

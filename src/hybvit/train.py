@@ -195,10 +195,11 @@ class _Objective(torch.nn.Module):
     statistics (loss, ce, diffusion, train accuracy, non-finite flag) as one tensor."""
 
     def __init__(self, model: ViT, net, diffusion: GaussianDiffusion, alpha: float, label_smoothing: float,
-                 joint: bool = False):
+                 joint: bool = False, joint_net=None):
         super().__init__()
         self.model = model                                  # the parameters DDP synchronises
         object.__setattr__(self, "net", net)                # model, or torch.compile(model): not a 2nd submodule
+        self.joint_net = joint_net or model.classify_and_denoise     # or its compiled version
         self.diffusion, self.alpha, self.label_smoothing = diffusion, alpha, label_smoothing
         self.joint = joint                                  # HybViT: both batches through one forward pass
 
@@ -216,7 +217,7 @@ class _Objective(torch.nn.Module):
         if self.joint and ce_batch is not None and diff_batch is not None:
             # One pass over the concatenated batch; the clean rows get zero modulation, which is exactly "no time
             # input" (ViT.classify_and_denoise; equal to two passes, tested). Larger matrix products per launch.
-            joint_out = self.model.classify_and_denoise(ce_batch[0], diff_batch[0], diff_batch[1], x0_cond)
+            joint_out = self.joint_net(ce_batch[0], diff_batch[0], diff_batch[1], x0_cond)
         if ce_batch is not None:
             x, target, labels = ce_batch
             logits = self.net(x) if joint_out is None else joint_out[0]          # (B, classes)
@@ -308,8 +309,11 @@ def train(cfg: Config, data: ImageData, out_dir: Path, resume: bool = False, sto
     flops_per_step = 3 * model.flops_per_image() * images_per_step  # forward + backward ~ 3x forward
     accum, parts = t.grad_accum, ctx.world * t.grad_accum
 
-    forward_model = torch.compile(model) if t.compile else model
-    objective = _Objective(model, forward_model, diffusion, t.alpha, t.label_smoothing, joint=t.joint_pass)
+    forward_model = torch.compile(model, mode=t.compile_mode) if t.compile else model
+    graphs = t.compile and device.type == "cuda" and t.compile_mode == "reduce-overhead"
+    joint_model = torch.compile(model.classify_and_denoise, mode=t.compile_mode) if t.compile and t.joint_pass else None
+    objective = _Objective(model, forward_model, diffusion, t.alpha, t.label_smoothing, joint=t.joint_pass,
+                           joint_net=joint_model)
     if ctx.distributed:
         from torch.nn.parallel import DistributedDataParallel
         # vit never uses the time MLP, genvit never the classifier head: DDP must look for unused parameters
@@ -388,6 +392,8 @@ def train(cfg: Config, data: ImageData, out_dir: Path, resume: bool = False, sto
                 piece = ctx.rank * accum + m          # rank r owns pieces r*A .. r*A + A-1 of the global batch
                 last = m == accum - 1                 # DDP averages the gradients over the ranks after the last
                 with (objective.no_sync() if ctx.distributed and not last else contextlib.nullcontext()):
+                    if graphs:                        # CUDA graphs: each micro-batch is a new replay
+                        torch.compiler.cudagraph_mark_step_begin()
                     with autocast(t.amp, device):
                         loss, stats = objective(_shard(ce_inputs, piece, parts), _shard(diff_inputs, piece, parts))
                     # mean over the local piece, / A here, averaged over K ranks by DDP: the global batch mean
