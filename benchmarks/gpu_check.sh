@@ -13,7 +13,7 @@ export PYTHONPATH=$PWD/src${PYTHONPATH:+:$PYTHONPATH}
 N=$(nproc); H=$((N / 2))
 PIN=(); TPIN=()
 if command -v taskset >/dev/null && [ "$N" -ge 4 ]; then PIN=(taskset -c 0-$((H - 1))); TPIN=(taskset -c $H-$((N - 1))); fi
-(CUDA_VISIBLE_DEVICES= OMP_NUM_THREADS=4 timeout 400 "${TPIN[@]}" python -m pytest -q -x -p no:cacheprovider tests \
+(CUDA_VISIBLE_DEVICES= OMP_NUM_THREADS=4 timeout 400 "${TPIN[@]}" python -m pytest -q -p no:cacheprovider tests \
    > "$OUT/tests.txt" 2>&1; echo "exit $?" >> "$OUT/tests.txt") &
 TESTS=$!
 step() { timeout "$1" "${PIN[@]}" python benchmarks/train_step.py --device cuda "${@:2}"; }
@@ -41,6 +41,7 @@ step() { timeout "$1" "${PIN[@]}" python benchmarks/train_step.py --device cuda 
   timeout 60 "${PIN[@]}" python benchmarks/augment_throughput.py --workers 8
   echo "== torch.compile mode=reduce-overhead, bf16, hybvit joint, batch 512 per branch"
   step 90 --amp bf16 --steps 20 --warmup 5 --modes hybvit --joint --compile --compile-mode reduce-overhead --batch-size 512
-  echo "== test suite (torch of this machine, GPU hidden, on CPUs $H-$((N - 1)))"
-  wait $TESTS; tail -5 "$OUT/tests.txt"
 } 2>&1 | tee "$OUT/gpu-check.txt"
+wait $TESTS                                   # a child of this shell, not of the piped group above
+{ echo "== test suite (torch of this machine, GPU hidden, on CPUs $H-$((N - 1)))"; tail -3 "$OUT/tests.txt"; } \
+  | tee -a "$OUT/gpu-check.txt"

@@ -221,6 +221,7 @@ def test_bad_inputs(tmp_path, capsys):
         (["train", "--set", "nosuchkey=1"], "unknown or ambiguous --set key"),
         (["train", "--set", "model.dim=abc"], "bad value 'abc' for model.dim"),
         (["train", "--set", "diffusion.schedule=sigmoid"], "unknown diffusion.schedule"),
+        (["train", "--set", "train.compile_mode=fast"], "unknown train.compile_mode 'fast'; use one of default"),
         (["train", "--resume", tmp_path / "no-run"], "cannot resume"),
     ]
     for args, pattern in cases:
