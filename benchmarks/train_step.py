@@ -87,19 +87,29 @@ def time_step(mode: str, args, device, batch_size: int, reference: bool = False)
 
     graphs = args.compile and args.compile_mode == "reduce-overhead" and device.type == "cuda" and not reference
 
+    def noised(x0):
+        """t, eps and x_t as the trainer draws them (CPU generator: the same on every device and process count),
+        or with --device-noise on the device (no host work, no copy; not what the trainer does)."""
+        if not args.device_noise:
+            return diffusion.noised(x0, g)
+        t = torch.randint(0, diffusion.T, (len(x0),), device=device)
+        noise = torch.randn_like(x0)
+        return diffusion.q_sample(x0, t, noise), t, noise
+
     def step():
         if graphs:
             torch.compiler.cudagraph_mark_step_begin()
         loss = torch.zeros((), device=device)
         with autocast(cfg.train.amp, device):
             if mode == "hybvit" and args.joint and not reference:                 # both batches in one pass (train.joint_pass)
-                xt, t, noise = diffusion.noised(x, g)
+                xt, t, noise = noised(x)
                 logits, eps = joint(x, xt, t)
                 loss = F.cross_entropy(logits.float(), y) + 100 * diffusion.output_loss(eps, x, t, noise)
             elif mode in ("vit", "hybvit"):
                 loss = loss + F.cross_entropy((model.classify(x) if reference else fwd(x)).float(), y)
             if mode == "genvit" or (mode == "hybvit" and (reference or not args.joint)):
-                loss = loss + 100 * diffusion.loss(lambda xt, t: fwd(xt, t), x, generator=g)
+                xt, t, noise = noised(x)
+                loss = loss + 100 * diffusion.output_loss(fwd(xt, t), x, t, noise)     # diffusion.loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -118,9 +128,28 @@ def time_step(mode: str, args, device, batch_size: int, reference: bool = False)
     dt = (time.perf_counter() - t0) / args.steps
     images = B * (2 if mode == "hybvit" else 1)
     flops = 3 * model.flops_per_image() * images
+    if args.profile and not reference:
+        profile_steps(step, device, dt)
     peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else float("nan")
     return {"mode": mode + (" (reference-style fp32)" if reference else ""), "s_per_step": dt, "images_per_s": images / dt, "gflops": flops / dt / 1e9,
             "tflop_per_step": flops / 1e12, "peak_gib": peak}
+
+
+def profile_steps(step, device, dt: float, n: int = 5) -> None:
+    """Where a step's time goes: device busy time per step against its wall time, and the top kernels/ops."""
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    sync(device)
+    with profile(activities=activities) as prof:
+        for _ in range(n):
+            step()
+        sync(device)
+    events = prof.key_averages()
+    key = "self_device_time_total" if hasattr(events[0], "self_device_time_total") else "self_cuda_time_total"
+    if device.type == "cuda":
+        busy = sum(getattr(e, key) for e in events) / n / 1e6
+        print(f"  profile: device busy {busy * 1e3:.2f} ms of a {dt * 1e3:.2f} ms step ({busy / dt:.0%})")
+    print(events.table(sort_by=key if device.type == "cuda" else "self_cpu_time_total", row_limit=15, max_name_column_width=60))
 
 
 def time_sampling(args, device) -> None:
@@ -159,6 +188,9 @@ def main():
                    help="torch.compile mode (reduce-overhead: CUDA graphs, fewer launches)")
     p.add_argument("--joint", action="store_true", help="hybvit: CE and diffusion batches in one forward pass")
     p.add_argument("--sampling", action="store_true", help="also time the samplers")
+    p.add_argument("--device-noise", action="store_true",
+                   help="draw t and eps on the device (the trainer draws them on the CPU, for reproducibility)")
+    p.add_argument("--profile", action="store_true", help="profile 5 more steps per mode: device busy time, top ops")
     p.add_argument("--sample-batch", type=int, default=500)
     args = p.parse_args()
     device = torch.device(args.device)
