@@ -136,7 +136,9 @@ def time_step(mode: str, args, device, batch_size: int, reference: bool = False)
 
 
 def profile_steps(step, device, dt: float, n: int = 5) -> None:
-    """Where a step's time goes: device busy time per step against its wall time, and the top kernels/ops."""
+    """Where a step's time goes: the top kernels/ops over n more steps (times are totals over the n steps). With
+    CUDA graphs the "Call CompiledFxGraph" rows are whole graph replays and include the kernels listed as rows of
+    their own, so the "Self CUDA time total" line counts those kernels twice."""
     from torch.profiler import ProfilerActivity, profile
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     sync(device)
@@ -146,10 +148,9 @@ def profile_steps(step, device, dt: float, n: int = 5) -> None:
         sync(device)
     events = prof.key_averages()
     key = "self_device_time_total" if hasattr(events[0], "self_device_time_total") else "self_cuda_time_total"
-    if device.type == "cuda":
-        busy = sum(getattr(e, key) for e in events) / n / 1e6
-        print(f"  profile: device busy {busy * 1e3:.2f} ms of a {dt * 1e3:.2f} ms step ({busy / dt:.0%})")
-    print(events.table(sort_by=key if device.type == "cuda" else "self_cpu_time_total", row_limit=15, max_name_column_width=60))
+    print(f"  profile of {n} steps (timed step {dt * 1e3:.2f} ms):")
+    print(events.table(sort_by=key if device.type == "cuda" else "self_cpu_time_total", row_limit=15,
+                       max_name_column_width=60))
 
 
 def time_sampling(args, device) -> None:
@@ -190,7 +191,7 @@ def main():
     p.add_argument("--sampling", action="store_true", help="also time the samplers")
     p.add_argument("--device-noise", action="store_true",
                    help="draw t and eps on the device (the trainer draws them on the CPU, for reproducibility)")
-    p.add_argument("--profile", action="store_true", help="profile 5 more steps per mode: device busy time, top ops")
+    p.add_argument("--profile", action="store_true", help="profile 5 more steps per mode: the top kernels/ops")
     p.add_argument("--sample-batch", type=int, default=500)
     args = p.parse_args()
     device = torch.device(args.device)
