@@ -50,6 +50,11 @@ def test_sample_npz_and_png(trained, tmp_path, capsys):
     # the same seed gives the same samples
     run_cli(capsys, "sample", "--run", trained, "--num", 5, "--out", tmp_path / "t.npz", "--steps", 3)
     assert np.array_equal(np.load(tmp_path / "t.npz")["images"], images)
+    # epsilon scaling changes them; a scale <= 0 is refused before anything is written
+    run_cli(capsys, "sample", "--run", trained, "--num", 5, "--out", tmp_path / "e.npz", "--steps", 3, "--eps-scale", 1.05)
+    assert not np.array_equal(np.load(tmp_path / "e.npz")["images"], images)
+    rc, _, err = run_cli(capsys, "sample", "--run", trained, "--num", 5, "--out", tmp_path / "z.npz", "--eps-scale", -1)
+    assert rc == 2 and "--eps-scale must be > 0" in err and not (tmp_path / "z.npz").exists()
 
 
 def test_evaluate(trained, tmp_path, capsys):
@@ -87,6 +92,14 @@ def test_evaluate(trained, tmp_path, capsys):
     rc, _, err = run_cli(capsys, "evaluate", "--run", trained, "--metrics", "pixel-fd", "--out", tmp_path / "bad.json",
                          "--eta", -1)
     assert rc != 0 and "--eta" in err and not (tmp_path / "bad.json").exists()
+    # --eps-scale: other samples, recorded in the report; <= 0 refused with nothing written
+    run_cli(capsys, "evaluate", "--run", trained, "--metrics", "pixel-fd", "--out", tmp_path / "es.json",
+            "--num-samples", 30, "--steps", 2, "--eps-scale", 1.02, "--no-html")
+    es = json.loads((tmp_path / "es.json").read_text())["metrics"]["pixel-fd"]
+    assert es["eps_scale"] == 1.02 and "eps_scale" not in m["pixel-fd"] and es["value"] != m["pixel-fd"]["value"]
+    rc, _, err = run_cli(capsys, "evaluate", "--run", trained, "--metrics", "pixel-fd", "--out", tmp_path / "bad.json",
+                         "--eps-scale", 0)
+    assert rc == 2 and "--eps-scale must be > 0" in err and not (tmp_path / "bad.json").exists()
 
 
 def test_evaluate_all_metrics_and_the_html_report(trained, tmp_path, capsys):
@@ -222,6 +235,7 @@ def test_bad_inputs(tmp_path, capsys):
         (["train", "--set", "model.dim=abc"], "bad value 'abc' for model.dim"),
         (["train", "--set", "diffusion.schedule=sigmoid"], "unknown diffusion.schedule"),
         (["train", "--set", "train.compile_mode=fast"], "unknown train.compile_mode 'fast'; use one of default"),
+        (["train", "--set", "train.eps_scale=0"], "train.eps_scale must be > 0"),
         (["train", "--resume", tmp_path / "no-run"], "cannot resume"),
     ]
     for args, pattern in cases:

@@ -244,3 +244,7 @@ def test_self_conditioned_eps_function_feeds_back_its_estimate():
     est2 = diffusion.x0_from_output(model.denoise(x2, t2), x2, t2)
     torch.testing.assert_close(independent(x2, t2), eps_of(x2, t2, est2))
     torch.testing.assert_close(independent(x2, t2), eps_of(x2, t2, est2))    # no state carried between calls
+    # epsilon scaling divides the (converted) eps, and the chain's estimates stay those of the unscaled network
+    scaled, plain = eps_function(model, diffusion, amp="fp32", eps_scale=1.25), eps_function(model, diffusion, amp="fp32")
+    for x, t in ((x1, t1), (x2, t2)):
+        torch.testing.assert_close(scaled(x, t), plain(x, t) / 1.25)

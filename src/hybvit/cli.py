@@ -45,6 +45,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="DPM-Solver++ timesteps: even in log-SNR (default) or in time")
     s.add_argument("--eta", type=float, default=None,
                    help="DDIM eta (0 deterministic, 1 ancestral-like); default 0, and 1 with --class")
+    s.add_argument("--eps-scale", type=float, default=1.0, metavar="L",
+                   help="epsilon scaling: divide the predicted noise by L (e.g. 1.01; offsets the exposure bias "
+                        "of few-step samplers; default 1 = off)")
     s.add_argument("--class", dest="label", type=int, metavar="K",
                    help="HybViT only: steer every sample toward class K with the model's own classifier")
     s.add_argument("--guidance-scale", type=float, default=None, metavar="S",
@@ -68,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--sampler", default="ddim", choices=["ancestral", "ddim", "dpm-solver++"])
     e.add_argument("--steps", type=int, default=50, help="network evaluations for ddim / dpm-solver++")
     e.add_argument("--eta", type=float, default=0.0, help="DDIM stochasticity: 0 deterministic (default), 1 ancestral-like")
+    e.add_argument("--eps-scale", type=float, default=1.0, metavar="L",
+                   help="epsilon scaling for the generated samples: predicted noise / L (default 1 = off)")
     e.add_argument("--order", type=int, default=2, choices=[1, 2, 3], help="DPM-Solver++ order")
     e.add_argument("--spacing", default="logsnr", choices=["logsnr", "time"], help="DPM-Solver++ spacing")
     e.add_argument("--inception-weights", metavar="PATH",
@@ -317,10 +322,11 @@ def cmd_sample(args) -> int:
         x = sample_class(run, args.label, args.num, scale=32.0 if args.guidance_scale is None else args.guidance_scale,
                          sampler=args.sampler, steps=args.steps, seed=args.seed, batch_size=args.batch_size,
                          order=args.order, spacing=args.spacing, through=args.guidance_through,
-                         eta=1.0 if args.eta is None else args.eta)
+                         eta=1.0 if args.eta is None else args.eta, eps_scale=args.eps_scale)
     else:
         x = run.sample(args.num, sampler=args.sampler, steps=args.steps, eta=args.eta or 0.0, seed=args.seed,
-                       order=args.order, spacing=args.spacing, batch_size=args.batch_size, progress=True)
+                       order=args.order, spacing=args.spacing, batch_size=args.batch_size, progress=True,
+                       eps_scale=args.eps_scale)
     dt = time.time() - t0
     if out.suffix == ".png":
         save_png(out, make_grid(x))
@@ -331,7 +337,13 @@ def cmd_sample(args) -> int:
     return 0
 
 
+def _check_eps_scale(value: float) -> None:
+    if not value > 0:
+        raise HybvitError(f"--eps-scale must be > 0 (got {value}); 1 is off, 1.005-1.02 the useful range")
+
+
 def _check_sample_args(args) -> Path:
+    _check_eps_scale(args.eps_scale)
     out = Path(args.out)
     if out.suffix not in (".png", ".npz"):
         raise HybvitError(f"--out '{out}' must end in .png (a grid) or .npz (uint8 images)")
@@ -375,7 +387,8 @@ def _sample_distributed(args, ctx) -> int:
     t0 = time.time()
     x = draw_samples(run.model, run.diffusion, args.num, sampler=args.sampler, steps=args.steps, eta=args.eta or 0.0,
                      seed=args.seed, device=run.device, amp=run.config.train.amp, batch_size=args.batch_size,
-                     progress=ctx.main, order=args.order, spacing=args.spacing, shard=(ctx.rank, ctx.world))
+                     progress=ctx.main, order=args.order, spacing=args.spacing, shard=(ctx.rank, ctx.world),
+                     eps_scale=args.eps_scale)
     images = gather_samples(ctx, x, args.num, args.batch_size)
 
     def write():
@@ -408,6 +421,7 @@ def cmd_evaluate(args) -> int:
         raise HybvitError("--bpd-timesteps must be >= 0 (0 = the full bound)")
     if args.eta < 0:
         raise HybvitError(f"--eta must be >= 0 (got {args.eta}); 0 is deterministic DDIM, 1 ancestral-like")
+    _check_eps_scale(args.eps_scale)
     try:
         bins = [int(b) for b in args.ece_bins.split(",") if b.strip()]
     except ValueError:
@@ -433,7 +447,7 @@ def cmd_evaluate(args) -> int:
     from .sample import load_run_config
     metrics = parse_metrics(args.metrics, load_run_config(args.run).train.mode)
     opts = EvalOptions(data_spec=args.data, num_samples=args.num_samples, sampler=args.sampler, steps=args.steps,
-                       eta=args.eta, order=args.order, spacing=args.spacing,
+                       eta=args.eta, order=args.order, spacing=args.spacing, eps_scale=args.eps_scale,
                        seed=args.seed, batch_size=args.batch_size, device=args.device,
                        inception_weights=args.inception_weights, fid_reference=args.fid_reference,
                        bpd_images=args.bpd_images, bpd_timesteps=args.bpd_timesteps, ece_bins=bins,

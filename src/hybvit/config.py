@@ -151,6 +151,7 @@ class TrainConfig:
     num_samples: int = 100            # images in samples.png
     sampler: str = "ddim"             # ancestral | ddim | dpm-solver++ (order 2, logSNR steps): samples.png, FD
     sample_steps: int = 50
+    eps_scale: float = 1.0            # samples.png / FD: predicted noise / eps_scale (epsilon scaling; 1 = off)
     fd_samples: int = 0               # >0: at the end, pixel-space Frechet distance of this many samples
     eval_batch_size: int = 500
     compile: bool = False
@@ -175,6 +176,8 @@ class TrainConfig:
             raise HybvitError(f"unknown amp '{self.amp}'; use auto, bf16 or fp32")
         if self.compile_mode not in COMPILE_MODES:
             raise HybvitError(f"unknown train.compile_mode '{self.compile_mode}'; use one of {', '.join(COMPILE_MODES)}")
+        if not self.eps_scale > 0:
+            raise HybvitError(f"train.eps_scale must be > 0 (got {self.eps_scale}); 1 is off")
         if self.sampler not in ("ancestral", "ddim", "dpm-solver++"):
             raise HybvitError(f"unknown sampler '{self.sampler}'; use ancestral, ddim or dpm-solver++")
         if self.batch_size < 1:

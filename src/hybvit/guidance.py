@@ -60,7 +60,7 @@ def self_guided_eps(classify: Callable[[torch.Tensor], torch.Tensor], eps_model:
 
 def sample_class(run, label: int, n: int, scale: float = 32.0, sampler: str = "ddim", steps: int = 50,
                  seed: int = 0, batch_size: int = 500, order: int = 2, spacing: str = "logsnr",
-                 through: str = "denoiser", eta: float = 1.0) -> torch.Tensor:
+                 through: str = "denoiser", eta: float = 1.0, eps_scale: float = 1.0) -> torch.Tensor:
     """n images in [-1, 1] of class `label`, self-guided with `scale`; batch k uses the generator seed + k (as
     unguided sampling does, so scale 0 gives exactly the unguided samples of the same sampler and eta).
 
@@ -85,7 +85,7 @@ def sample_class(run, label: int, n: int, scale: float = 32.0, sampler: str = "d
 
     out = []
     for k, start in enumerate(range(0, n, batch_size)):
-        eps_model = eps_function(model, run.diffusion, cfg.train.amp, device)   # one per chain
+        eps_model = eps_function(model, run.diffusion, cfg.train.amp, device, eps_scale=eps_scale)   # one per chain
         eps = self_guided_eps(classify, eps_model, run.diffusion, label, scale, through)
         b = min(batch_size, n - start)
         g = torch.Generator().manual_seed(seed + k)

@@ -516,7 +516,7 @@ def _progress_bar(total: int | None, start: int, enabled: bool):
 def _log_samples(writer, model: ViT, diffusion: GaussianDiffusion, cfg: Config, device, step: int, n: int):
     from .sample import draw_samples, make_grid
     x = draw_samples(model, diffusion, n, sampler=cfg.train.sampler, steps=cfg.train.sample_steps,
-                     seed=cfg.train.seed, device=device, amp=cfg.train.amp)
+                     seed=cfg.train.seed, device=device, amp=cfg.train.amp, eps_scale=cfg.train.eps_scale)
     writer.add_image("samples", make_grid(x).permute(2, 0, 1), step)
 
 
@@ -535,7 +535,7 @@ def finish(cfg: Config, data: ImageData, model: ViT, ema_model: ViT, diffusion: 
     if t.mode in ("genvit", "hybvit") and n > 0:                      # num_samples = fd_samples = 0: no sampling
         t0 = time.time()
         x = draw_samples(ema_model, diffusion, n, sampler=t.sampler, steps=t.sample_steps, seed=t.seed,
-                         device=device, amp=t.amp, batch_size=t.eval_batch_size)
+                         device=device, amp=t.amp, batch_size=t.eval_batch_size, eps_scale=t.eps_scale)
         metrics["sampling_images_per_second"] = round(n / (time.time() - t0), 1)
         if t.num_samples:
             grid = make_grid(x[:t.num_samples])
@@ -547,5 +547,7 @@ def finish(cfg: Config, data: ImageData, model: ViT, ema_model: ViT, diffusion: 
             metrics["pixel_fd"] = round(fd, 4)
             metrics["pixel_fd_samples"] = t.fd_samples
             metrics["pixel_fd_sampler"] = f"{t.sampler}-{t.sample_steps}" if t.sampler == "ddim" else "ancestral"
+            if t.eps_scale != 1.0:
+                metrics["pixel_fd_eps_scale"] = t.eps_scale
             print(f"pixel-space Frechet distance ({t.fd_samples} samples vs test set): {fd:.3f}")
     return metrics

@@ -30,6 +30,7 @@ class EvalOptions:
     sampler: str = "ddim"
     steps: int = 50
     eta: float = 0.0                     # ddim only: 0 deterministic, 1 as stochastic as the ancestral sampler
+    eps_scale: float = 1.0               # epsilon scaling of the predicted noise (sample.eps_function; 1 = off)
     order: int = 2                       # dpm-solver++ only
     spacing: str = "logsnr"              # dpm-solver++ only
     seed: int = 0
@@ -176,7 +177,7 @@ def _metric(name: str, run, run_dir: Path, data, opts: EvalOptions, work: Path |
 
 def _sampling(opts: EvalOptions) -> dict[str, Any]:
     return dict(sampler=opts.sampler, steps=opts.steps, eta=opts.eta, seed=opts.seed, batch_size=opts.batch_size,
-                order=opts.order, spacing=opts.spacing)
+                order=opts.order, spacing=opts.spacing, eps_scale=opts.eps_scale)
 
 
 def _sampler_info(run, opts: EvalOptions) -> dict[str, Any]:
@@ -185,6 +186,8 @@ def _sampler_info(run, opts: EvalOptions) -> dict[str, Any]:
         info.update(order=opts.order, spacing=opts.spacing)
     if opts.sampler == "ddim":
         info.update(eta=opts.eta)
+    if opts.eps_scale != 1.0:
+        info.update(eps_scale=opts.eps_scale)
     return info
 
 
