@@ -18,7 +18,7 @@ print(f"floor: 1000 real training images vs the test set, 5 draws: {', '.join(f'
 PY
 row() {
   name=$1; shift
-  [ -f "$OUT/$name/metrics.json" ] || hybvit train --preset digits-hybvit-plus --minutes 5 --seed 0 --quiet \
+  [ -f "$OUT/$name/metrics.json" ] || hybvit train --preset digits-hybvit-plus --minutes 5 --seed "${SEED:-0}" --quiet \
       --set fd_samples=1000 --out "$OUT/$name" "$@" > "$OUT/$name.log" 2>&1
   # the same measure with three sample seeds (one FD moves by about +-0.03 with the sample seed alone)
   for s in 0 100 200; do
@@ -55,3 +55,19 @@ row depth8    --set model.depth=8
 row linear    --set diffusion.schedule=linear
 row genvit    --set mode=genvit
 row selfcond  --set model.self_cond=true
+# the learning rate and the EMA (2026-11-27, sixth session); SEED=1 is the training seed
+row lr2e3     --set lr=0.002
+row lr5e4     --set lr=0.0005
+row ema998    --set ema_decay=0.998
+SEED=1 row base_s1
+SEED=1 row lr2e3_s1 --set lr=0.002
+# epsilon scaling, paired over six sample seeds on the base run (docs/results/eps-scale-digits-plus.txt), and
+# through the CLI on the seed-1 runs
+python benchmarks/eps_scale.py --run "$OUT/base"
+for name in base_s1 lr2e3_s1; do
+  for s in 0 100 200; do
+    hybvit evaluate --run "$OUT/$name" --metrics pixel-fd --steps 50 --seed $s --eps-scale 1.0075 --no-html \
+        --out "$OUT/es-$name-$s.json" > /dev/null 2>&1
+  done
+  python -c "import json, sys; v = [json.load(open(f'$OUT/es-$name-{s}.json'))['metrics']['pixel-fd']['value'] for s in (0, 100, 200)]; print('$name', 'eps-scale 1.0075', ' '.join(f'{x:.3f}' for x in v), 'mean', f'{sum(v) / 3:.3f}')"
+done
