@@ -25,7 +25,7 @@ import types
 import torch
 import torch.nn.functional as F
 
-from hybvit.config import preset_config
+from hybvit.config import COMPILE_MODES, preset_config
 from hybvit.diffusion import GaussianDiffusion
 from hybvit.model import ViT
 from hybvit.train import EMA, autocast, build_optimizer
@@ -185,7 +185,7 @@ def main():
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--compile", action="store_true")
     p.add_argument("--compile-mode", default="default",
-                   choices=["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"],
+                   choices=COMPILE_MODES,
                    help="torch.compile mode (reduce-overhead: CUDA graphs, fewer launches)")
     p.add_argument("--joint", action="store_true", help="hybvit: CE and diffusion batches in one forward pass")
     p.add_argument("--sampling", action="store_true", help="also time the samplers")

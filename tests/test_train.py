@@ -190,3 +190,14 @@ def test_self_conditioning_trains_on_the_marked_share(tiny_cfg, digits, tmp_path
     cfg = tiny_cfg(self_cond_prob=1.5)
     with pytest.raises(HybvitError, match="self_cond_prob"):
         cfg.train.validate()
+
+
+def test_end_of_run_samples_use_train_eps_scale(tiny_cfg, digits, tmp_path):
+    """train.eps_scale reaches the end-of-run sampling: the same weights give another FD, and metrics.json says so."""
+    fds = {}
+    for scale in (1.0, 1.2):
+        out = tmp_path / str(scale)
+        m = train(tiny_cfg(steps=2, fd_samples=20, eps_scale=scale), small(digits), out, progress=False)
+        fds[scale] = m["pixel_fd"]
+        assert ("pixel_fd_eps_scale" in m) == (scale != 1.0)
+    assert fds[1.0] != fds[1.2]
