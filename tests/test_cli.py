@@ -236,6 +236,11 @@ def test_bad_inputs(tmp_path, capsys):
         (["train", "--set", "diffusion.schedule=sigmoid"], "unknown diffusion.schedule"),
         (["train", "--set", "train.compile_mode=fast"], "unknown train.compile_mode 'fast'; use one of default"),
         (["train", "--set", "train.eps_scale=0"], "train.eps_scale must be > 0"),
+        (["train", "--set", "diffusion.schedule_shift=-1"], "diffusion.schedule_shift must be > 0"),
+        (["train", "--set", "diffusion.t_sampling=lognormal"], "unknown diffusion.t_sampling 'lognormal'"),
+        (["train", "--set", "diffusion.t_logit_std=0"], "diffusion.t_logit_std must be > 0"),
+        (["train", "--set", "train.adam_beta2=1"], "train.adam_beta2 must be in"),
+        (["train", "--set", "model.dropout=1.5"], "model.dropout is a probability"),
         (["train", "--resume", tmp_path / "no-run"], "cannot resume"),
     ]
     for args, pattern in cases:

@@ -244,3 +244,35 @@ def test_stratified_times_cover_the_range_once_per_stratum():
     assert (torch.bincount(torch.tensor(offsets), minlength=10) - 200).abs().max() < 70
     _, t_uniform, _ = GaussianDiffusion(1000, "cosine", "l2").noised(x0, torch.Generator().manual_seed(0))
     assert not torch.equal(torch.sort(t_uniform // 10).values, torch.arange(100))
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "linear"])
+def test_schedule_shift_moves_log_snr_by_a_constant(schedule):
+    """diffusion.schedule_shift k: log-SNR(t) + 2 log k at every t, and a valid schedule (betas in (0, 1))."""
+    base = GaussianDiffusion(1000, schedule)
+    for k in (0.5, 2.0, 4.0):
+        d = GaussianDiffusion(1000, schedule, schedule_shift=k)
+        diff = 2 * (d.half_logsnr - base.half_logsnr)
+        # the last few steps of cosine sit at alpha-bar ~1e-9, where float64 loses the constant; the rest is exact
+        assert torch.allclose(diff[:990], torch.full((990,), 2 * math.log(k), dtype=torch.float64), atol=1e-6)
+        assert bool((d.betas > 0).all()) and bool((d.betas < 1).all())
+        assert bool((d.alphas_cumprod[1:] < d.alphas_cumprod[:-1]).all())
+        # shift > 1: less noise at every step; < 1: more
+        assert bool(((d.alphas_cumprod > base.alphas_cumprod) == (k > 1))[:990].all())
+    assert torch.equal(GaussianDiffusion(1000, schedule, schedule_shift=1.0).betas, base.betas)
+
+
+def test_logit_normal_times_concentrate_in_the_middle():
+    """diffusion.t_sampling=logit-normal: t/T = sigmoid(m + s n); mean m moves the mass, small s narrows it."""
+    x0 = torch.zeros(20000, 1, 1, 1)
+    draw = lambda **kw: GaussianDiffusion(1000, "cosine", t_sampling="logit-normal", **kw).noised(
+        x0, torch.Generator().manual_seed(0))[1].double()
+    t = draw()
+    assert int(t.min()) >= 0 and int(t.max()) <= 999
+    # sigmoid(N(0, 1)): median T/2, P(t/T in [0.269, 0.731]) = P(|n| < 1) = 0.683, against 0.46 for uniform
+    assert abs(float(t.median()) - 500) < 10
+    assert abs(float(((t >= 269) & (t < 731)).double().mean()) - 0.683) < 0.01
+    assert abs(float(draw(t_logit_mean=1.0).median()) - 1000 * torch.sigmoid(torch.tensor(1.0)).item()) < 10
+    assert float(draw(t_logit_std=0.3).std()) < 0.5 * float(t.std())
+    u = GaussianDiffusion(1000, "cosine").noised(x0, torch.Generator().manual_seed(0))[1].double()
+    assert abs(float(((u >= 269) & (u < 731)).double().mean()) - 0.462) < 0.01

@@ -248,3 +248,33 @@ def test_self_conditioned_eps_function_feeds_back_its_estimate():
     scaled, plain = eps_function(model, diffusion, amp="fp32", eps_scale=1.25), eps_function(model, diffusion, amp="fp32")
     for x, t in ((x1, t1), (x2, t2)):
         torch.testing.assert_close(scaled(x, t), plain(x, t) / 1.25)
+
+
+@pytest.mark.parametrize("time_cond", ["token-scalar", "adaln"])
+def test_dropout_acts_only_while_training(time_cond):
+    """model.dropout: random in train mode (both the classifier and the denoiser), and in eval mode exactly the
+    model without dropout (same weights), so sampling and evaluation are unchanged."""
+    cfg = dict(image_size=8, channels=1, patch_size=2, dim=32, depth=2, heads=4, time_cond=time_cond)
+    torch.manual_seed(0)
+    plain = ViT(ModelConfig(**cfg))
+    model = ViT(ModelConfig(**cfg, dropout=0.2))
+    model.load_state_dict(plain.state_dict())
+    if time_cond == "adaln":                   # adaLN-Zero starts at zero modulation: make time matter
+        for m in (plain, model):
+            for b in m.blocks:
+                torch.nn.init.normal_(b.modulation.weight, std=0.1)
+        model.load_state_dict(plain.state_dict())
+    x, t = torch.randn(4, 1, 8, 8), torch.randint(0, 1000, (4,))
+    model.eval(), plain.eval()
+    assert torch.equal(model.denoise(x, t), plain.denoise(x, t))
+    assert torch.equal(model.classify(x), plain.classify(x))
+    model.train()
+    torch.manual_seed(1)
+    a, ca = model.denoise(x, t), model.classify(x)
+    torch.manual_seed(2)
+    b, cb = model.denoise(x, t), model.classify(x)
+    assert not torch.allclose(a, b) and not torch.allclose(ca, cb)
+    plain.train()
+    assert torch.equal(plain.denoise(x, t), plain.denoise(x, t))
+    with pytest.raises(HybvitError, match="model.dropout is a probability"):
+        ModelConfig(dropout=1.0).validate()

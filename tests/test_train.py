@@ -201,3 +201,53 @@ def test_end_of_run_samples_use_train_eps_scale(tiny_cfg, digits, tmp_path):
         fds[scale] = m["pixel_fd"]
         assert ("pixel_fd_eps_scale" in m) == (scale != 1.0)
     assert fds[1.0] != fds[1.2]
+
+
+def test_adam_beta2_reaches_the_optimizer(tiny_cfg):
+    """train.adam_beta2 sets AdamW's second-moment decay (the default stays the paper code's 0.999)."""
+    from hybvit.model import ViT
+    from hybvit.train import build_optimizer
+    for beta2 in (0.999, 0.95):
+        cfg = tiny_cfg(adam_beta2=beta2)
+        opt = build_optimizer(ViT(cfg.model), cfg, torch.device("cpu"))
+        assert all(g["betas"] == (0.9, beta2) for g in opt.param_groups)
+    assert tiny_cfg().train.adam_beta2 == 0.999
+
+
+@pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason="torch.optim.Muon needs torch >= 2.9")
+def test_muon_splits_the_parameters_trains_and_resumes_exactly(tiny_cfg, digits, tmp_path):
+    """train.optimizer=muon: Muon owns exactly the blocks' attention/MLP matrices, AdamW the rest; a run lowers its
+    loss, and an interrupted run resumed from its checkpoint ends bitwise equal to an uninterrupted one."""
+    from hybvit.model import ViT
+    from hybvit.train import MuonAdamW, build_optimizer
+    cfg = tiny_cfg(steps=10, optimizer="muon", lr=2e-3)
+    model = ViT(cfg.model)
+    opt = build_optimizer(model, cfg, torch.device("cpu"))
+    assert isinstance(opt, MuonAdamW)
+    names = {id(p): n for n, p in model.named_parameters()}
+    muon = sorted(names[id(p)] for g in opt.muon.param_groups for p in g["params"])
+    assert muon == sorted(n for n, p in model.named_parameters() if n.startswith("blocks.") and p.ndim == 2
+                          and "modulation" not in n)
+    assert len(muon) == 4 * cfg.model.depth
+    n_adam = sum(len(g["params"]) for g in opt.adamw.param_groups)
+    assert len(muon) + n_adam == len(list(model.parameters()))
+    data = small(digits, 96)
+    m = train(cfg, data, tmp_path / "a", progress=False)
+    assert m["steps"] == 10
+    out = train(cfg, data, tmp_path / "b", progress=False, stop_after=4)
+    assert out["interrupted"]
+    train(cfg, data, tmp_path / "b", resume=True, progress=False)
+    a = ckpt.load_training_state(tmp_path / "a" / "checkpoints" / "last.pt")
+    b = ckpt.load_training_state(tmp_path / "b" / "checkpoints" / "last.pt")
+    assert set(a["optimizer"]) == {"muon", "adamw"}
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    # the Muon step really moved the blocks' matrices away from where AdamW would have taken them
+    adam = train(tiny_cfg(steps=10, lr=2e-3), data, tmp_path / "c", progress=False)
+    c = ckpt.load_training_state(tmp_path / "c" / "checkpoints" / "last.pt")
+    assert adam["steps"] == 10 and not torch.allclose(a["model"]["blocks.0.mlp.fc1.weight"],
+                                                      c["model"]["blocks.0.mlp.fc1.weight"])
+    # resuming a Muon checkpoint with AdamW is refused with one line
+    cfg_adam = tiny_cfg(steps=12, lr=2e-3)
+    with pytest.raises(HybvitError, match="optimizer state"):
+        train(cfg_adam, data, tmp_path / "b", resume=True, progress=False)

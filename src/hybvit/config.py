@@ -40,6 +40,8 @@ class ModelConfig:
                                       # as DiT's final layer)
     conv_out: bool = False            # a 3x3 convolution on the predicted image (as U-ViT), initialised to the
                                       # identity: neighbouring patches' pixels inform each other
+    dropout: float = 0.0              # residual dropout on every attention and MLP output while training (0 = off,
+                                      # the paper; DDPM used 0.1 for CIFAR-10's UNet)
     self_cond: bool = False           # self-conditioning (Chen et al., 2022): the denoiser also sees its own
                                       # previous estimate of x0 (zeros when there is none)
 
@@ -57,6 +59,8 @@ class ModelConfig:
                               f"choose heads that divide dim")
         if self.time_cond not in ("token-scalar", "adaln", "none"):
             raise HybvitError(f"unknown model.time_cond '{self.time_cond}'; use token-scalar, adaln or none")
+        if not 0 <= self.dropout < 1:
+            raise HybvitError(f"model.dropout is a probability in [0, 1) (got {self.dropout})")
         if self.time_cond == "none" and not self.time_token:
             raise HybvitError("model.time_cond=none needs model.time_token=true, or the denoiser never sees t")
         for name in ("image_size", "channels", "patch_size", "num_classes", "dim", "depth", "heads"):
@@ -72,7 +76,11 @@ class DiffusionConfig:
     prediction: str = "eps"           # eps (the paper) | v (v = alpha_t eps - sigma_t x0, Salimans & Ho 2022)
     weighting: str = "none"           # none (L_simple) | min-snr (min(SNR, gamma) weights, Hang et al. 2023)
     min_snr_gamma: float = 5.0
-    t_sampling: str = "uniform"       # uniform (the paper) | stratified (one low-discrepancy draw per batch)
+    t_sampling: str = "uniform"       # uniform (the paper) | stratified (one low-discrepancy draw per batch) |
+                                      # logit-normal (t/T = sigmoid(N(t_logit_mean, t_logit_std^2)), Esser et al. 2024)
+    t_logit_mean: float = 0.0
+    t_logit_std: float = 1.0
+    schedule_shift: float = 1.0       # SNR'(t) = shift^2 SNR(t) (simple diffusion); > 1 = less noise; 1 = the schedule
 
     def validate(self) -> None:
         if self.schedule not in ("cosine", "linear"):
@@ -83,8 +91,13 @@ class DiffusionConfig:
             raise HybvitError(f"unknown diffusion.prediction '{self.prediction}'; use eps or v")
         if self.weighting not in ("none", "min-snr"):
             raise HybvitError(f"unknown diffusion.weighting '{self.weighting}'; use none or min-snr")
-        if self.t_sampling not in ("uniform", "stratified"):
-            raise HybvitError(f"unknown diffusion.t_sampling '{self.t_sampling}'; use uniform or stratified")
+        if self.t_sampling not in ("uniform", "stratified", "logit-normal"):
+            raise HybvitError(f"unknown diffusion.t_sampling '{self.t_sampling}'; use uniform, stratified or "
+                              f"logit-normal")
+        if self.t_logit_std <= 0:
+            raise HybvitError(f"diffusion.t_logit_std must be > 0 (got {self.t_logit_std})")
+        if self.schedule_shift <= 0:
+            raise HybvitError(f"diffusion.schedule_shift must be > 0 (got {self.schedule_shift}); 1 = no shift")
         if self.timesteps < 2:
             raise HybvitError("diffusion.timesteps must be >= 2")
 
@@ -128,10 +141,12 @@ class TrainConfig:
     diffusion_batch_size: int = 0     # >0: the diffusion batch's size when it differs from batch_size (0 = same)
     self_cond_prob: float = 0.5       # model.self_cond: the share of diffusion images trained on a first-pass x0
                                       # estimate (the rest on zeros), 0.5 as Chen et al. (2022)
-    optimizer: str = "adamw"          # adamw (the paper's code) | sgd (the paper's text)
+    optimizer: str = "adamw"          # adamw (the paper's code) | sgd (the paper's text) | muon (Muon on the
+                                      # blocks' matrices + AdamW on the rest; torch >= 2.9)
     lr: float = 1e-3
     weight_decay: float = 0.05
     momentum: float = 0.9             # sgd only
+    adam_beta2: float = 0.999         # adamw's second-moment decay (0.999 as the paper's code; 0.99-0.95 adapt faster)
     warmup_epochs: float = 10.0
     warmup_max_frac: float = 0.1      # warm-up never longer than this fraction of the run
     min_lr: float = 1e-6
@@ -170,14 +185,16 @@ class TrainConfig:
     def validate(self) -> None:
         if self.mode not in MODES:
             raise HybvitError(f"unknown mode '{self.mode}'; use one of {', '.join(MODES)}")
-        if self.optimizer not in ("adamw", "sgd"):
-            raise HybvitError(f"unknown optimizer '{self.optimizer}'; use adamw or sgd")
+        if self.optimizer not in ("adamw", "sgd", "muon"):
+            raise HybvitError(f"unknown optimizer '{self.optimizer}'; use adamw, sgd or muon")
         if self.amp not in ("auto", "bf16", "fp32"):
             raise HybvitError(f"unknown amp '{self.amp}'; use auto, bf16 or fp32")
         if self.compile_mode not in COMPILE_MODES:
             raise HybvitError(f"unknown train.compile_mode '{self.compile_mode}'; use one of {', '.join(COMPILE_MODES)}")
         if not self.eps_scale > 0:
             raise HybvitError(f"train.eps_scale must be > 0 (got {self.eps_scale}); 1 is off")
+        if not 0 <= self.adam_beta2 < 1:
+            raise HybvitError(f"train.adam_beta2 must be in [0, 1) (got {self.adam_beta2}); e.g. 0.999 or 0.99")
         if self.sampler not in ("ancestral", "ddim", "dpm-solver++"):
             raise HybvitError(f"unknown sampler '{self.sampler}'; use ancestral, ddim or dpm-solver++")
         if self.batch_size < 1:

@@ -118,9 +118,9 @@ class Block(nn.Module):
     exactly the plain block, the classification path. time_cond "none": no modulation (time comes as a token)."""
 
     def __init__(self, dim: int, heads: int, mlp_ratio: float, tokens: int, time_dim: int,
-                 time_cond: str = "token-scalar"):
+                 time_cond: str = "token-scalar", dropout: float = 0.0):
         super().__init__()
-        self.time_cond = time_cond
+        self.time_cond, self.dropout = time_cond, dropout
         self.norm1 = nn.LayerNorm(dim)
         self.attn = Attention(dim, heads)
         self.norm2 = nn.LayerNorm(dim)
@@ -138,23 +138,27 @@ class Block(nn.Module):
         # query and the MLP for that one token: what the classifier head needs from the last block.
         if cls_only:
             assert A is None or self.time_cond == "none"
-            h = h[:, :1] + self.attn(self.norm1(h), queries=1)    # Eq. 18 for the CLS token
-            return h + self.mlp(self.norm2(h))                    # Eq. 19
+            h = h[:, :1] + self.drop(self.attn(self.norm1(h), queries=1))    # Eq. 18 for the CLS token
+            return h + self.drop(self.mlp(self.norm2(h)))                    # Eq. 19
         if A is None or self.time_cond == "none":
-            h = h + self.attn(self.norm1(h))                      # Eq. 18
-            return h + self.mlp(self.norm2(h))                    # Eq. 19
+            h = h + self.drop(self.attn(self.norm1(h)))           # Eq. 18
+            return h + self.drop(self.mlp(self.norm2(h)))         # Eq. 19
         mod = self.modulation(F.silu(A))
         if n_plain:
             mod = F.pad(mod, (0, 0, n_plain, 0))                  # zero rows for the plain images
         if self.time_cond == "adaln":
             shift1, scale1, gate1, shift2, scale2, gate2 = mod.unsqueeze(1).chunk(6, dim=-1)  # each (B, 1, D)
-            h = h + (1 + gate1) * self.attn(self.norm1(h) * (1 + scale1) + shift1)
-            return h + (1 + gate2) * self.mlp(self.norm2(h) * (1 + scale2) + shift2)
+            h = h + (1 + gate1) * self.drop(self.attn(self.norm1(h) * (1 + scale1) + shift1))
+            return h + (1 + gate2) * self.drop(self.mlp(self.norm2(h) * (1 + scale2) + shift2))
         scale, shift = mod.unsqueeze(-1).chunk(2, dim=1)          # each (B, L, 1)
         h = h * (1 + scale) + shift                               # M(h_{l-1}, A)
-        h = h + self.attn(self.norm1(h))                          # Eq. 21, first line
+        h = h + self.drop(self.attn(self.norm1(h)))               # Eq. 21, first line
         h = h * (1 + scale) + shift                               # M(h'_l, A)
-        return h + self.mlp(self.norm2(h))                        # Eq. 21, second line
+        return h + self.drop(self.mlp(self.norm2(h)))             # Eq. 21, second line
+
+    def drop(self, x: torch.Tensor) -> torch.Tensor:
+        """Residual dropout on a sub-block's output (model.dropout; training only; DDPM used 0.1 on CIFAR-10)."""
+        return F.dropout(x, self.dropout, self.training) if self.dropout else x
 
 
 class ViT(nn.Module):
@@ -179,7 +183,7 @@ class ViT(nn.Module):
             nn.Linear(D, time_hidden), nn.GELU(), nn.Linear(time_hidden, time_hidden))
         tokens = N + 1 + int(cfg.time_token)                          # CLS, patches (, time)
         self.blocks = nn.ModuleList(
-            [Block(D, cfg.heads, cfg.mlp_ratio, tokens, time_hidden, cfg.time_cond) for _ in range(cfg.depth)])
+            [Block(D, cfg.heads, cfg.mlp_ratio, tokens, time_hidden, cfg.time_cond, cfg.dropout) for _ in range(cfg.depth)])
         if cfg.time_token:                                            # U-ViT: time as a token
             self.time_token = nn.Linear(time_hidden, D)
         if cfg.long_skips:                                            # U-ViT: block i -> block depth-1-i

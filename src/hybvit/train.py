@@ -94,7 +94,59 @@ def build_optimizer(model: torch.nn.Module, cfg: Config, device: torch.device) -
     if t.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum, nesterov=True)
     extra = {"fused": True} if device.type == "cuda" else {}
-    return torch.optim.AdamW(groups, lr=t.lr, betas=(0.9, 0.999), **extra)
+    if t.optimizer == "muon":
+        return MuonAdamW(model, t, extra)
+    return torch.optim.AdamW(groups, lr=t.lr, betas=(0.9, t.adam_beta2), **extra)
+
+
+def _muon_param(name: str, p: torch.Tensor) -> bool:
+    """The transformer blocks' hidden weight matrices (attention, MLP, long-skip projections): what Muon is for.
+    Embeddings, the output layer, the classifier head, the time MLP, the zero-initialised modulation, norms and
+    biases stay with AdamW (Jordan et al. 2024)."""
+    return p.ndim == 2 and (name.startswith("blocks.") or name.startswith("skip_proj.")) and "modulation" not in name
+
+
+class MuonAdamW:
+    """train.optimizer=muon: torch.optim.Muon (orthogonalised momentum; torch >= 2.9) on the blocks' weight
+    matrices, AdamW on every other parameter, behind one optimizer interface (param_groups, step, zero_grad,
+    state_dict). Muon's step is rescaled to AdamW's update size (Liu et al. 2025, "match_rms_adamw"), so train.lr
+    and train.weight_decay mean the same for both."""
+
+    def __init__(self, model: torch.nn.Module, t, extra: dict):
+        if not hasattr(torch.optim, "Muon"):
+            raise HybvitError(f"train.optimizer=muon needs torch >= 2.9 (this is {torch.__version__}); "
+                              f"upgrade torch or use --set train.optimizer=adamw")
+        named = list(model.named_parameters())
+        hidden = [p for n, p in named if _muon_param(n, p)]
+        rest = [(n, p) for n, p in named if not _muon_param(n, p)]
+        decay = [p for n, p in rest if p.ndim >= 2 and "pos_embed" not in n and "cls_token" not in n]
+        no_decay = [p for n, p in rest if not (p.ndim >= 2 and "pos_embed" not in n and "cls_token" not in n)]
+        self.muon = torch.optim.Muon(hidden, lr=t.lr, weight_decay=t.weight_decay, adjust_lr_fn="match_rms_adamw")
+        self.adamw = torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay},
+                                        {"params": no_decay, "weight_decay": 0.0}],
+                                       lr=t.lr, betas=(0.9, t.adam_beta2), **extra)
+
+    @property
+    def param_groups(self) -> list[dict]:
+        # read each time: load_state_dict replaces the optimizers' group dicts
+        return self.muon.param_groups + self.adamw.param_groups
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.muon.zero_grad(set_to_none=set_to_none)
+        self.adamw.zero_grad(set_to_none=set_to_none)
+
+    def step(self) -> None:
+        self.muon.step()
+        self.adamw.step()
+
+    def state_dict(self) -> dict:
+        return {"muon": self.muon.state_dict(), "adamw": self.adamw.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        if set(state) != {"muon", "adamw"}:
+            raise KeyError("muon")
+        self.muon.load_state_dict(state["muon"])
+        self.adamw.load_state_dict(state["adamw"])
 
 
 def lr_at(step: int, total: int, warmup: int, lr: float, min_lr: float) -> float:
@@ -277,7 +329,11 @@ def train(cfg: Config, data: ImageData, out_dir: Path, resume: bool = False, sto
         model.load_state_dict(ckpt.plain_state_dict(shared["model"]))
         if ema is not None:
             ema.model.load_state_dict(ckpt.plain_state_dict(state["ema"]))
-        optimizer.load_state_dict(shared["optimizer"])
+        try:
+            optimizer.load_state_dict(shared["optimizer"])
+        except (KeyError, ValueError) as e:
+            raise HybvitError(f"the checkpoint's optimizer state does not fit train.optimizer={t.optimizer} "
+                              f"({type(e).__name__}: {e}); resume with the optimizer the run was trained with") from None
         torch.set_rng_state(shared["rng"]["torch"])
         start_step = int(shared["step"])
         prior_wall = float(shared["wall_seconds"])
