@@ -100,6 +100,15 @@ def test_evaluate(trained, tmp_path, capsys):
     rc, _, err = run_cli(capsys, "evaluate", "--run", trained, "--metrics", "pixel-fd", "--out", tmp_path / "bad.json",
                          "--eps-scale", 0)
     assert rc == 2 and "--eps-scale must be > 0" in err and not (tmp_path / "bad.json").exists()
+    # --balance-classes reaches the sampler: this 6-step run's classifier calls nearly every sample one class, so
+    # the balanced draw cannot fill its quotas and stops with one line, nothing written (the balanced draw itself:
+    # test_model.py::test_balanced_samples_...)
+    rc, _, err = run_cli(capsys, "evaluate", "--run", trained, "--metrics", "pixel-fd", "--out", tmp_path / "bal.json",
+                         "--num-samples", 10, "--steps", 1, "--balance-classes", "--no-html")
+    assert rc == 2 and "too few of class" in err and not (tmp_path / "bal.json").exists()
+    rc, _, err = run_cli(capsys, "sample", "--run", trained, "--out", tmp_path / "bad.npz", "--num", 4,
+                         "--balance-classes", "--class", 3)
+    assert rc == 2 and "exclude each other" in err and not (tmp_path / "bad.npz").exists()
 
 
 def test_evaluate_all_metrics_and_the_html_report(trained, tmp_path, capsys):

@@ -278,3 +278,30 @@ def test_dropout_acts_only_while_training(time_cond):
     assert torch.equal(plain.denoise(x, t), plain.denoise(x, t))
     with pytest.raises(HybvitError, match="model.dropout is a probability"):
         ModelConfig(dropout=1.0).validate()
+
+
+def test_balanced_samples_hold_each_class_equally_and_come_from_the_plain_draws():
+    """sample.draw_balanced: every class (by the model's own classifier) exactly n // K times (the first n % K
+    classes once more), each kept sample one of the plain samples of the same seeds; a class the model never
+    draws stops with a clear error instead of looping."""
+    from hybvit.diffusion import GaussianDiffusion
+    from hybvit.sample import draw_balanced, draw_samples
+    torch.manual_seed(0)
+    model = ViT(ModelConfig(image_size=8, channels=1, patch_size=2, num_classes=2, dim=32, depth=2, heads=4)).eval()
+    d = GaussianDiffusion(100, "cosine")
+    pool = torch.cat([draw_samples(model, d, 8, steps=3, seed=3 + k, batch_size=8, amp="fp32") for k in range(30)])
+    with torch.no_grad():       # an untrained head calls everything one class: put its boundary at the 30 % point
+        logits = model.classify(pool)
+        model.head[-1].bias[0] += torch.quantile(logits[:, 1] - logits[:, 0], 0.3)
+    x = draw_balanced(model, d, 11, batch_size=8, seed=3, steps=3, amp="fp32")
+    assert x.shape == (11, 1, 8, 8)
+    labels = model.classify(x).argmax(1)
+    assert torch.bincount(labels, minlength=2).tolist() == [6, 5]
+    for xi in x:                                     # each kept image is one the plain sampler drew
+        assert ((pool - xi).abs().flatten(1).amax(1) < 1e-6).any()
+    plain = draw_samples(model, d, 11, steps=3, seed=3, batch_size=8, amp="fp32")
+    assert torch.bincount(model.classify(plain).argmax(1), minlength=2).tolist() != [6, 5]   # not balanced by chance
+    with torch.no_grad():                            # a classifier that never says class 1
+        model.head[-1].bias.copy_(torch.tensor([100.0, -100.0]))
+    with pytest.raises(HybvitError, match="too few of class"):
+        draw_balanced(model, d, 4, batch_size=8, seed=0, steps=2, amp="fp32", max_factor=5)

@@ -48,6 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--eps-scale", type=float, default=1.0, metavar="L",
                    help="epsilon scaling: divide the predicted noise by L (e.g. 1.01; offsets the exposure bias "
                         "of few-step samplers; default 1 = off)")
+    s.add_argument("--balance-classes", action="store_true",
+                   help="HybViT only: the same number of samples of each class, as the model's own classifier labels "
+                        "them (draws extra samples and keeps each while its class is short)")
     s.add_argument("--class", dest="label", type=int, metavar="K",
                    help="HybViT only: steer every sample toward class K with the model's own classifier")
     s.add_argument("--guidance-scale", type=float, default=None, metavar="S",
@@ -73,6 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--eta", type=float, default=0.0, help="DDIM stochasticity: 0 deterministic (default), 1 ancestral-like")
     e.add_argument("--eps-scale", type=float, default=1.0, metavar="L",
                    help="epsilon scaling for the generated samples: predicted noise / L (default 1 = off)")
+    e.add_argument("--balance-classes", action="store_true",
+                   help="generated sets hold each class equally, as the run's own classifier labels them (HybViT)")
     e.add_argument("--order", type=int, default=2, choices=[1, 2, 3], help="DPM-Solver++ order")
     e.add_argument("--spacing", default="logsnr", choices=["logsnr", "time"], help="DPM-Solver++ spacing")
     e.add_argument("--inception-weights", metavar="PATH",
@@ -326,7 +331,7 @@ def cmd_sample(args) -> int:
     else:
         x = run.sample(args.num, sampler=args.sampler, steps=args.steps, eta=args.eta or 0.0, seed=args.seed,
                        order=args.order, spacing=args.spacing, batch_size=args.batch_size, progress=True,
-                       eps_scale=args.eps_scale)
+                       eps_scale=args.eps_scale, balance_classes=args.balance_classes)
     dt = time.time() - t0
     if out.suffix == ".png":
         save_png(out, make_grid(x))
@@ -351,6 +356,8 @@ def _check_sample_args(args) -> Path:
         raise HybvitError("--num must be >= 1")
     if args.sampler != "ancestral" and args.steps < 1:
         raise HybvitError("--steps must be >= 1")
+    if args.balance_classes and args.label is not None:
+        raise HybvitError("--balance-classes and --class exclude each other: --class already fixes every sample's class")
     if args.guidance_scale is not None and args.label is None:
         raise HybvitError("--guidance-scale needs --class K (the class to steer toward)")
     if not out.parent.exists():
@@ -362,8 +369,8 @@ def _sample_distributed(args, ctx) -> int:
     """`hybvit sample` under torchrun: rank 0 reads the weights and hands them over; rank r draws the batches
     k = r, r + K, ... (batch k seeded with seed + k, as one process does); rank 0 gathers them in order and writes
     the file, which therefore holds exactly the images one process would draw."""
-    if args.label is not None:
-        raise HybvitError("--class guidance runs in one process; start `hybvit sample` without torchrun")
+    if args.label is not None or args.balance_classes:
+        raise HybvitError("--class and --balance-classes run in one process; start `hybvit sample` without torchrun")
     from . import checkpoint as ckpt
     from . import distributed
     from .data import to_float
@@ -445,9 +452,13 @@ def cmd_evaluate(args) -> int:
             if not pgd_eps[norm] or min(pgd_eps[norm]) <= 0:
                 raise HybvitError(f"--pgd-eps-{norm} needs positive values (units of 1/255)")
     from .sample import load_run_config
-    metrics = parse_metrics(args.metrics, load_run_config(args.run).train.mode)
+    mode = load_run_config(args.run).train.mode
+    if args.balance_classes and mode != "hybvit":
+        raise HybvitError(f"--balance-classes needs a HybViT run (its classifier labels the samples); this run is {mode}")
+    metrics = parse_metrics(args.metrics, mode)
     opts = EvalOptions(data_spec=args.data, num_samples=args.num_samples, sampler=args.sampler, steps=args.steps,
                        eta=args.eta, order=args.order, spacing=args.spacing, eps_scale=args.eps_scale,
+                       balance_classes=args.balance_classes,
                        seed=args.seed, batch_size=args.batch_size, device=args.device,
                        inception_weights=args.inception_weights, fid_reference=args.fid_reference,
                        bpd_images=args.bpd_images, bpd_timesteps=args.bpd_timesteps, ece_bins=bins,

@@ -94,6 +94,40 @@ def draw_samples(model: ViT, diffusion: GaussianDiffusion, n: int, sampler: str 
     return torch.cat(out) if out else torch.empty(0, cfg.channels, cfg.image_size, cfg.image_size)
 
 
+@torch.no_grad()
+def draw_balanced(model: ViT, diffusion: GaussianDiffusion, n: int, batch_size: int = 500, seed: int = 0,
+                  device="cpu", amp: str = "auto", max_factor: int = 20, **kw) -> torch.Tensor:
+    """n samples with the same number of each class (n // K, the first n % K classes one more), as the model's own
+    classifier labels them: batches are drawn as draw_samples draws them (batch k seeded with seed + k) and each
+    sample is kept while its class is short. This resamples the generator's class marginal to the uniform one
+    (importance resampling by the hybrid model's discriminative half; no second model). Only for HybViT runs, whose
+    classifier was trained; draws at most max_factor * n samples before giving up with an error."""
+    cfg = model.cfg
+    K = cfg.num_classes
+    quota = torch.full((K,), n // K, dtype=torch.long)
+    quota[: n % K] += 1
+    kept, drawn, k = [], 0, 0
+    was_training = model.training
+    model.eval()
+    while int(quota.sum()) > 0:
+        if drawn >= max_factor * n:
+            short = [c for c in range(K) if quota[c] > 0]
+            raise HybvitError(f"--balance-classes: after {drawn} samples the model still generated too few of "
+                              f"class(es) {short}; it rarely draws them, so sample without --balance-classes")
+        x = draw_samples(model, diffusion, batch_size, seed=seed + k, device=device, amp=amp, batch_size=batch_size,
+                         **kw)
+        with autocast(amp, torch.device(device)):
+            labels = model.classify(x.to(device)).float().argmax(1).cpu()
+        for i, c in enumerate(labels.tolist()):
+            if quota[c] > 0:
+                quota[c] -= 1
+                kept.append(x[i])
+        drawn += len(x)
+        k += 1
+    model.train(was_training)
+    return torch.stack(kept)
+
+
 def gather_samples(ctx, x: torch.Tensor, n: int, batch_size: int) -> torch.Tensor | None:
     """Put the shares of `draw_samples(..., shard=(ctx.rank, ctx.world))` back together on rank 0: uint8 images
     (n, C, H, W) in the order one process draws them (batch k from rank k mod K); None on the other ranks. The
@@ -171,9 +205,17 @@ class Run:
 
     def sample(self, n: int, sampler: str = "ddim", steps: int = 50, eta: float = 0.0, seed: int = 0,
                batch_size: int = 500, progress: bool = False, order: int = 2, spacing: str = "logsnr",
-               eps_scale: float = 1.0) -> torch.Tensor:
+               eps_scale: float = 1.0, balance_classes: bool = False) -> torch.Tensor:
         """n images in [-1, 1]: sampler ancestral (all T steps), ddim or dpm-solver++ (`steps` network
-        evaluations; `order` 1-3 and `spacing` logsnr|time for dpm-solver++); eps_scale > 1: epsilon scaling."""
+        evaluations; `order` 1-3 and `spacing` logsnr|time for dpm-solver++); eps_scale > 1: epsilon scaling;
+        balance_classes: the same number of each class, by the model's own classifier (draw_balanced)."""
+        if balance_classes:
+            if self.config.train.mode != "hybvit":
+                raise HybvitError(f"--balance-classes needs a HybViT run (its classifier labels the samples); "
+                                  f"this run is {self.config.train.mode}")
+            return draw_balanced(self.model, self.diffusion, n, batch_size=batch_size, seed=seed, device=self.device,
+                                 amp=self.config.train.amp, sampler=sampler, steps=steps, eta=eta, order=order,
+                                 spacing=spacing, eps_scale=eps_scale)
         return draw_samples(self.model, self.diffusion, n, sampler=sampler, steps=steps, eta=eta, seed=seed,
                             device=self.device, amp=self.config.train.amp, batch_size=batch_size, progress=progress,
                             order=order, spacing=spacing, eps_scale=eps_scale)

@@ -31,6 +31,7 @@ class EvalOptions:
     steps: int = 50
     eta: float = 0.0                     # ddim only: 0 deterministic, 1 as stochastic as the ancestral sampler
     eps_scale: float = 1.0               # epsilon scaling of the predicted noise (sample.eps_function; 1 = off)
+    balance_classes: bool = False        # generated sets hold each class equally, by the run's classifier
     order: int = 2                       # dpm-solver++ only
     spacing: str = "logsnr"              # dpm-solver++ only
     seed: int = 0
@@ -177,7 +178,8 @@ def _metric(name: str, run, run_dir: Path, data, opts: EvalOptions, work: Path |
 
 def _sampling(opts: EvalOptions) -> dict[str, Any]:
     return dict(sampler=opts.sampler, steps=opts.steps, eta=opts.eta, seed=opts.seed, batch_size=opts.batch_size,
-                order=opts.order, spacing=opts.spacing, eps_scale=opts.eps_scale)
+                order=opts.order, spacing=opts.spacing, eps_scale=opts.eps_scale,
+                **({"balance_classes": True} if opts.balance_classes else {}))
 
 
 def _sampler_info(run, opts: EvalOptions) -> dict[str, Any]:
@@ -188,6 +190,8 @@ def _sampler_info(run, opts: EvalOptions) -> dict[str, Any]:
         info.update(eta=opts.eta)
     if opts.eps_scale != 1.0:
         info.update(eps_scale=opts.eps_scale)
+    if opts.balance_classes:
+        info.update(balance_classes=True)
     return info
 
 
