@@ -87,16 +87,21 @@ def autocast(cfg_amp: str, device: torch.device):
 
 def build_optimizer(model: torch.nn.Module, cfg: Config, device: torch.device) -> torch.optim.Optimizer:
     t = cfg.train
-    # No weight decay on biases, norms, the positional embedding and the CLS token.
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "pos_embed" not in n and "cls_token" not in n]
-    no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "pos_embed" not in n and "cls_token" not in n)]
-    groups = [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = _decay_groups(list(model.named_parameters()), t.weight_decay)
     if t.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum, nesterov=True)
     extra = {"fused": True} if device.type == "cuda" else {}
     if t.optimizer == "muon":
         return MuonAdamW(model, t, extra)
     return torch.optim.AdamW(groups, lr=t.lr, betas=(0.9, t.adam_beta2), **extra)
+
+
+def _decay_groups(named: list[tuple[str, torch.Tensor]], weight_decay: float) -> list[dict]:
+    """Two parameter groups: weight decay on the matrices, none on biases, norms, the positional embedding and the
+    CLS token."""
+    decays = lambda n, p: p.ndim >= 2 and "pos_embed" not in n and "cls_token" not in n
+    return [{"params": [p for n, p in named if decays(n, p)], "weight_decay": weight_decay},
+            {"params": [p for n, p in named if not decays(n, p)], "weight_decay": 0.0}]
 
 
 def _muon_param(name: str, p: torch.Tensor) -> bool:
@@ -119,12 +124,9 @@ class MuonAdamW:
         named = list(model.named_parameters())
         hidden = [p for n, p in named if _muon_param(n, p)]
         rest = [(n, p) for n, p in named if not _muon_param(n, p)]
-        decay = [p for n, p in rest if p.ndim >= 2 and "pos_embed" not in n and "cls_token" not in n]
-        no_decay = [p for n, p in rest if not (p.ndim >= 2 and "pos_embed" not in n and "cls_token" not in n)]
         self.muon = torch.optim.Muon(hidden, lr=t.lr, weight_decay=t.weight_decay, adjust_lr_fn="match_rms_adamw")
-        self.adamw = torch.optim.AdamW([{"params": decay, "weight_decay": t.weight_decay},
-                                        {"params": no_decay, "weight_decay": 0.0}],
-                                       lr=t.lr, betas=(0.9, t.adam_beta2), **extra)
+        self.adamw = torch.optim.AdamW(_decay_groups(rest, t.weight_decay), lr=t.lr, betas=(0.9, t.adam_beta2),
+                                       **extra)
 
     @property
     def param_groups(self) -> list[dict]:
@@ -144,7 +146,7 @@ class MuonAdamW:
 
     def load_state_dict(self, state: dict) -> None:
         if set(state) != {"muon", "adamw"}:
-            raise KeyError("muon")
+            raise KeyError("not a Muon + AdamW state (keys 'muon', 'adamw')")
         self.muon.load_state_dict(state["muon"])
         self.adamw.load_state_dict(state["adamw"])
 

@@ -178,8 +178,7 @@ def _metric(name: str, run, run_dir: Path, data, opts: EvalOptions, work: Path |
 
 def _sampling(opts: EvalOptions) -> dict[str, Any]:
     return dict(sampler=opts.sampler, steps=opts.steps, eta=opts.eta, seed=opts.seed, batch_size=opts.batch_size,
-                order=opts.order, spacing=opts.spacing, eps_scale=opts.eps_scale,
-                **({"balance_classes": True} if opts.balance_classes else {}))
+                order=opts.order, spacing=opts.spacing, eps_scale=opts.eps_scale, balance_classes=opts.balance_classes)
 
 
 def _sampler_info(run, opts: EvalOptions) -> dict[str, Any]:
