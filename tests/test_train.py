@@ -151,6 +151,22 @@ def test_metrics_record_the_precision_that_ran(tiny_cfg, digits, tmp_path):
     assert use_bf16("auto", torch.device("cuda")) and not use_bf16("fp32", torch.device("cuda"))
 
 
+def test_auto_precision_on_the_cpu_follows_the_measured_matmul_rates():
+    """amp=auto on a CPU: bf16 only where bf16 matmuls measure clearly faster than fp32 (the flags do not tell:
+    two AVX512-BF16 hosts measured 2.5x and 0.5x); the probe leaves the global RNG alone."""
+    from hybvit.train import bf16_pays, cpu_matmul_gflops, use_bf16
+    assert bf16_pays(400.0, 160.0) and not bf16_pays(166.0, 329.0) and not bf16_pays(110.0, 100.0)
+    torch.manual_seed(3)
+    expected = torch.rand(4)
+    torch.manual_seed(3)
+    rates = cpu_matmul_gflops(torch.bfloat16, n=256), cpu_matmul_gflops(torch.float32, n=256)
+    assert torch.equal(torch.rand(4), expected)
+    assert all(0 < r < float("inf") for r in rates)
+    cpu = torch.device("cpu")
+    assert use_bf16("auto", cpu) == bf16_pays(cpu_matmul_gflops(torch.bfloat16), cpu_matmul_gflops(torch.float32))
+    assert use_bf16("bf16", cpu) and not use_bf16("fp32", cpu)
+
+
 def test_diffusion_batch_size_sets_the_diffusion_batch_alone(tiny_cfg, digits, tmp_path):
     """train.diffusion_batch_size: a diffusion batch of its own size; num_samples = 0 writes no samples.png."""
     metrics = train(tiny_cfg(steps=2, diffusion_batch_size=48, num_samples=0), small(digits), tmp_path / "h",

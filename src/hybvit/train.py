@@ -59,23 +59,36 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def bf16_pays(bf16_gflops: float, fp32_gflops: float, margin: float = 1.2) -> bool:
+    """amp "auto" on a CPU: bf16 autocast only where this CPU multiplies bf16 matrices clearly faster than fp32.
+    CPU flags do not tell: two hosts of this project's kind, both with AVX512-BF16, measured bf16 matmuls at 2.4-2.6x
+    the fp32 rate on one (where the default digits run trained 1.4x faster in bf16, same accuracy and FD) and at
+    0.5x on the other (where the digits-hybvit-plus step took 1.37x longer in bf16; README "Speed")."""
+    return bf16_gflops > margin * fp32_gflops
+
+
 @functools.lru_cache(maxsize=None)
-def cpu_has_native_bf16() -> bool:
-    """Whether this CPU multiplies bf16 in hardware (AVX512-BF16 or AMX, from /proc/cpuinfo on Linux). Where it
-    does, bf16 autocast made the CPU training step ~2x faster at the paper's CIFAR-10 size and the default digits
-    run 1.4x faster with the same accuracy and FD (benchmarks/train_step.py, README "Speed");
-    elsewhere bf16 is emulated and slower, so "auto" stays fp32."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return any(f in flags.split() for f in ("avx512_bf16", "amx_bf16"))
+def cpu_matmul_gflops(dtype: torch.dtype, n: int = 1024, reps: int = 3) -> float:
+    """This CPU's rate for an n x n x n matmul in dtype, best of `reps` after one warm-up (about 0.1 s for both
+    dtypes at n = 1024); measured once per process."""
+    g = torch.Generator().manual_seed(0)              # a generator of its own: the global RNG stays untouched
+    a, b = (torch.randn(n, n, generator=g).to(dtype) for _ in range(2))
+    a @ b
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best / 1e9
 
 
 def use_bf16(cfg_amp: str, device: torch.device) -> bool:
-    """amp "auto": bf16 on CUDA and on CPUs with native bf16; fp32 otherwise."""
+    """amp "auto": bf16 on CUDA, and on a CPU where its measured bf16 matmul rate beats fp32's (bf16_pays); fp32
+    otherwise. Under torchrun, train() takes rank 0's answer for every rank."""
     if cfg_amp == "auto":
-        return device.type == "cuda" or (device.type == "cpu" and cpu_has_native_bf16())
+        if device.type == "cuda":
+            return True
+        return device.type == "cpu" and bf16_pays(cpu_matmul_gflops(torch.bfloat16), cpu_matmul_gflops(torch.float32))
     return cfg_amp == "bf16"
 
 
@@ -312,6 +325,7 @@ def train(cfg: Config, data: ImageData, out_dir: Path, resume: bool = False, sto
     device = distributed.device_for(resolve_device(t.device), ctx)
     n_train = len(data.x_train)
     check_batch_split(cfg, n_train, ctx.world)
+    amp = distributed.broadcast(ctx, "bf16" if use_bf16(t.amp, device) else "fp32")   # one precision on every rank
     torch.manual_seed(t.seed)
     model = ViT(cfg.model).to(device)
     ema = EMA(model, t.ema_decay, t.ema_warmup) if ctx.main else None    # rank 0 alone keeps (and saves) the EMA
@@ -452,7 +466,7 @@ def train(cfg: Config, data: ImageData, out_dir: Path, resume: bool = False, sto
                 with (objective.no_sync() if ctx.distributed and not last else contextlib.nullcontext()):
                     if graphs:                        # CUDA graphs: each micro-batch is a new replay
                         torch.compiler.cudagraph_mark_step_begin()
-                    with autocast(t.amp, device):
+                    with autocast(amp, device):
                         loss, stats = objective(_shard(ce_inputs, piece, parts), _shard(diff_inputs, piece, parts))
                     # mean over the local piece, / A here, averaged over K ranks by DDP: the global batch mean
                     (loss / accum if accum > 1 else loss).backward()
@@ -528,7 +542,7 @@ def train(cfg: Config, data: ImageData, out_dir: Path, resume: bool = False, sto
                 bar.update(1)
             if t.sample_every and step % t.sample_every == 0 and use_diff:
                 distributed.all_ok(ctx, lambda s=step: _log_samples(writer, ema.model, diffusion, cfg, device, s,
-                                                                    n=min(64, t.num_samples)), only_main=True)
+                                                                    n=min(64, t.num_samples), amp=amp), only_main=True)
             interrupted = stop_now or (stop_after is not None and step >= stop_after)
             if step % t.ckpt_every == 0 or interrupted:
                 save(step, images_seen, prior_wall + time.time() - t0, est_total)
@@ -547,14 +561,14 @@ def train(cfg: Config, data: ImageData, out_dir: Path, resume: bool = False, sto
     save(step, images_seen, prior_wall + train_seconds, step)
 
     def finish_run() -> dict[str, Any]:                      # rank 0; the other ranks wait in all_ok
-        metrics = finish(cfg, data, model, ema.model, diffusion, out_dir, writer, device)
+        metrics = finish(cfg, data, model, ema.model, diffusion, out_dir, writer, device, amp)
         metrics.update(steps=step, images_seen=images_seen, wall_seconds=round(prior_wall + time.time() - t0, 2),
                        train_seconds=round(prior_wall + train_seconds, 2),
                        images_per_second=round(run_images / max(train_seconds, 1e-9), 1),
                        train_gflops_per_second=round(flops_per_step * (step - start_step)
                                                      / max(train_seconds, 1e-9) / 1e9, 2),
                        params=model.num_params(), mode=t.mode, preset=cfg.preset, data=cfg.data.spec,
-                       device=str(device), amp="bf16" if use_bf16(t.amp, device) else "fp32",
+                       device=str(device), amp=amp,
                        processes=ctx.world, grad_accum=t.grad_accum)
         ckpt.write_json(out_dir / "metrics.json", metrics)
         writer.close()
@@ -571,29 +585,30 @@ def _progress_bar(total: int | None, start: int, enabled: bool):
 
 
 @torch.no_grad()
-def _log_samples(writer, model: ViT, diffusion: GaussianDiffusion, cfg: Config, device, step: int, n: int):
+def _log_samples(writer, model: ViT, diffusion: GaussianDiffusion, cfg: Config, device, step: int, n: int,
+                 amp: str):
     from .sample import draw_samples, make_grid
     x = draw_samples(model, diffusion, n, sampler=cfg.train.sampler, steps=cfg.train.sample_steps,
-                     seed=cfg.train.seed, device=device, amp=cfg.train.amp, eps_scale=cfg.train.eps_scale)
+                     seed=cfg.train.seed, device=device, amp=amp, eps_scale=cfg.train.eps_scale)
     writer.add_image("samples", make_grid(x).permute(2, 0, 1), step)
 
 
 def finish(cfg: Config, data: ImageData, model: ViT, ema_model: ViT, diffusion: GaussianDiffusion, out_dir: Path,
-           writer, device) -> dict[str, Any]:
+           writer, device, amp: str) -> dict[str, Any]:
     """End-of-run evaluation: test accuracy (EMA and raw weights), samples.png and the optional pixel-FD."""
     from .sample import draw_samples, make_grid, save_png
     t = cfg.train
     metrics: dict[str, Any] = {}
     if t.mode in ("vit", "hybvit"):
-        metrics["test_accuracy"] = accuracy(ema_model, data.x_test, data.y_test, t.eval_batch_size, t.amp)
-        metrics["test_accuracy_raw"] = accuracy(model, data.x_test, data.y_test, t.eval_batch_size, t.amp)
+        metrics["test_accuracy"] = accuracy(ema_model, data.x_test, data.y_test, t.eval_batch_size, amp)
+        metrics["test_accuracy_raw"] = accuracy(model, data.x_test, data.y_test, t.eval_batch_size, amp)
         writer.add_scalar("test/accuracy", metrics["test_accuracy"], 0)
         print(f"test accuracy: {metrics['test_accuracy']:.4f} (EMA), {metrics['test_accuracy_raw']:.4f} (raw)")
     n = max(t.num_samples, t.fd_samples)
     if t.mode in ("genvit", "hybvit") and n > 0:                      # num_samples = fd_samples = 0: no sampling
         t0 = time.time()
         x = draw_samples(ema_model, diffusion, n, sampler=t.sampler, steps=t.sample_steps, seed=t.seed,
-                         device=device, amp=t.amp, batch_size=t.eval_batch_size, eps_scale=t.eps_scale)
+                         device=device, amp=amp, batch_size=t.eval_batch_size, eps_scale=t.eps_scale)
         metrics["sampling_images_per_second"] = round(n / (time.time() - t0), 1)
         if t.num_samples:
             grid = make_grid(x[:t.num_samples])
