@@ -103,3 +103,31 @@ for name in base base_s1 muon_lr3e3 muon_lr3e3_s1; do
   done
   python -c "import json, sys; v = [json.load(open(f'$OUT/bal-$name-{s}.json'))['metrics']['pixel-fd']['value'] for s in (0, 100, 200)]; print('$name', 'eps-scale 1.0075, balanced', ' '.join(f'{x:.3f}' for x in v), 'mean', f'{sum(v) / 3:.3f}')"
 done
+# the preset itself (Muon, lr 3e-3) at training seeds 0-4, in the precision amp=auto picks on this host and, for
+# comparison, in bf16 (eighth session: on a host where bf16 runs at half the fp32 rate, auto now picks fp32)
+preset_row() {
+  name=$1; seed=$2; shift 2
+  [ -f "$OUT/$name/metrics.json" ] || hybvit train --preset digits-hybvit-plus --minutes 5 --seed "$seed" --quiet \
+      --set fd_samples=1000 --out "$OUT/$name" "$@" > "$OUT/$name.log" 2>&1
+  for kind in plain eps bal; do
+    case $kind in plain) extra=();; eps) extra=(--eps-scale 1.0075);; bal) extra=(--eps-scale 1.0075 --balance-classes);; esac
+    for s in 0 100 200; do
+      [ -f "$OUT/$kind-$name-$s.json" ] || hybvit evaluate --run "$OUT/$name" --metrics pixel-fd --steps 50 --seed $s \
+          "${extra[@]}" --no-html --out "$OUT/$kind-$name-$s.json" > /dev/null 2>&1
+    done
+  done
+  python - "$OUT" "$name" <<'PY'
+import json, sys
+out, name = sys.argv[1:]
+m = json.load(open(f"{out}/{name}/metrics.json"))
+line = f"{name:12s} {m['amp']} steps {m['steps']:5d} acc {m['test_accuracy']:.4f}"
+for kind in ("plain", "eps", "bal"):
+    v = [json.load(open(f"{out}/{kind}-{name}-{s}.json"))["metrics"]["pixel-fd"]["value"] for s in (0, 100, 200)]
+    line += f" | {kind} {' '.join(f'{x:.3f}' for x in v)} mean {sum(v) / 3:.3f}"
+print(line)
+PY
+}
+for S in 0 1 2 3 4; do preset_row "preset_s$S" $S; done
+for S in 3 4; do preset_row "preset_bf16_s$S" $S --set amp=bf16; done
+preset_row adamw_s0 0 --set optimizer=adamw --set lr=0.001
+preset_row ce64_s0  0 --set batch_size=64 --set diffusion_batch_size=128
