@@ -132,4 +132,5 @@ for S in 3 4; do preset_row "preset_bf16_s$S" $S --set amp=bf16; done
 preset_row adamw_s0 0 --set optimizer=adamw --set lr=0.001
 preset_row ce64_s0  0 --set batch_size=64 --set diffusion_batch_size=128
 preset_row ce64_s1  1 --set batch_size=64 --set diffusion_batch_size=128
+preset_row ce64_s2  2 --set batch_size=64 --set diffusion_batch_size=128
 preset_row ce32_s0  0 --set batch_size=32 --set diffusion_batch_size=128
