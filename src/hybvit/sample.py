@@ -109,22 +109,24 @@ def draw_balanced(model: ViT, diffusion: GaussianDiffusion, n: int, batch_size: 
     kept, drawn, k = [], 0, 0
     was_training = model.training
     model.eval()
-    while int(quota.sum()) > 0:
-        if drawn >= max_factor * n:
-            short = [c for c in range(K) if quota[c] > 0]
-            raise HybvitError(f"--balance-classes: after {drawn} samples the model still generated too few of "
-                              f"class(es) {short}; it rarely draws them, so sample without --balance-classes")
-        x = draw_samples(model, diffusion, batch_size, seed=seed + k, device=device, amp=amp, batch_size=batch_size,
-                         **kw)
-        with autocast(amp, torch.device(device)):
-            labels = model.classify(x.to(device)).float().argmax(1).cpu()
-        for i, c in enumerate(labels.tolist()):
-            if quota[c] > 0:
-                quota[c] -= 1
-                kept.append(x[i])
-        drawn += len(x)
-        k += 1
-    model.train(was_training)
+    try:
+        while int(quota.sum()) > 0:
+            if drawn >= max_factor * n:
+                short = [c for c in range(K) if quota[c] > 0]
+                raise HybvitError(f"--balance-classes: after {drawn} samples the model still generated too few of "
+                                  f"class(es) {short}; it rarely draws them, so sample without --balance-classes")
+            x = draw_samples(model, diffusion, batch_size, seed=seed + k, device=device, amp=amp,
+                             batch_size=batch_size, **kw)
+            with autocast(amp, torch.device(device)):
+                labels = model.classify(x.to(device)).float().argmax(1).cpu()
+            for i, c in enumerate(labels.tolist()):
+                if quota[c] > 0:
+                    quota[c] -= 1
+                    kept.append(x[i])
+            drawn += len(x)
+            k += 1
+    finally:
+        model.train(was_training)                                 # also when the draw gives up
     return torch.stack(kept)
 
 
