@@ -75,7 +75,7 @@ def time_step(mode: str, args, device, batch_size: int, reference: bool = False)
     if reference:
         reference_style(model)
     ema = EMA(model, 0.999)
-    opt = build_optimizer(model, cfg, device)
+    opt = build_optimizer(model, cfg, device, cfg.train.amp)
     diffusion = GaussianDiffusion.from_config(cfg.diffusion)
     compile_ = (lambda f: torch.compile(f, mode=args.compile_mode)) if args.compile and not reference else (lambda f: f)
     fwd, joint = compile_(model), compile_(model.classify_and_denoise)

@@ -1,3 +1,4 @@
+import copy
 import json
 
 import pytest
@@ -228,6 +229,49 @@ def test_adam_beta2_reaches_the_optimizer(tiny_cfg):
         opt = build_optimizer(ViT(cfg.model), cfg, torch.device("cpu"))
         assert all(g["betas"] == (0.9, beta2) for g in opt.param_groups)
     assert tiny_cfg().train.adam_beta2 == 0.999
+
+
+@pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason="torch.optim.Muon needs torch >= 2.9")
+@pytest.mark.parametrize("nesterov", [True, False])
+def test_batched_muon_is_torch_muon_and_loads_its_state(nesterov):
+    """BatchedMuon (one Newton-Schulz iteration per shape, in ns_dtype) takes torch.optim.Muon's steps: equal in
+    bf16, where both iterate in the same precision, and within bf16's rounding in fp32; a torch.optim.Muon state
+    dict (checkpoints written before BatchedMuon) loads into it and goes on from the same momentum."""
+    from hybvit.train import BatchedMuon, newton_schulz
+    shapes = [(48, 16), (16, 16), (32, 16), (16, 32), (16, 32)]     # tall, square, wide; two of one shape
+
+    def run(cls, steps=4, state=None, **kw):
+        torch.manual_seed(0)
+        params = [torch.nn.Parameter(0.1 * torch.randn(s)) for s in shapes]
+        opt = cls(params, lr=3e-3, weight_decay=0.05, nesterov=nesterov, adjust_lr_fn="match_rms_adamw", **kw)
+        if state is not None:
+            opt.load_state_dict(copy.deepcopy(state))     # load_state_dict may keep the buffers themselves
+        g = torch.Generator().manual_seed(1 if state is None else 2)
+        for _ in range(steps):
+            for p in params:
+                p.grad = torch.randn(p.shape, generator=g)
+            opt.step()
+        return params, opt
+
+    start = [p.detach().clone() for p in run(torch.optim.Muon, steps=0)[0]]
+    ref, ref_opt = run(torch.optim.Muon)
+    bf16, _ = run(BatchedMuon, ns_dtype=torch.bfloat16)
+    fp32, _ = run(BatchedMuon)
+    for r, a, b, s in zip(ref, bf16, fp32, start):
+        moved = (r - s).abs().max()
+        assert moved > 1e-3
+        torch.testing.assert_close(a, r, rtol=0, atol=1e-6)
+        assert (b - r).abs().max() < 0.05 * moved and not torch.equal(b, r)
+    # resuming from torch.optim.Muon's state: same momentum buffers, same next steps (in bf16)
+    state = ref_opt.state_dict()
+    go_on_ref, _ = run(torch.optim.Muon, state=state)
+    go_on, _ = run(BatchedMuon, state=state, ns_dtype=torch.bfloat16)
+    for r, a in zip(go_on_ref, go_on):
+        torch.testing.assert_close(a, r, rtol=0, atol=1e-6)
+    # the iteration itself: singular values of a badly conditioned stack pulled into Muon's band around 1
+    x = torch.randn(3, 16, 40) * torch.logspace(-3, 0, 40)
+    sv = torch.linalg.svdvals(newton_schulz(x, (3.4445, -4.7750, 2.0315), 5, 1e-7))
+    assert torch.linalg.svdvals(x).min() < 0.2 and 0.5 < sv.min() and sv.max() < 1.3
 
 
 @pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason="torch.optim.Muon needs torch >= 2.9")
