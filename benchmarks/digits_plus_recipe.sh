@@ -138,6 +138,7 @@ preset_row ce32_s0  0 --set batch_size=32 --set diffusion_batch_size=128
 # the rows above were measured with torch.optim.Muon in the eighth session, a rerun measures them with BatchedMuon
 python benchmarks/muon_step.py
 preset_row depth4_s0 0 --set model.depth=4
+preset_row depth4_d160_s0 0 --set model.depth=4 --set model.dim=160 --set model.heads=5
 python benchmarks/eps_scale.py --run "$OUT/preset_s0" --scales 1,1.0075,1.01,1.015,1.02
 python benchmarks/confidence_filter.py --run "$OUT/preset_s0"
 python benchmarks/ema_window.py --out "$OUT/ema_window_s0" --seed 0
