@@ -181,7 +181,7 @@ class BatchedMuon(torch.optim.Muon if hasattr(torch.optim, "Muon") else torch.op
             wide = [u.mT if u.size(0) > u.size(1) else u for u in updates]        # iterate on the wide orientation
             by_shape: dict[tuple, list[int]] = {}
             for i, w in enumerate(wide):
-                by_shape.setdefault((tuple(w.shape), w.device), []).append(i)
+                by_shape.setdefault((tuple(w.shape), w.device, w.dtype), []).append(i)
             lr, wd = float(group["lr"]), group["weight_decay"]
             for idx in by_shape.values():
                 stack = torch.stack([wide[i] for i in idx]).to(self.ns_dtype)
