@@ -150,6 +150,7 @@ def muon_lr_scale(adjust_lr_fn: str | None, shape: torch.Size) -> float:
     return 1.0
 
 
+# On torch < 2.9 the class is still defined (so the module imports), but MuonAdamW refuses train.optimizer=muon first.
 class BatchedMuon(torch.optim.Muon if hasattr(torch.optim, "Muon") else torch.optim.Optimizer):
     """torch.optim.Muon's update (same hyper-parameters, state and checkpoints), computed faster on small models:
     the Newton-Schulz iteration runs once per shape on a stack of all the matrices of that shape (one batched matmul
