@@ -248,6 +248,7 @@ def test_bad_inputs(tmp_path, capsys):
         (["train", "--set", "diffusion.schedule_shift=-1"], "diffusion.schedule_shift must be > 0"),
         (["train", "--set", "diffusion.t_sampling=lognormal"], "unknown diffusion.t_sampling 'lognormal'"),
         (["train", "--set", "diffusion.t_logit_std=0"], "diffusion.t_logit_std must be > 0"),
+        (["train", "--set", "diffusion.input_perturbation=-0.1"], r"diffusion.input_perturbation must be in \[0, 1\]"),
         (["train", "--set", "train.adam_beta2=1"], "train.adam_beta2 must be in"),
         (["train", "--set", "model.dropout=1.5"], "model.dropout is a probability"),
         (["train", "--resume", tmp_path / "no-run"], "cannot resume"),

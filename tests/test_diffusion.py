@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from hybvit.diffusion import GaussianDiffusion, cosine_betas, linear_betas
+from hybvit.diffusion import GaussianDiffusion, _gather, cosine_betas, linear_betas
 
 
 def test_cosine_schedule_closed_form():
@@ -276,3 +276,18 @@ def test_logit_normal_times_concentrate_in_the_middle():
     assert float(draw(t_logit_std=0.3).std()) < 0.5 * float(t.std())
     u = GaussianDiffusion(1000, "cosine").noised(x0, torch.Generator().manual_seed(0))[1].double()
     assert abs(float(((u >= 269) & (u < 731)).double().mean()) - 0.462) < 0.01
+
+
+def test_input_perturbation_noises_the_input_not_the_target():
+    """diffusion.input_perturbation gamma (DDPM-IP): x_t = sqrt(abar) x0 + sigma_t (eps + gamma xi) with the returned
+    target eps unchanged; gamma = 0 is the plain forward process, draw for draw."""
+    x0 = torch.rand(4000, 1, 4, 4) * 2 - 1
+    plain = GaussianDiffusion(1000, "cosine").noised(x0, torch.Generator().manual_seed(3))
+    same = GaussianDiffusion(1000, "cosine", input_perturbation=0.0).noised(x0, torch.Generator().manual_seed(3))
+    assert all(torch.equal(a, b) for a, b in zip(plain, same))
+    d = GaussianDiffusion(1000, "cosine", input_perturbation=0.1)
+    xt, t, eps = d.noised(x0, torch.Generator().manual_seed(3))
+    assert torch.equal(t, plain[1]) and torch.equal(eps, plain[2])           # same t, and the target is the plain eps
+    extra = (xt - d.q_sample(x0, t, eps)) / _gather(d.sqrt_one_minus_alphas_cumprod, t, x0)   # = gamma xi
+    assert abs(float(extra.std()) - 0.1) < 0.003 and abs(float(extra.mean())) < 0.003
+    assert abs(float((extra * eps).mean())) < 0.003                          # xi independent of eps

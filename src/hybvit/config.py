@@ -81,6 +81,8 @@ class DiffusionConfig:
     t_logit_mean: float = 0.0
     t_logit_std: float = 1.0
     schedule_shift: float = 1.0       # SNR'(t) = shift^2 SNR(t) (simple diffusion); > 1 = less noise; 1 = the schedule
+    input_perturbation: float = 0.0   # gamma of DDPM-IP (Ning et al. 2023): x_t gets sigma_t gamma xi more noise in
+                                      # training, the target keeps eps; 0 = off (the paper), 0.1 = theirs
 
     def validate(self) -> None:
         if self.schedule not in ("cosine", "linear"):
@@ -98,6 +100,9 @@ class DiffusionConfig:
             raise HybvitError(f"diffusion.t_logit_std must be > 0 (got {self.t_logit_std})")
         if self.schedule_shift <= 0:
             raise HybvitError(f"diffusion.schedule_shift must be > 0 (got {self.schedule_shift}); 1 = no shift")
+        if not 0 <= self.input_perturbation <= 1:
+            raise HybvitError(f"diffusion.input_perturbation must be in [0, 1] (got {self.input_perturbation}); "
+                              f"0 = off, 0.1 = DDPM-IP's value")
         if self.timesteps < 2:
             raise HybvitError("diffusion.timesteps must be >= 2")
 

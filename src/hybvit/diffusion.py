@@ -63,7 +63,9 @@ class GaussianDiffusion:
 
     def __init__(self, timesteps: int = 1000, schedule: str = "cosine", loss: str = "l1", prediction: str = "eps",
                  weighting: str = "none", min_snr_gamma: float = 5.0, t_sampling: str = "uniform",
-                 schedule_shift: float = 1.0, t_logit_mean: float = 0.0, t_logit_std: float = 1.0):
+                 schedule_shift: float = 1.0, t_logit_mean: float = 0.0, t_logit_std: float = 1.0,
+                 input_perturbation: float = 0.0):
+        self.input_perturbation = input_perturbation
         self.T, self.schedule, self.loss_type, self.t_sampling = timesteps, schedule, loss, t_sampling
         self.prediction, self.weighting, self.min_snr_gamma = prediction, weighting, min_snr_gamma
         self.schedule_shift, self.t_logit_mean, self.t_logit_std = schedule_shift, t_logit_mean, t_logit_std
@@ -92,7 +94,8 @@ class GaussianDiffusion:
         return cls(cfg.timesteps, cfg.schedule, cfg.loss, getattr(cfg, "prediction", "eps"),
                    getattr(cfg, "weighting", "none"), getattr(cfg, "min_snr_gamma", 5.0),
                    getattr(cfg, "t_sampling", "uniform"), getattr(cfg, "schedule_shift", 1.0),
-                   getattr(cfg, "t_logit_mean", 0.0), getattr(cfg, "t_logit_std", 1.0))
+                   getattr(cfg, "t_logit_mean", 0.0), getattr(cfg, "t_logit_std", 1.0),
+                   getattr(cfg, "input_perturbation", 0.0))
 
     # -- forward process -------------------------------------------------------------------------------------
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
@@ -125,7 +128,11 @@ class GaussianDiffusion:
         t_sampling "stratified" draws the batch's times low-discrepancy (as VDM, Kingma et al. 2021): one u ~ U[0, 1),
         t_i = floor(T * ((u + i / B) mod 1)); each t is still uniform, the batch covers [0, T) evenly (less variance).
         "logit-normal" (Esser et al. 2024) draws t = floor(T * sigmoid(m + s n)), n ~ N(0, 1): more of the batch at
-        the middle noise levels and less at both ends (m = t_logit_mean, s = t_logit_std)."""
+        the middle noise levels and less at both ends (m = t_logit_mean, s = t_logit_std).
+
+        input_perturbation gamma > 0 (DDPM-IP, Ning et al. 2023) noises the input as if the noise were eps + gamma xi,
+        xi ~ N(0, I), while the returned eps (the regression target) stays eps: training sees inputs a little off the
+        forward process, as sampling does with the model's own errors (exposure bias)."""
         B = x0.shape[0]
         if self.t_sampling == "logit-normal":
             n = torch.randn(B, generator=generator, device="cpu", dtype=torch.float64)
@@ -137,6 +144,9 @@ class GaussianDiffusion:
         else:
             t = torch.randint(0, self.T, (B,), generator=generator, device="cpu").to(x0.device)
         noise = torch.randn(x0.shape, generator=generator, device="cpu").to(x0.device, x0.dtype)
+        if self.input_perturbation > 0:
+            xi = torch.randn(x0.shape, generator=generator, device="cpu").to(x0.device, x0.dtype)
+            return self.q_sample(x0, t, noise + self.input_perturbation * xi), t, noise
         return self.q_sample(x0, t, noise), t, noise
 
     def loss(self, model: EpsModel, x0: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
