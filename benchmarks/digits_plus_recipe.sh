@@ -142,3 +142,14 @@ preset_row depth4_d160_s0 0 --set model.depth=4 --set model.dim=160 --set model.
 python benchmarks/eps_scale.py --run "$OUT/preset_s0" --scales 1,1.0075,1.01,1.015,1.02
 python benchmarks/confidence_filter.py --run "$OUT/preset_s0"
 python benchmarks/ema_window.py --out "$OUT/ema_window_s0" --seed 0
+# tenth session: twice the time, input perturbation, autoguidance by a 1-minute run of the same preset
+preset_row preset10_s0 0 --set minutes=10
+preset_row ip01_s0 0 --set diffusion.input_perturbation=0.1
+[ -f "$OUT/bad1_s0/metrics.json" ] || hybvit train --preset digits-hybvit-plus --minutes 1 --seed 0 --quiet \
+    --set fd_samples=0 --out "$OUT/bad1_s0" > "$OUT/bad1_s0.log" 2>&1
+python benchmarks/autoguidance.py --run "$OUT/preset_s0" --bad "$OUT/bad1_s0" --weights 1,1.1,1.2,1.5,2
+# tenth and eleventh sessions: stronger weight decay (the preset had 0.05 until the eleventh session)
+for S in 0 1 2 3 4; do preset_row "wd005_s$S" $S --set weight_decay=0.05; done
+for S in 0 1 2 3 4; do preset_row "wd02_s$S" $S --set weight_decay=0.2; done
+for S in 0 1 2 4; do preset_row "wd05_s$S" $S --set weight_decay=0.5; done
+preset_row wd01_s0 0 --set weight_decay=0.1
