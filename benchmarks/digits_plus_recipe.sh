@@ -153,3 +153,4 @@ for S in 0 1 2 3 4; do preset_row "wd005_s$S" $S --set weight_decay=0.05; done
 for S in 0 1 2 3 4; do preset_row "wd02_s$S" $S --set weight_decay=0.2; done
 for S in 0 1 2 4; do preset_row "wd05_s$S" $S --set weight_decay=0.5; done
 preset_row wd01_s0 0 --set weight_decay=0.1
+for S in 1 2 4; do preset_row "wd03_s$S" $S --set weight_decay=0.3; done
