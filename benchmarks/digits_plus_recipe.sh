@@ -149,8 +149,9 @@ preset_row ip01_s0 0 --set diffusion.input_perturbation=0.1
     --set fd_samples=0 --out "$OUT/bad1_s0" > "$OUT/bad1_s0.log" 2>&1
 python benchmarks/autoguidance.py --run "$OUT/preset_s0" --bad "$OUT/bad1_s0" --weights 1,1.1,1.2,1.5,2
 # tenth and eleventh sessions: stronger weight decay (the preset had 0.05 until the eleventh session)
-for S in 0 1 2 3 4; do preset_row "wd005_s$S" $S --set weight_decay=0.05; done
-for S in 0 1 2 3 4; do preset_row "wd02_s$S" $S --set weight_decay=0.2; done
+# (the preset_s0-4 rows above now train with 0.2; wd005 are the same seeds with the old value)
+for S in 0 1 2 3 4 5 6 7; do preset_row "wd005_s$S" $S --set weight_decay=0.05; done
+for S in 5 6 7; do preset_row "preset_s$S" $S; done
 for S in 0 1 2 4; do preset_row "wd05_s$S" $S --set weight_decay=0.5; done
 preset_row wd01_s0 0 --set weight_decay=0.1
 for S in 1 2 4; do preset_row "wd03_s$S" $S --set weight_decay=0.3; done
