@@ -155,3 +155,41 @@ for S in 5 6 7; do preset_row "preset_s$S" $S; done
 for S in 0 1 2 4; do preset_row "wd05_s$S" $S --set weight_decay=0.5; done
 preset_row wd01_s0 0 --set weight_decay=0.1
 for S in 1 2 4; do preset_row "wd03_s$S" $S --set weight_decay=0.3; done
+# twelfth session: a larger epsilon scale on the wd 0.2 runs (evaluation only), chosen beforehand from the ninth
+# session's sweep over other sample seeds (1.015 was lowest there)
+bal_fd() {
+  name=$1; scale=$2
+  for s in 0 100 200; do
+    [ -f "$OUT/bal$scale-$name-$s.json" ] || hybvit evaluate --run "$OUT/$name" --metrics pixel-fd --steps 50 --seed $s \
+        --eps-scale "$scale" --balance-classes --no-html --out "$OUT/bal$scale-$name-$s.json" > /dev/null 2>&1
+  done
+  python - "$OUT" "$name" "$scale" <<'PY'
+import json, sys
+out, name, scale = sys.argv[1:]
+v = [json.load(open(f"{out}/bal{scale}-{name}-{s}.json"))["metrics"]["pixel-fd"]["value"] for s in (0, 100, 200)]
+print(f"{name:12s} eps {scale} balanced {' '.join(f'{x:.3f}' for x in v)} mean {sum(v) / 3:.3f}")
+PY
+}
+for S in 0 1 2 3 4 5 6 7; do bal_fd "preset_s$S" 1.015; done
+# autoguidance by a snapshot of the same run: train.ckpt_every (250 steps in the preset) rewrites
+# checkpoints/ema.safetensors; a watcher keeps each version as a run directory NAME-snapK (K-th checkpoint)
+snap_run() {
+  name=$1; seed=$2
+  [ -f "$OUT/$name/metrics.json" ] && return 0
+  hybvit train --preset digits-hybvit-plus --minutes 5 --seed "$seed" --quiet --set fd_samples=1000 \
+      --out "$OUT/$name" > "$OUT/$name.log" 2>&1 &
+  pid=$!; k=0; last=""
+  while kill -0 $pid 2>/dev/null; do
+    f="$OUT/$name/checkpoints/ema.safetensors"
+    if [ -f "$f" ] && [ "$(stat -c %Y "$f")" != "$last" ]; then
+      sleep 0.5; last=$(stat -c %Y "$f"); k=$((k + 1))
+      mkdir -p "$OUT/$name-snap$k/checkpoints"; cp "$OUT/$name/config.json" "$OUT/$name-snap$k/"
+      cp "$f" "$OUT/$name-snap$k/checkpoints/ema.safetensors"
+    fi
+    sleep 1
+  done
+  wait $pid
+}
+snap_run snap_s0 0
+python benchmarks/autoguidance.py --run "$OUT/snap_s0" --bad "$OUT/snap_s0-snap1" --weights 1,1.2,1.4
+python benchmarks/autoguidance.py --run "$OUT/snap_s0" --bad "$OUT/snap_s0-snap2" --weights 1.2,1.4

@@ -29,6 +29,11 @@ def test_lr_schedule():
     assert lr_at(9, 100, 10, 1.0, 0.0) == pytest.approx(1.0)
     assert lr_at(55, 100, 10, 1.0, 0.0) == pytest.approx(0.5)
     assert lr_at(100, 100, 10, 1.0, 0.0) == pytest.approx(0.0)
+    # linear decay: half way through the decay the rate is half, and it ends at min_lr
+    assert lr_at(55, 100, 10, 1.0, 0.0, "linear") == pytest.approx(0.5)
+    assert lr_at(32, 100, 10, 1.0, 0.0, "linear") == pytest.approx(1 - 22 / 90)
+    assert lr_at(32, 100, 10, 1.0, 0.0, "cosine") > lr_at(32, 100, 10, 1.0, 0.0, "linear")
+    assert lr_at(100, 100, 10, 1.0, 0.1, "linear") == pytest.approx(0.1)
 
 
 @pytest.mark.parametrize("mode", ["vit", "genvit", "hybvit"])

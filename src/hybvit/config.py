@@ -155,6 +155,7 @@ class TrainConfig:
     warmup_epochs: float = 10.0
     warmup_max_frac: float = 0.1      # warm-up never longer than this fraction of the run
     min_lr: float = 1e-6
+    lr_schedule: str = "cosine"       # decay after the warm-up: cosine (the paper's code) | linear (to min_lr)
     grad_clip: float = 1.0
     ema_decay: float = 0.999
     ema_warmup: bool = False          # decay min(ema_decay, (1+s)/(10+s)): helps short runs
@@ -190,6 +191,8 @@ class TrainConfig:
     def validate(self) -> None:
         if self.mode not in MODES:
             raise HybvitError(f"unknown mode '{self.mode}'; use one of {', '.join(MODES)}")
+        if self.lr_schedule not in ("cosine", "linear"):
+            raise HybvitError(f"unknown train.lr_schedule '{self.lr_schedule}'; use cosine or linear")
         if self.optimizer not in ("adamw", "sgd", "muon"):
             raise HybvitError(f"unknown optimizer '{self.optimizer}'; use adamw, sgd or muon")
         if self.amp not in ("auto", "bf16", "fp32"):

@@ -236,11 +236,14 @@ class MuonAdamW:
         self.adamw.load_state_dict(state["adamw"])
 
 
-def lr_at(step: int, total: int, warmup: int, lr: float, min_lr: float) -> float:
-    """Linear warm-up from ~0 over `warmup` steps, then cosine decay to min_lr at `total`."""
+def lr_at(step: int, total: int, warmup: int, lr: float, min_lr: float, schedule: str = "cosine") -> float:
+    """Linear warm-up from ~0 over `warmup` steps, then decay to min_lr at `total`: cosine (the paper's code) or
+    linear (straight to min_lr; Bergsma et al. 2025 find it at least as good as cosine for AdamW)."""
     if step < warmup:
         return lr * (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    if schedule == "linear":
+        return min_lr + (lr - min_lr) * (1 - progress)
     return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
 
 
@@ -506,7 +509,7 @@ def train(cfg: Config, data: ImageData, out_dir: Path, resume: bool = False, sto
     model.train()
     with _StopFlag() as stop:
         while step < est_total:
-            lr = lr_at(step, est_total, warmup_steps(cfg, n_train, est_total), t.lr, t.min_lr)
+            lr = lr_at(step, est_total, warmup_steps(cfg, n_train, est_total), t.lr, t.min_lr, t.lr_schedule)
             for group in optimizer.param_groups:
                 group["lr"] = lr
             # Every rank builds the inputs of the WHOLE global batch from the step's generator, exactly as one
