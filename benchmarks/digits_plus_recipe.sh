@@ -196,4 +196,4 @@ python benchmarks/autoguidance.py --run "$OUT/snap_s0" --bad "$OUT/snap_s0-snap2
 # twelfth session: linear learning-rate decay and min-SNR gamma 10, paired with the preset_s rows (wd 0.2)
 # (only the balanced figures were taken for these rows; preset_row also computes plain and eps)
 for S in 0 1 2 3 4 5 6 7; do preset_row "lin_s$S" $S --set lr_schedule=linear; done
-for S in 0 1 2 3; do preset_row "g10_s$S" $S --set diffusion.min_snr_gamma=10; done
+for S in 0 1 2 3 4 5 6 7; do preset_row "g10_s$S" $S --set diffusion.min_snr_gamma=10; done
