@@ -247,6 +247,7 @@ def test_bad_inputs(tmp_path, capsys):
         (["train", "--set", "train.eps_scale=0"], "train.eps_scale must be > 0"),
         (["train", "--set", "diffusion.schedule_shift=-1"], "diffusion.schedule_shift must be > 0"),
         (["train", "--set", "diffusion.t_sampling=lognormal"], "unknown diffusion.t_sampling 'lognormal'"),
+        (["train", "--set", "lr_schedule=step"], "unknown train.lr_schedule 'step'; use cosine or linear"),
         (["train", "--set", "diffusion.t_logit_std=0"], "diffusion.t_logit_std must be > 0"),
         (["train", "--set", "diffusion.input_perturbation=-0.1"], r"diffusion.input_perturbation must be in \[0, 1\]"),
         (["train", "--set", "train.adam_beta2=1"], "train.adam_beta2 must be in"),
