@@ -197,3 +197,9 @@ python benchmarks/autoguidance.py --run "$OUT/snap_s0" --bad "$OUT/snap_s0-snap2
 # (only the balanced figures were taken for these rows; preset_row also computes plain and eps)
 for S in 0 1 2 3 4 5 6 7; do preset_row "lin_s$S" $S --set lr_schedule=linear; done
 for S in 0 1 2 3 4 5 6 7; do preset_row "g10_s$S" $S --set diffusion.min_snr_gamma=10; done
+# thirteenth session: eight more training seeds (8-15) for the preset and for min-SNR gamma 10, run pair by pair
+# (only the balanced figures were taken; preset_row also computes plain and eps)
+for S in 8 9 10 11 12 13 14 15; do
+  preset_row "preset_s$S" $S
+  preset_row "g10_s$S" $S --set diffusion.min_snr_gamma=10
+done
