@@ -203,3 +203,15 @@ for S in 8 9 10 11 12 13 14 15; do
   preset_row "preset_s$S" $S
   preset_row "g10_s$S" $S --set diffusion.min_snr_gamma=10
 done
+# fourteenth session: a class-conditional denoiser (model.class_cond; sample i asks for class i mod K, so the
+# sets are balanced by construction), then classifier-free guidance on the same runs (evaluation only)
+for S in 0 1 2; do preset_row "cc_s$S" $S --set model.class_cond=true; done
+cfg_fd() {
+  name=$1; w=$2
+  for s in 0 100 200; do
+    [ -f "$OUT/cfg$w-$name-$s.json" ] || hybvit evaluate --run "$OUT/$name" --metrics pixel-fd --steps 50 --seed $s \
+        --eps-scale 1.0075 --cfg-scale "$w" --no-html --out "$OUT/cfg$w-$name-$s.json" > /dev/null 2>&1
+  done
+  python -c "import json; v = [json.load(open(f'$OUT/cfg$w-$name-{s}.json'))['metrics']['pixel-fd']['value'] for s in (0, 100, 200)]; print('$name', 'eps 1.0075, cfg-scale $w', ' '.join(f'{x:.3f}' for x in v), 'mean', f'{sum(v) / 3:.3f}')"
+}
+for W in 0.6 0.8 1.3; do cfg_fd cc_s0 $W; done

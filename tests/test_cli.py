@@ -55,6 +55,9 @@ def test_sample_npz_and_png(trained, tmp_path, capsys):
     assert not np.array_equal(np.load(tmp_path / "e.npz")["images"], images)
     rc, _, err = run_cli(capsys, "sample", "--run", trained, "--num", 5, "--out", tmp_path / "z.npz", "--eps-scale", -1)
     assert rc == 2 and "--eps-scale must be > 0" in err and not (tmp_path / "z.npz").exists()
+    # classifier-free guidance needs a class-conditional run
+    rc, _, err = run_cli(capsys, "sample", "--run", trained, "--num", 5, "--out", tmp_path / "c.npz", "--cfg-scale", 2)
+    assert rc == 2 and "--cfg-scale needs a class-conditional run" in err and not (tmp_path / "c.npz").exists()
 
 
 def test_evaluate(trained, tmp_path, capsys):
@@ -252,6 +255,8 @@ def test_bad_inputs(tmp_path, capsys):
         (["train", "--set", "diffusion.input_perturbation=-0.1"], r"diffusion.input_perturbation must be in \[0, 1\]"),
         (["train", "--set", "train.adam_beta2=1"], "train.adam_beta2 must be in"),
         (["train", "--set", "model.dropout=1.5"], "model.dropout is a probability"),
+        (["train", "--set", "train.label_dropout=2"], r"train.label_dropout must be in \[0, 1\]"),
+        (["train", "--mode", "vit", "--set", "model.class_cond=true"], "class_cond conditions the denoiser"),
         (["train", "--resume", tmp_path / "no-run"], "cannot resume"),
     ]
     for args, pattern in cases:
@@ -329,3 +334,29 @@ def test_sigterm_saves_a_checkpoint_and_the_run_resumes(tmp_path):
     assert not (run / "metrics.json").exists()
     assert main(["train", "--resume", str(run), "--steps", str(state["step"] + 2), "--quiet"]) == 0
     assert json.loads((run / "metrics.json").read_text())["steps"] == state["step"] + 2
+
+
+def test_class_conditional_run_end_to_end(tmp_path, capsys):
+    """--set model.class_cond=true trains, samples (each class in turn, or --class K through the conditional
+    denoiser), evaluates with --cfg-scale and records it; data without labels is refused for it."""
+    from types import SimpleNamespace
+    from hybvit.cli import _check_data_fits
+    from hybvit.config import preset_config
+    from hybvit.errors import HybvitError
+    run = tmp_path / "cc"
+    assert main(["train", "--steps", "4", "--out", str(run), "--set", "model.class_cond=true"] + TINY) == 0
+    rc, *_ = run_cli(capsys, "sample", "--run", run, "--num", 6, "--steps", 2, "--out", tmp_path / "a.npz",
+                     "--cfg-scale", 1.5)
+    assert rc == 0 and np.load(tmp_path / "a.npz")["images"].shape == (6, 8, 8, 1)
+    rc, *_ = run_cli(capsys, "sample", "--run", run, "--num", 4, "--steps", 2, "--out", tmp_path / "k.npz",
+                     "--class", 3, "--guidance-scale", 0)
+    assert rc == 0
+    rc, *_ = run_cli(capsys, "evaluate", "--run", run, "--metrics", "pixel-fd", "--num-samples", 20, "--steps", 2,
+                     "--cfg-scale", 1.5, "--no-html", "--out", tmp_path / "e.json")
+    fd = json.loads((tmp_path / "e.json").read_text())["metrics"]["pixel-fd"]
+    assert rc == 0 and fd["cfg_scale"] == 1.5 and fd["labels"] == "sample i: class i mod K"
+    cfg = preset_config("digits-hybvit")
+    cfg.train.mode, cfg.model.class_cond = "genvit", True
+    unlabeled = SimpleNamespace(num_classes=0, name="faces", channels=1, image_size=8)
+    with pytest.raises(HybvitError, match="no class labels for model.class_cond"):
+        _check_data_fits(cfg, unlabeled)

@@ -305,3 +305,71 @@ def test_balanced_samples_hold_each_class_equally_and_come_from_the_plain_draws(
         model.head[-1].bias.copy_(torch.tensor([100.0, -100.0]))
     with pytest.raises(HybvitError, match="too few of class"):
         draw_balanced(model, d, 4, batch_size=8, seed=0, steps=2, amp="fp32", max_factor=5)
+
+
+@pytest.mark.parametrize("time_token", [False, True])
+def test_class_conditional_denoiser_reads_its_labels(time_token):
+    """model.class_cond: y = None and y = num_classes ("no label") are the same unconditional denoiser, other
+    labels change the prediction, the joint pass equals two passes, and classification ignores the table."""
+    cfg = ModelConfig(image_size=8, channels=1, patch_size=2, num_classes=3, dim=32, depth=2, heads=4,
+                      class_cond=True, time_token=time_token)
+    torch.manual_seed(0)
+    model = ViT(cfg).eval()
+    with torch.no_grad():
+        model.label_embed.weight.normal_()                  # a trained table, not the small initial one
+    x0, xt, t = torch.randn(4, 1, 8, 8), torch.randn(4, 1, 8, 8), torch.tensor([5, 300, 600, 900])
+    torch.testing.assert_close(model.denoise(xt, t), model.denoise(xt, t, y=torch.full((4,), 3)))
+    e0, e1 = model.denoise(xt, t, y=torch.zeros(4, dtype=torch.long)), model.denoise(xt, t, y=torch.ones(4).long())
+    assert (e0 - e1).abs().mean() > 1e-3
+    y = torch.tensor([0, 2, 1, 3])
+    logits, eps = model.classify_and_denoise(x0, xt, t, y=y)
+    torch.testing.assert_close(eps, model.denoise(xt, t, y=y), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(logits, model.classify(x0), rtol=1e-4, atol=1e-5)
+    before = model.classify(x0)
+    with torch.no_grad():
+        model.label_embed.weight.mul_(3)
+    torch.testing.assert_close(model.classify(x0), before)
+
+
+def test_class_conditional_samples_cycle_through_the_classes_or_take_one():
+    """draw_samples on a class-conditional model: sample i gets class i mod K (so n // K of each), or all one
+    class with label=K; each batch's labels are what the denoiser sees (same noise, other class -> other image)."""
+    from hybvit.diffusion import GaussianDiffusion
+    from hybvit.sample import draw_samples, sample_labels
+    cfg = ModelConfig(image_size=8, channels=1, patch_size=2, num_classes=3, dim=32, depth=2, heads=4,
+                      class_cond=True)
+    assert sample_labels(cfg, 4, 5, None, "cpu").tolist() == [1, 2, 0, 1, 2]
+    assert sample_labels(cfg, 4, 2, 2, "cpu").tolist() == [2, 2]
+    assert sample_labels(ModelConfig(), 0, 3, None, "cpu") is None
+    torch.manual_seed(0)
+    model = ViT(cfg).eval()
+    with torch.no_grad():
+        model.label_embed.weight.normal_()
+    d = GaussianDiffusion(100, "cosine")
+    mixed = draw_samples(model, d, 6, steps=3, seed=1, batch_size=4, amp="fp32")
+    per_class = [draw_samples(model, d, 6, steps=3, seed=1, batch_size=4, amp="fp32", label=k) for k in range(3)]
+    for i in range(6):                                   # the same initial noise, the class i mod 3
+        torch.testing.assert_close(mixed[i], per_class[i % 3][i])
+    assert (per_class[0] - per_class[1]).abs().mean() > 1e-3
+
+
+def test_classifier_free_guidance_mixes_the_conditional_and_unconditional_outputs():
+    """eps_function(cfg_scale=w) on a class-conditional model: w = 1 is the conditional denoiser, w = 0 the
+    "no label" one, and w = 2 lies as far beyond the conditional output as the unconditional one lies before it."""
+    from hybvit.diffusion import GaussianDiffusion
+    from hybvit.sample import eps_function
+    cfg = ModelConfig(image_size=8, channels=1, patch_size=2, num_classes=3, dim=32, depth=2, heads=4,
+                      class_cond=True)
+    torch.manual_seed(0)
+    model = ViT(cfg).eval()
+    with torch.no_grad():
+        model.label_embed.weight.normal_()
+    d = GaussianDiffusion(100, "cosine", prediction="v")
+    x, t, y = torch.randn(4, 1, 8, 8), torch.tensor([3, 30, 60, 90]), torch.tensor([0, 1, 2, 1])
+    with torch.no_grad():
+        cond = eps_function(model, d, "fp32", labels=y)(x, t)
+        uncond = eps_function(model, d, "fp32")(x, t)
+        for w, want in ((1.0, cond), (0.0, uncond), (2.0, 2 * cond - uncond)):
+            torch.testing.assert_close(eps_function(model, d, "fp32", labels=y, cfg_scale=w)(x, t), want,
+                                       rtol=1e-4, atol=1e-5)
+    assert (cond - uncond).abs().mean() > 1e-3

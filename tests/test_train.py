@@ -316,3 +316,31 @@ def test_muon_splits_the_parameters_trains_and_resumes_exactly(tiny_cfg, digits,
     cfg_adam = tiny_cfg(steps=12, lr=2e-3)
     with pytest.raises(HybvitError, match="optimizer state"):
         train(cfg_adam, data, tmp_path / "b", resume=True, progress=False)
+
+
+def test_class_conditioning_trains_the_labels_it_is_given(tiny_cfg, digits, tmp_path):
+    """model.class_cond: the diffusion images' labels reach the denoiser. With train.label_dropout=0 the rows of
+    the label table for real classes learn and the "no label" row keeps its initial value; with 1 only the
+    "no label" row learns. The joint pass (clean and noisy images in one forward) trains the same model."""
+    from hybvit.checkpoint import load_training_state
+    from hybvit.model import ViT
+    weights = {}
+    for name, drop, joint in (("d0", 0.0, False), ("d1", 1.0, False), ("d0j", 0.0, True)):
+        cfg = tiny_cfg(steps=3, label_dropout=drop, joint_pass=joint, amp="fp32", warmup_epochs=0, weight_decay=0.0)
+        cfg.model.class_cond = True
+        train(cfg, small(digits), tmp_path / name, progress=False)
+        weights[name] = load_training_state(tmp_path / name / "checkpoints" / "last.pt")["model"]
+    torch.manual_seed(cfg.train.seed)                                    # the trainer's initialisation
+    init = ViT(cfg.model).label_embed.weight.detach()                   # (classes + 1, time_hidden)
+    null = cfg.model.num_classes
+    d0, d1 = weights["d0"]["label_embed.weight"], weights["d1"]["label_embed.weight"]
+    assert torch.equal(d0[null], init[null]) and not torch.equal(d0[:null], init[:null])
+    assert torch.equal(d1[:null], init[:null]) and not torch.equal(d1[null], init[null])
+    for k, v in weights["d0"].items():     # Adam turns float rounding in near-zero gradients into ~1e-5 moves
+        torch.testing.assert_close(weights["d0j"][k], v, rtol=1e-4, atol=1e-4)
+    with pytest.raises(HybvitError, match="label_dropout"):
+        tiny_cfg(label_dropout=-0.1).train.validate()
+    cfg = tiny_cfg(mode="vit")
+    cfg.model.class_cond = True
+    with pytest.raises(HybvitError, match="class_cond"):
+        cfg.validate()

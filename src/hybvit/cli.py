@@ -51,8 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--balance-classes", action="store_true",
                    help="HybViT only: the same number of samples of each class, as the model's own classifier labels "
                         "them (draws extra samples and keeps each while its class is short)")
+    s.add_argument("--cfg-scale", type=float, default=1.0, metavar="W",
+                   help="classifier-free guidance of a class-conditional run (model.class_cond): out_u + W (out_y - "
+                        "out_u); default 1 = the conditional denoiser alone")
     s.add_argument("--class", dest="label", type=int, metavar="K",
-                   help="HybViT only: steer every sample toward class K with the model's own classifier")
+                   help="HybViT only: steer every sample toward class K with the model's own classifier (a "
+                        "class-conditional run also asks its denoiser for K)")
     s.add_argument("--guidance-scale", type=float, default=None, metavar="S",
                    help="strength of --class guidance (default 32; 0 = unguided)")
     s.add_argument("--guidance-through", default="denoiser", choices=["denoiser", "classifier"],
@@ -78,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="epsilon scaling for the generated samples: predicted noise / L (default 1 = off)")
     e.add_argument("--balance-classes", action="store_true",
                    help="generated sets hold each class equally, as the run's own classifier labels them (HybViT)")
+    e.add_argument("--cfg-scale", type=float, default=1.0, metavar="W",
+                   help="classifier-free guidance weight for a class-conditional run (model.class_cond; 1 = off)")
     e.add_argument("--order", type=int, default=2, choices=[1, 2, 3], help="DPM-Solver++ order")
     e.add_argument("--spacing", default="logsnr", choices=["logsnr", "time"], help="DPM-Solver++ spacing")
     e.add_argument("--inception-weights", metavar="PATH",
@@ -237,6 +243,9 @@ def _check_data_fits(cfg, data) -> None:
     if data.num_classes < 2 and cfg.train.mode != "genvit":
         raise HybvitError(f"{data.name} has no class labels, so mode {cfg.train.mode} cannot train a classifier; "
                           f"use --mode genvit")
+    if data.num_classes < 2 and m.class_cond:
+        raise HybvitError(f"{data.name} has no class labels for model.class_cond to condition on; "
+                          f"use --set model.class_cond=false")
     if (data.channels, data.image_size) != (m.channels, m.image_size):
         raise HybvitError(f"data {data.name} is {data.image_size}x{data.image_size}x{data.channels} but the model "
                           f"takes {m.image_size}x{m.image_size}x{m.channels}; use matching data")
@@ -327,11 +336,12 @@ def cmd_sample(args) -> int:
         x = sample_class(run, args.label, args.num, scale=32.0 if args.guidance_scale is None else args.guidance_scale,
                          sampler=args.sampler, steps=args.steps, seed=args.seed, batch_size=args.batch_size,
                          order=args.order, spacing=args.spacing, through=args.guidance_through,
-                         eta=1.0 if args.eta is None else args.eta, eps_scale=args.eps_scale)
+                         eta=1.0 if args.eta is None else args.eta, eps_scale=args.eps_scale,
+                         cfg_scale=args.cfg_scale)
     else:
         x = run.sample(args.num, sampler=args.sampler, steps=args.steps, eta=args.eta or 0.0, seed=args.seed,
                        order=args.order, spacing=args.spacing, batch_size=args.batch_size, progress=True,
-                       eps_scale=args.eps_scale, balance_classes=args.balance_classes)
+                       eps_scale=args.eps_scale, balance_classes=args.balance_classes, cfg_scale=args.cfg_scale)
     dt = time.time() - t0
     if out.suffix == ".png":
         save_png(out, make_grid(x))
@@ -347,8 +357,18 @@ def _check_eps_scale(value: float) -> None:
         raise HybvitError(f"--eps-scale must be > 0 (got {value}); 1 is off, 1.005-1.02 the useful range")
 
 
+def _check_cfg_scale(value: float, run_dir) -> None:
+    from .sample import load_run_config
+    if value < 0:
+        raise HybvitError(f"--cfg-scale must be >= 0 (got {value}); 1 is the conditional denoiser alone")
+    if value != 1.0 and not load_run_config(run_dir).model.class_cond:
+        raise HybvitError(f"--cfg-scale needs a class-conditional run (trained with --set model.class_cond=true); "
+                          f"{run_dir} is not one, so leave it at 1")
+
+
 def _check_sample_args(args) -> Path:
     _check_eps_scale(args.eps_scale)
+    _check_cfg_scale(args.cfg_scale, args.run)
     out = Path(args.out)
     if out.suffix not in (".png", ".npz"):
         raise HybvitError(f"--out '{out}' must end in .png (a grid) or .npz (uint8 images)")
@@ -395,7 +415,7 @@ def _sample_distributed(args, ctx) -> int:
     x = draw_samples(run.model, run.diffusion, args.num, sampler=args.sampler, steps=args.steps, eta=args.eta or 0.0,
                      seed=args.seed, device=run.device, amp=run.config.train.amp, batch_size=args.batch_size,
                      progress=ctx.main, order=args.order, spacing=args.spacing, shard=(ctx.rank, ctx.world),
-                     eps_scale=args.eps_scale)
+                     eps_scale=args.eps_scale, cfg_scale=args.cfg_scale)
     images = gather_samples(ctx, x, args.num, args.batch_size)
 
     def write():
@@ -429,6 +449,7 @@ def cmd_evaluate(args) -> int:
     if args.eta < 0:
         raise HybvitError(f"--eta must be >= 0 (got {args.eta}); 0 is deterministic DDIM, 1 ancestral-like")
     _check_eps_scale(args.eps_scale)
+    _check_cfg_scale(args.cfg_scale, args.run)
     try:
         bins = [int(b) for b in args.ece_bins.split(",") if b.strip()]
     except ValueError:
@@ -458,7 +479,7 @@ def cmd_evaluate(args) -> int:
     metrics = parse_metrics(args.metrics, mode)
     opts = EvalOptions(data_spec=args.data, num_samples=args.num_samples, sampler=args.sampler, steps=args.steps,
                        eta=args.eta, order=args.order, spacing=args.spacing, eps_scale=args.eps_scale,
-                       balance_classes=args.balance_classes,
+                       balance_classes=args.balance_classes, cfg_scale=args.cfg_scale,
                        seed=args.seed, batch_size=args.batch_size, device=args.device,
                        inception_weights=args.inception_weights, fid_reference=args.fid_reference,
                        bpd_images=args.bpd_images, bpd_timesteps=args.bpd_timesteps, ece_bins=bins,

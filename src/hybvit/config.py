@@ -44,6 +44,9 @@ class ModelConfig:
                                       # the paper; DDPM used 0.1 for CIFAR-10's UNet)
     self_cond: bool = False           # self-conditioning (Chen et al., 2022): the denoiser also sees its own
                                       # previous estimate of x0 (zeros when there is none)
+    class_cond: bool = False          # a class-conditional denoiser: a label embedding joins the time features
+                                      # (as DiT); label index num_classes means "no label" (unconditional), which
+                                      # training uses for a train.label_dropout share of the diffusion images
 
     @property
     def num_patches(self) -> int:
@@ -144,6 +147,7 @@ class TrainConfig:
     alpha: float = 100.0              # L = L_CE + alpha * L_simple (Eq. 23)
     batch_size: int = 128             # per branch: hybvit draws two independent batches of this size
     diffusion_batch_size: int = 0     # >0: the diffusion batch's size when it differs from batch_size (0 = same)
+    label_dropout: float = 0.1        # model.class_cond: the share of diffusion images trained with "no label"
     self_cond_prob: float = 0.5       # model.self_cond: the share of diffusion images trained on a first-pass x0
                                       # estimate (the rest on zeros), 0.5 as Chen et al. (2022)
     optimizer: str = "adamw"          # adamw (the paper's code) | sgd (the paper's text) | muon (Muon on the
@@ -207,6 +211,8 @@ class TrainConfig:
             raise HybvitError(f"unknown sampler '{self.sampler}'; use ancestral, ddim or dpm-solver++")
         if self.batch_size < 1:
             raise HybvitError("train.batch_size must be >= 1")
+        if not 0.0 <= self.label_dropout <= 1.0:
+            raise HybvitError(f"train.label_dropout must be in [0, 1] (got {self.label_dropout})")
         if not 0.0 <= self.self_cond_prob <= 1.0:
             raise HybvitError(f"train.self_cond_prob must be in [0, 1] (got {self.self_cond_prob})")
         if self.diffusion_batch_size < 0:
@@ -235,6 +241,9 @@ class Config:
         self.diffusion.validate()
         self.data.validate()
         self.train.validate()
+        if self.model.class_cond and self.train.mode == "vit":
+            raise HybvitError("model.class_cond conditions the denoiser, and a vit run has none; "
+                              "drop it or use --set train.mode=hybvit")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

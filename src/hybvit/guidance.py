@@ -60,7 +60,8 @@ def self_guided_eps(classify: Callable[[torch.Tensor], torch.Tensor], eps_model:
 
 def sample_class(run, label: int, n: int, scale: float = 32.0, sampler: str = "ddim", steps: int = 50,
                  seed: int = 0, batch_size: int = 500, order: int = 2, spacing: str = "logsnr",
-                 through: str = "denoiser", eta: float = 1.0, eps_scale: float = 1.0) -> torch.Tensor:
+                 through: str = "denoiser", eta: float = 1.0, eps_scale: float = 1.0,
+                 cfg_scale: float = 1.0) -> torch.Tensor:
     """n images in [-1, 1] of class `label`, self-guided with `scale`; batch k uses the generator seed + k (as
     unguided sampling does, so scale 0 gives exactly the unguided samples of the same sampler and eta).
 
@@ -69,7 +70,7 @@ def sample_class(run, label: int, n: int, scale: float = 32.0, sampler: str = "d
     the requested class with eta 0 (per-class FD 1.3x the unguided samples'), and 93 % with eta 1, with a per-class
     FD below the unguided samples' (docs/results/self-guidance-digits.md)."""
     from .errors import HybvitError
-    from .sample import eps_function
+    from .sample import eps_function, sample_labels
     from .train import autocast
     cfg = run.config
     if cfg.train.mode != "hybvit":
@@ -85,9 +86,11 @@ def sample_class(run, label: int, n: int, scale: float = 32.0, sampler: str = "d
 
     out = []
     for k, start in enumerate(range(0, n, batch_size)):
-        eps_model = eps_function(model, run.diffusion, cfg.train.amp, device, eps_scale=eps_scale)   # one per chain
-        eps = self_guided_eps(classify, eps_model, run.diffusion, label, scale, through)
         b = min(batch_size, n - start)
+        labels = sample_labels(cfg.model, start, b, label, device)    # a class-conditional denoiser: ask for K
+        eps_model = eps_function(model, run.diffusion, cfg.train.amp, device, eps_scale=eps_scale, labels=labels,
+                                 cfg_scale=cfg_scale)
+        eps = self_guided_eps(classify, eps_model, run.diffusion, label, scale, through)
         g = torch.Generator().manual_seed(seed + k)
         shape = (b, cfg.model.channels, cfg.model.image_size, cfg.model.image_size)
         with torch.no_grad():

@@ -21,7 +21,7 @@ from .train import autocast, resolve_device
 
 
 def eps_function(model: ViT, diffusion: GaussianDiffusion, amp: str = "auto", device="cpu", chain: bool = True,
-                 eps_scale: float = 1.0):
+                 eps_scale: float = 1.0, labels: torch.Tensor | None = None, cfg_scale: float = 1.0):
     """The model's denoiser as the noise predictor eps(x_t, t) that the samplers, guidance and the likelihood
     bound use: bf16 autocast as the run was trained, float32 out, v-prediction converted to eps.
 
@@ -35,15 +35,26 @@ def eps_function(model: ViT, diffusion: GaussianDiffusion, amp: str = "auto", de
     wrong x_t rather than true q(x_t | x0) inputs and over-predicts the noise, so it removes too much of it and
     the samples come out smoother and less varied than the data; a scale a little above 1 (1.005-1.02) offsets it
     with no training. On the digits-plus run it lowered the pixel-FD on every one of 6 sample seeds
-    (docs/results/digits-plus-recipe.md)."""
+    (docs/results/digits-plus-recipe.md).
+
+    labels (model.class_cond only): the class of each image of the batch, (B,); None = the unconditional
+    denoiser ("no label"). cfg_scale w (with labels; 1 = off): classifier-free guidance (Ho & Salimans, 2022),
+    out = out_u + w (out_y - out_u) from the conditional and the "no label" outputs of one doubled batch."""
     if eps_scale != 1.0:
-        inner = eps_function(model, diffusion, amp, device, chain)
+        inner = eps_function(model, diffusion, amp, device, chain, labels=labels, cfg_scale=cfg_scale)
         return lambda x, t: inner(x, t) / eps_scale
     device = torch.device(device)
 
+    guided = labels is not None and cfg_scale != 1.0
+
     def net(x: torch.Tensor, t: torch.Tensor, x0_cond: torch.Tensor | None = None) -> torch.Tensor:
         with autocast(amp, device):
-            return model.denoise(x.float(), t, x0_cond).float()
+            if not guided:
+                return model.denoise(x.float(), t, x0_cond, labels).float()
+            two = lambda v: None if v is None else torch.cat([v, v])                  # noqa: E731
+            y2 = torch.cat([labels, torch.full_like(labels, model.cfg.num_classes)])  # (2B,): y, then "no label"
+            out_y, out_u = model.denoise(two(x.float()), two(t), two(x0_cond), y2).float().chunk(2)
+            return out_u + cfg_scale * (out_y - out_u)             # linear, so the same for eps and v outputs
     if not model.cfg.self_cond:
         return diffusion.eps_model(net)
     previous: list = [None]
@@ -63,9 +74,12 @@ def eps_function(model: ViT, diffusion: GaussianDiffusion, amp: str = "auto", de
 def draw_samples(model: ViT, diffusion: GaussianDiffusion, n: int, sampler: str = "ddim", steps: int = 50,
                  eta: float = 0.0, seed: int = 0, device="cpu", amp: str = "auto", batch_size: int = 500,
                  progress: bool = False, order: int = 2, spacing: str = "logsnr",
-                 shard: tuple[int, int] = (0, 1), eps_scale: float = 1.0) -> torch.Tensor:
+                 shard: tuple[int, int] = (0, 1), eps_scale: float = 1.0, label: int | None = None,
+                 cfg_scale: float = 1.0) -> torch.Tensor:
     """n samples (n, C, H, W) in [-1, 1], drawn in batches; batch k uses the generator seeded with seed + k.
     eps_scale: epsilon scaling of the predicted noise (see eps_function; 1 = off).
+    label (model.class_cond only): every sample of this class; None: sample i gets class i mod K, so every class
+    has n // K or one more. cfg_scale: classifier-free guidance of a class-conditional model (1 = off).
 
     shard=(r, K): only the batches k = r, r + K, r + 2K, ... (concatenated in that order), what rank r of K
     processes draws; `gather_samples` interleaves the K shares back into exactly what one process draws."""
@@ -85,13 +99,25 @@ def draw_samples(model: ViT, diffusion: GaussianDiffusion, n: int, sampler: str 
         if progress:
             from tqdm.auto import tqdm
             bar = lambda it: tqdm(it, desc=f"sampling {start + b}/{n}", leave=False, mininterval=1.0)
-        eps_model = eps_function(model, diffusion, amp, device, eps_scale=eps_scale)   # one per chain
+        labels = sample_labels(cfg, start, b, label, device)
+        eps_model = eps_function(model, diffusion, amp, device, eps_scale=eps_scale, labels=labels,
+                                 cfg_scale=cfg_scale)                                          # one per chain
         x = diffusion.sample(eps_model, (b, cfg.channels, cfg.image_size, cfg.image_size), sampler=sampler,
                              steps=steps, eta=eta, generator=g, device=device, progress=bar, order=order,
                              spacing=spacing)
         out.append(x.float().clamp(-1, 1).cpu())
     model.train(was_training)
     return torch.cat(out) if out else torch.empty(0, cfg.channels, cfg.image_size, cfg.image_size)
+
+
+def sample_labels(cfg, start: int, b: int, label: int | None, device) -> torch.Tensor | None:
+    """The classes of samples start .. start + b - 1 for a class-conditional model (None for any other): all
+    `label`, or i mod K when label is None."""
+    if not cfg.class_cond:
+        return None
+    if label is not None:
+        return torch.full((b,), label, dtype=torch.long, device=device)
+    return (torch.arange(start, start + b, device=device) % cfg.num_classes).long()
 
 
 @torch.no_grad()
@@ -207,20 +233,24 @@ class Run:
 
     def sample(self, n: int, sampler: str = "ddim", steps: int = 50, eta: float = 0.0, seed: int = 0,
                batch_size: int = 500, progress: bool = False, order: int = 2, spacing: str = "logsnr",
-               eps_scale: float = 1.0, balance_classes: bool = False) -> torch.Tensor:
+               eps_scale: float = 1.0, balance_classes: bool = False, cfg_scale: float = 1.0) -> torch.Tensor:
         """n images in [-1, 1]: sampler ancestral (all T steps), ddim or dpm-solver++ (`steps` network
         evaluations; `order` 1-3 and `spacing` logsnr|time for dpm-solver++); eps_scale > 1: epsilon scaling;
-        balance_classes: the same number of each class, by the model's own classifier (draw_balanced)."""
+        balance_classes: the same number of each class, by the model's own classifier (draw_balanced);
+        cfg_scale: classifier-free guidance of a class-conditional model (model.class_cond; 1 = off)."""
+        if cfg_scale != 1.0 and not self.config.model.class_cond:
+            raise HybvitError("--cfg-scale needs a class-conditional run (model.class_cond); this one has none, "
+                              "so leave it at 1")
         if balance_classes:
             if self.config.train.mode != "hybvit":
                 raise HybvitError(f"--balance-classes needs a HybViT run (its classifier labels the samples); "
                                   f"this run is {self.config.train.mode}")
             return draw_balanced(self.model, self.diffusion, n, batch_size=batch_size, seed=seed, device=self.device,
                                  amp=self.config.train.amp, sampler=sampler, steps=steps, eta=eta, order=order,
-                                 spacing=spacing, eps_scale=eps_scale)
+                                 spacing=spacing, eps_scale=eps_scale, cfg_scale=cfg_scale)
         return draw_samples(self.model, self.diffusion, n, sampler=sampler, steps=steps, eta=eta, seed=seed,
                             device=self.device, amp=self.config.train.amp, batch_size=batch_size, progress=progress,
-                            order=order, spacing=spacing, eps_scale=eps_scale)
+                            order=order, spacing=spacing, eps_scale=eps_scale, cfg_scale=cfg_scale)
 
 
 def load_run_config(run_dir: str | Path) -> Config:

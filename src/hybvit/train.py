@@ -348,18 +348,20 @@ class _Objective(torch.nn.Module):
     def forward(self, ce_batch, diff_batch):
         zero = torch.zeros((), device=self.model.pos_embed.device)
         loss, ce, diff, acc = zero, zero, zero, zero
-        joint_out = x0_cond = None
-        if diff_batch is not None and len(diff_batch) > 4:
+        joint_out = x0_cond = y = None
+        if diff_batch is not None:
+            y = diff_batch[4]                               # class labels (model.class_cond) or None
+        if diff_batch is not None and diff_batch[5] is not None:
             # Self-conditioning (Chen et al., 2022): for the images marked `keep`, a first pass without gradient
             # gives the x0 estimate the trained pass conditions on; the others get zeros (no estimate yet).
-            xt, tt, keep = diff_batch[0], diff_batch[1], diff_batch[4]
+            xt, tt, keep = diff_batch[0], diff_batch[1], diff_batch[5]
             with torch.no_grad():
-                first = self.diffusion.x0_from_output(self.net(xt, tt).float(), xt, tt)
+                first = self.diffusion.x0_from_output(self.net(xt, tt, None, y).float(), xt, tt)
             x0_cond = first * keep.view(-1, *[1] * (xt.dim() - 1)).to(first.dtype)
         if self.joint and ce_batch is not None and diff_batch is not None:
             # One pass over the concatenated batch; the clean rows get zero modulation, which is exactly "no time
             # input" (ViT.classify_and_denoise; equal to two passes, tested). Larger matrix products per launch.
-            joint_out = self.joint_net(ce_batch[0], diff_batch[0], diff_batch[1], x0_cond)
+            joint_out = self.joint_net(ce_batch[0], diff_batch[0], diff_batch[1], x0_cond, y)
         if ce_batch is not None:
             x, target, labels = ce_batch
             logits = self.net(x) if joint_out is None else joint_out[0]          # (B, classes)
@@ -368,7 +370,7 @@ class _Objective(torch.nn.Module):
             acc = (logits.argmax(1) == labels).float().mean()
         if diff_batch is not None:
             xt, tt, x0, noise = diff_batch[:4]
-            out = self.net(xt, tt, x0_cond) if joint_out is None else joint_out[1]   # (B, C, H, W)
+            out = self.net(xt, tt, x0_cond, y) if joint_out is None else joint_out[1]   # (B, C, H, W)
             diff = self.diffusion.output_loss(out, x0, tt, noise)
             loss = loss + (self.alpha if ce_batch is not None else 1.0) * diff
         stats = torch.stack([loss.detach(), ce.detach(), diff.detach(), acc, (~torch.isfinite(loss.detach())).float()])
@@ -379,7 +381,8 @@ def _shard(tensors: tuple | None, index: int, parts: int) -> tuple | None:
     """Piece `index` of `parts` equal, contiguous pieces of every tensor in a batch tuple (along dim 0)."""
     if tensors is None:
         return None
-    return tuple(v[index * (len(v) // parts):(index + 1) * (len(v) // parts)] for v in tensors)
+    return tuple(None if v is None else v[index * (len(v) // parts):(index + 1) * (len(v) // parts)]
+                 for v in tensors)
 
 
 def train(cfg: Config, data: ImageData, out_dir: Path, resume: bool = False, stop_after: int | None = None,
@@ -530,10 +533,13 @@ def train(cfg: Config, data: ImageData, out_dir: Path, resume: bool = False, sto
                 if cfg.data.diffusion_hflip:                                   # ... unless asked for flips
                     x0 = augment(x0, 0, True, g)
                 xt, tt, noise = diffusion.noised(x0, generator=g)             # t ~ U{0..T-1}, eps ~ N(0, I)
-                diff_inputs = (xt, tt, x0, noise)
+                y = keep = None
+                if cfg.model.class_cond:                 # the labels, "no label" (num_classes) for a dropout share
+                    drop = torch.rand(len(x0), generator=g, device="cpu") < t.label_dropout
+                    y = torch.where(drop.to(device), cfg.model.num_classes, y_train[idx])
                 if cfg.model.self_cond:                  # which images condition on a first-pass x0 estimate
-                    keep = torch.rand(len(x0), generator=g, device="cpu") < t.self_cond_prob
-                    diff_inputs += (keep.to(device),)
+                    keep = torch.rand(len(x0), generator=g, device="cpu").lt(t.self_cond_prob).to(device)
+                diff_inputs = (xt, tt, x0, noise, y, keep)
             optimizer.zero_grad(set_to_none=True)
             for m in range(accum):
                 piece = ctx.rank * accum + m          # rank r owns pieces r*A .. r*A + A-1 of the global batch

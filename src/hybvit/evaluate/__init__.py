@@ -32,6 +32,7 @@ class EvalOptions:
     eta: float = 0.0                     # ddim only: 0 deterministic, 1 as stochastic as the ancestral sampler
     eps_scale: float = 1.0               # epsilon scaling of the predicted noise (sample.eps_function; 1 = off)
     balance_classes: bool = False        # generated sets hold each class equally, by the run's classifier
+    cfg_scale: float = 1.0               # classifier-free guidance of a class-conditional run (1 = off)
     order: int = 2                       # dpm-solver++ only
     spacing: str = "logsnr"              # dpm-solver++ only
     seed: int = 0
@@ -178,7 +179,8 @@ def _metric(name: str, run, run_dir: Path, data, opts: EvalOptions, work: Path |
 
 def _sampling(opts: EvalOptions) -> dict[str, Any]:
     return dict(sampler=opts.sampler, steps=opts.steps, eta=opts.eta, seed=opts.seed, batch_size=opts.batch_size,
-                order=opts.order, spacing=opts.spacing, eps_scale=opts.eps_scale, balance_classes=opts.balance_classes)
+                order=opts.order, spacing=opts.spacing, eps_scale=opts.eps_scale, balance_classes=opts.balance_classes,
+                cfg_scale=opts.cfg_scale)
 
 
 def _sampler_info(run, opts: EvalOptions) -> dict[str, Any]:
@@ -191,6 +193,8 @@ def _sampler_info(run, opts: EvalOptions) -> dict[str, Any]:
         info.update(eps_scale=opts.eps_scale)
     if opts.balance_classes:
         info.update(balance_classes=True)
+    if run.config.model.class_cond:                       # the denoiser is asked for class i mod K
+        info.update(labels="sample i: class i mod K", cfg_scale=opts.cfg_scale)
     return info
 
 
