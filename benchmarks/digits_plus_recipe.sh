@@ -206,6 +206,7 @@ done
 # fourteenth session: a class-conditional denoiser (model.class_cond; sample i asks for class i mod K, so the
 # sets are balanced by construction), then classifier-free guidance on the same runs (evaluation only)
 for S in 0 1 2; do preset_row "cc_s$S" $S --set model.class_cond=true; done
+for S in 0 1; do preset_row "preset14_s$S" $S; done     # the preset, rerun the same day
 cfg_fd() {
   name=$1; w=$2
   for s in 0 100 200; do
