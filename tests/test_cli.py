@@ -58,6 +58,9 @@ def test_sample_npz_and_png(trained, tmp_path, capsys):
     # classifier-free guidance needs a class-conditional run
     rc, _, err = run_cli(capsys, "sample", "--run", trained, "--num", 5, "--out", tmp_path / "c.npz", "--cfg-scale", 2)
     assert rc == 2 and "--cfg-scale needs a class-conditional run" in err and not (tmp_path / "c.npz").exists()
+    rc, _, err = run_cli(capsys, "sample", "--checkpoint", trained / "checkpoints" / "ema.safetensors", "--num", 5,
+                         "--out", tmp_path / "c.npz", "--cfg-scale", 2)     # known from the weights' config alone
+    assert rc == 2 and "--cfg-scale needs a class-conditional run" in err and not (tmp_path / "c.npz").exists()
 
 
 def test_evaluate(trained, tmp_path, capsys):

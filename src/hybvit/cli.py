@@ -357,11 +357,13 @@ def _check_eps_scale(value: float) -> None:
         raise HybvitError(f"--eps-scale must be > 0 (got {value}); 1 is off, 1.005-1.02 the useful range")
 
 
-def _check_cfg_scale(value: float, run_dir) -> None:
+def _check_cfg_scale(value: float, run_dir=None) -> None:
+    """The range here; whether the run is class-conditional up front when its directory is known (sampling checks
+    it again from the weights' config, which also covers --checkpoint)."""
     from .sample import load_run_config
     if value < 0:
         raise HybvitError(f"--cfg-scale must be >= 0 (got {value}); 1 is the conditional denoiser alone")
-    if value != 1.0 and not load_run_config(run_dir).model.class_cond:
+    if value != 1.0 and run_dir is not None and not load_run_config(run_dir).model.class_cond:
         raise HybvitError(f"--cfg-scale needs a class-conditional run (trained with --set model.class_cond=true); "
                           f"{run_dir} is not one, so leave it at 1")
 

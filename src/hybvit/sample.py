@@ -40,6 +40,9 @@ def eps_function(model: ViT, diffusion: GaussianDiffusion, amp: str = "auto", de
     labels (model.class_cond only): the class of each image of the batch, (B,); None = the unconditional
     denoiser ("no label"). cfg_scale w (with labels; 1 = off): classifier-free guidance (Ho & Salimans, 2022),
     out = out_u + w (out_y - out_u) from the conditional and the "no label" outputs of one doubled batch."""
+    if cfg_scale != 1.0 and not model.cfg.class_cond:     # every sampling path comes through here
+        raise HybvitError("--cfg-scale needs a class-conditional run (trained with --set model.class_cond=true); "
+                          "this one is not, so leave it at 1")
     if eps_scale != 1.0:
         inner = eps_function(model, diffusion, amp, device, chain, labels=labels, cfg_scale=cfg_scale)
         return lambda x, t: inner(x, t) / eps_scale
@@ -238,9 +241,6 @@ class Run:
         evaluations; `order` 1-3 and `spacing` logsnr|time for dpm-solver++); eps_scale > 1: epsilon scaling;
         balance_classes: the same number of each class, by the model's own classifier (draw_balanced);
         cfg_scale: classifier-free guidance of a class-conditional model (model.class_cond; 1 = off)."""
-        if cfg_scale != 1.0 and not self.config.model.class_cond:
-            raise HybvitError("--cfg-scale needs a class-conditional run (model.class_cond); this one has none, "
-                              "so leave it at 1")
         if balance_classes:
             if self.config.train.mode != "hybvit":
                 raise HybvitError(f"--balance-classes needs a HybViT run (its classifier labels the samples); "
