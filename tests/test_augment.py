@@ -167,3 +167,43 @@ def test_each_operation_and_magnitude_equals_torchvisions():
                                                                   {torch.Tensor: None})
                     got = _apply(x, op, None if mine is None else type(mine)(sign * m))
                     assert torch.equal(got, expected), (op, b, sign)
+
+
+def test_diffusion_transforms_are_the_squares_symmetries_with_one_pixel_shifts():
+    """GEOMETRIC: index 0 is the identity; the unshifted eight are the dihedral group of the square (built here
+    from transposes and flips, independently); a shift moves the image by one pixel with a black border."""
+    from hybvit.augment import GEOMETRIC, geometric_transform
+    x = torch.rand(2, 3, 6, 6) * 2 - 1
+    assert len(GEOMETRIC) == 72 and GEOMETRIC[0] == (0, 0, 0) and len(set(GEOMETRIC)) == 72
+    assert torch.equal(geometric_transform(x, 0), x)
+    T = x.transpose(-2, -1)
+    group = [x, x.flip(-1), x.flip(-2), x.flip(-1).flip(-2), T, T.flip(-1), T.flip(-2), T.flip(-1).flip(-2)]
+    unshifted = [geometric_transform(x, i) for i, (d, dy, dx) in enumerate(GEOMETRIC) if dy == dx == 0]
+    assert len(unshifted) == 8
+    for g in group:                                          # each symmetry appears exactly once
+        assert sum(torch.equal(g, u) for u in unshifted) == 1
+    outs = [geometric_transform(x, i) for i in range(72)]
+    assert len({tuple(o.flatten().tolist()) for o in outs}) == 72        # 72 different images
+    down = geometric_transform(x, GEOMETRIC.index((0, 1, 0)))             # out[i] = x[i + 1], last row black
+    assert torch.equal(down[..., :-1, :], x[..., 1:, :]) and bool((down[..., -1, :] == -1).all())
+    left = geometric_transform(x, GEOMETRIC.index((0, 0, -1)))            # out[:, j] = x[:, j - 1], column 0 black
+    assert torch.equal(left[..., 1:], x[..., :-1]) and bool((left[..., 0] == -1).all())
+
+
+def test_diffusion_augmentation_draws_per_image_with_probability_p():
+    from hybvit.augment import GEOMETRIC, diffusion_geometric, geometric_transform
+    x = torch.rand(7100, 1, 4, 4) * 2 - 1
+    out, index = diffusion_geometric(x, 0.0, torch.Generator().manual_seed(0))
+    assert torch.equal(out, x) and int(index.max()) == 0
+    out, index = diffusion_geometric(x, 1.0, torch.Generator().manual_seed(0))
+    counts = torch.bincount(index, minlength=72)
+    assert counts[0] == 0 and int(counts[1:].min()) > 60 and int(counts[1:].max()) < 140   # uniform: 100 each
+    for k in (1, 17, 40, 71):                                # each image got the transform its index names
+        rows = index == k
+        assert torch.equal(out[rows], geometric_transform(x[rows], k))
+    out3, index3 = diffusion_geometric(x, 0.3, torch.Generator().manual_seed(1))
+    assert abs(float((index3 > 0).float().mean()) - 0.3) < 0.03
+    assert torch.equal(out3[index3 == 0], x[index3 == 0])
+    again, index_again = diffusion_geometric(x, 0.3, torch.Generator().manual_seed(1))
+    assert torch.equal(again, out3) and torch.equal(index_again, index3)
+    assert len(GEOMETRIC) == 72

@@ -260,6 +260,9 @@ def test_bad_inputs(tmp_path, capsys):
         (["train", "--set", "model.dropout=1.5"], "model.dropout is a probability"),
         (["train", "--set", "train.label_dropout=2"], r"train.label_dropout must be in \[0, 1\]"),
         (["train", "--mode", "vit", "--set", "model.class_cond=true"], "class_cond conditions the denoiser"),
+        (["train", "--set", "data.diffusion_augment=0.2"], "would leak turned and shifted images into the samples"),
+        (["train", "--set", "data.diffusion_augment=2", "--set", "model.augment_cond=true"],
+         "data.diffusion_augment is a probability"),
         (["train", "--resume", tmp_path / "no-run"], "cannot resume"),
     ]
     for args, pattern in cases:

@@ -373,3 +373,29 @@ def test_classifier_free_guidance_mixes_the_conditional_and_unconditional_output
             torch.testing.assert_close(eps_function(model, d, "fp32", labels=y, cfg_scale=w)(x, t), want,
                                        rtol=1e-4, atol=1e-5)
     assert (cond - uncond).abs().mean() > 1e-3
+
+
+@pytest.mark.parametrize("time_token", [False, True])
+def test_augmentation_labels_start_silent_then_steer_only_the_denoiser(time_token):
+    """model.augment_cond: the transform embedding starts at zero (no effect); once trained, aug = None and aug = 0
+    (untransformed, what sampling asks for) agree, other transforms change the prediction, the joint pass equals
+    two passes, and classification ignores the table."""
+    cfg = ModelConfig(image_size=8, channels=1, patch_size=2, num_classes=3, dim=32, depth=2, heads=4,
+                      augment_cond=True, time_token=time_token)
+    torch.manual_seed(0)
+    model = ViT(cfg).eval()
+    x0, xt, t = torch.randn(4, 1, 8, 8), torch.randn(4, 1, 8, 8), torch.tensor([5, 300, 600, 900])
+    aug = torch.tensor([0, 3, 40, 71])
+    assert torch.count_nonzero(model.augment_embed.weight) == 0
+    torch.testing.assert_close(model.denoise(xt, t, aug=aug), model.denoise(xt, t))
+    with torch.no_grad():
+        model.augment_embed.weight[1:].normal_()             # a trained table; row 0 is the identity, kept at 0
+    torch.testing.assert_close(model.denoise(xt, t), model.denoise(xt, t, aug=torch.zeros(4, dtype=torch.long)))
+    assert (model.denoise(xt, t, aug=aug) - model.denoise(xt, t))[1:].abs().mean() > 1e-3
+    logits, eps = model.classify_and_denoise(x0, xt, t, aug=aug)
+    torch.testing.assert_close(eps, model.denoise(xt, t, aug=aug), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(logits, model.classify(x0), rtol=1e-4, atol=1e-5)
+    before = model.classify(x0)
+    with torch.no_grad():
+        model.augment_embed.weight.mul_(3)
+    torch.testing.assert_close(model.classify(x0), before)

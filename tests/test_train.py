@@ -344,3 +344,54 @@ def test_class_conditioning_trains_the_labels_it_is_given(tiny_cfg, digits, tmp_
     cfg.model.class_cond = True
     with pytest.raises(HybvitError, match="class_cond"):
         cfg.validate()
+
+
+def test_diffusion_augmentation_reaches_the_denoiser_with_its_labels(tiny_cfg, digits, tmp_path, monkeypatch):
+    """data.diffusion_augment + model.augment_cond: the noised images are the batch's images, each under one of the
+    72 transforms; the embedding rows of the transforms drawn learn, the identity row stays 0; with probability 0
+    nothing is transformed and the table never moves. grad_accum 2 and the joint pass train the same model."""
+    from hybvit.augment import geometric_transform
+    from hybvit.checkpoint import load_training_state
+    from hybvit.data import Batches, to_float
+    from hybvit.diffusion import GaussianDiffusion
+    seen = []
+    noised = GaussianDiffusion.noised
+    monkeypatch.setattr(GaussianDiffusion, "noised",
+                        lambda self, x0, generator=None: (seen.append(x0.clone()), noised(self, x0, generator))[1])
+    data, weights = small(digits), {}
+    for name, p, extra in (("p0", 0.0, {}), ("p1", 1.0, {}), ("half", 0.5, {}), ("half-accum", 0.5, {"grad_accum": 2}),
+                           ("half-joint", 0.5, {"joint_pass": True})):
+        cfg = tiny_cfg(steps=3, amp="fp32", warmup_epochs=0, weight_decay=0.0, **extra)
+        cfg.model.augment_cond, cfg.data.diffusion_augment = True, p
+        seen.clear()
+        train(cfg, data, tmp_path / name, progress=False)
+        weights[name] = load_training_state(tmp_path / name / "checkpoints" / "last.pt")["model"]["augment_embed.weight"]
+        batches = Batches(len(data.x_train), cfg.train.diff_batch_size, cfg.train.seed, 1)
+        for step in range(3):
+            clean = to_float(data.x_train[batches.indices(step)])
+            got = seen[step][:len(clean)]
+            same = [torch.equal(got[i], clean[i]) for i in range(len(clean))]
+            if p == 0:
+                assert all(same)
+            else:
+                for i in range(len(clean)):               # every image is one of the 72 transforms of its original
+                    assert any(torch.equal(got[i], geometric_transform(clean[i:i + 1], k)[0]) for k in range(72))
+                if p == 1:
+                    assert not any(same)
+    assert torch.count_nonzero(weights["p0"]) == 0
+    for name in ("p1", "half"):
+        moved = weights[name].abs().sum(1) > 0
+        assert not moved[0] and int(moved.sum()) > 20, name
+    torch.testing.assert_close(weights["half-accum"], weights["half"], rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(weights["half-joint"], weights["half"], rtol=1e-4, atol=1e-4)
+    cfg = tiny_cfg()
+    cfg.data.diffusion_augment = 0.2
+    with pytest.raises(HybvitError, match="model.augment_cond=true"):
+        cfg.validate()
+    cfg.data.diffusion_augment = 1.5
+    with pytest.raises(HybvitError, match="diffusion_augment is a probability"):
+        cfg.data.validate()
+    cfg = tiny_cfg(mode="vit")
+    cfg.model.augment_cond = True
+    with pytest.raises(HybvitError, match="augment_cond conditions the denoiser"):
+        cfg.validate()

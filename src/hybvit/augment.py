@@ -1,4 +1,6 @@
-"""Augmentation of the classification batch (the diffusion batch gets none; REFERENCE-NOTES).
+"""Augmentation of the classification batch, and optional non-leaking augmentation of the diffusion batch.
+
+The paper never augments the diffusion batch (REFERENCE-NOTES); `diffusion_geometric` at the end is beyond it.
 
 The official CIFAR recipe, in order: random crop with padding, horizontal flip, AutoAugment (CIFAR policy),
 random erasing (p 0.25), then with probability 0.5 CutMix (beta 1) or Mixup (alpha 1) with soft labels; label
@@ -232,3 +234,40 @@ def classifier_batch(x_uint8: torch.Tensor, y: torch.Tensor, num_classes: int, d
     if data_cfg.mix_prob > 0:
         return mix(x, y, num_classes, data_cfg.mix_prob, data_cfg.mix_alpha, generator)
     return x, y
+
+
+# -- the diffusion batch: non-leaking geometric augmentation (beyond the paper) ---------------------------------
+# Karras et al. (2022, EDM, appendix) augment the diffusion batch and tell the denoiser which transform each image
+# got, so the transforms need not be in the data's distribution: sampling asks for "no transform" and the
+# augmented images teach the network without leaking into the samples. Here a transform is one of the 8 symmetries
+# of the square (k quarter turns, after a horizontal flip for d >= 4) followed by a shift of up to one pixel in
+# each direction (black border); index 0 is the identity, 1..71 the others.
+GEOMETRIC = [(0, 0, 0)] + [(d, dy, dx) for d in range(8) for dy in (-1, 0, 1) for dx in (-1, 0, 1)
+                           if (d, dy, dx) != (0, 0, 0)]
+
+
+def geometric_transform(x: torch.Tensor, index: int) -> torch.Tensor:
+    """Transform GEOMETRIC[index] of square images (B, C, H, W) in [-1, 1]."""
+    d, dy, dx = GEOMETRIC[index]
+    if d >= 4:
+        x = x.flip(-1)
+    x = torch.rot90(x, d % 4, dims=(-2, -1))
+    if dy or dx:
+        H, W = x.shape[-2:]
+        x = F.pad(x, (1, 1, 1, 1), value=-1.0)[..., 1 + dy:1 + dy + H, 1 + dx:1 + dx + W]
+    return x
+
+
+def diffusion_geometric(x: torch.Tensor, p: float, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each image of a float batch (B, C, H, W), with probability p, gets one of the 71 non-identity transforms of
+    GEOMETRIC, uniformly. Returns the images and the transform indices (B,) on x's device, 0 for untouched ones:
+    the denoiser's augmentation label (model.augment_cond)."""
+    B = len(x)
+    on = torch.rand(B, generator=generator, device="cpu") < p
+    index = torch.randint(1, len(GEOMETRIC), (B,), generator=generator, device="cpu") * on
+    out = x.clone()
+    for k in index.unique().tolist():
+        if k:
+            rows = (index == k).to(x.device)
+            out[rows] = geometric_transform(x[rows], k)
+    return out, index.to(x.device)

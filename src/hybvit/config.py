@@ -47,6 +47,9 @@ class ModelConfig:
     class_cond: bool = False          # a class-conditional denoiser: a label embedding joins the time features
                                       # (as DiT); label index num_classes means "no label" (unconditional), which
                                       # training uses for a train.label_dropout share of the diffusion images
+    augment_cond: bool = False        # the denoiser is told which geometric transform (data.diffusion_augment) each
+                                      # training image got (an embedding joins the time features, as EDM's
+                                      # augmentation labels); sampling asks for none, so nothing leaks
 
     @property
     def num_patches(self) -> int:
@@ -121,6 +124,8 @@ class DataConfig:
     mix_prob: float = 0.0             # probability per image of CutMix or Mixup, even odds (the paper's code: 0.5)
     mix_alpha: float = 1.0            # Beta(alpha, alpha) for the mixing ratio
     diffusion_hflip: bool = False     # random flips for the diffusion batch (off: the paper never augments it)
+    diffusion_augment: float = 0.0    # probability per diffusion image of a random dihedral turn/flip + up-to-1-pixel
+                                      # shift, told to the denoiser (needs model.augment_cond; non-leaking, as EDM)
     epoch_repeats: int = 1            # an "epoch" is epoch_repeats x the training set (the paper: 3)
     repeated_aug: int = 1             # >1: each classification batch holds each image this many times, augmented
                                       # independently (true repeated augmentation); 1 = off, as the paper's code
@@ -136,7 +141,7 @@ class DataConfig:
             raise HybvitError(f"unknown data.augment_backend '{self.augment_backend}'; use batched or torchvision")
         if self.repeated_aug < 1:
             raise HybvitError("data.repeated_aug must be >= 1 (1 = off)")
-        for name in ("random_erasing", "mix_prob"):
+        for name in ("random_erasing", "mix_prob", "diffusion_augment"):
             if not 0 <= getattr(self, name) <= 1:
                 raise HybvitError(f"data.{name} is a probability: give a value in [0, 1]")
 
@@ -244,6 +249,12 @@ class Config:
         if self.model.class_cond and self.train.mode == "vit":
             raise HybvitError("model.class_cond conditions the denoiser, and a vit run has none; "
                               "drop it or use --set train.mode=hybvit")
+        if self.model.augment_cond and self.train.mode == "vit":
+            raise HybvitError("model.augment_cond conditions the denoiser, and a vit run has none; "
+                              "drop it or use --set train.mode=hybvit")
+        if self.data.diffusion_augment > 0 and not self.model.augment_cond and self.train.mode != "vit":
+            raise HybvitError("data.diffusion_augment without model.augment_cond would leak turned and shifted "
+                              "images into the samples; add --set model.augment_cond=true")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

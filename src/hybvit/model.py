@@ -183,6 +183,9 @@ class ViT(nn.Module):
             nn.Linear(D, time_hidden), nn.GELU(), nn.Linear(time_hidden, time_hidden))
         if cfg.class_cond:                                            # A += e_y; row num_classes: "no label"
             self.label_embed = nn.Embedding(cfg.num_classes + 1, time_hidden)
+        if cfg.augment_cond:                                          # A += e_a; row 0 (no transform) stays 0
+            from .augment import GEOMETRIC
+            self.augment_embed = nn.Embedding(len(GEOMETRIC), time_hidden, padding_idx=0)
         tokens = N + 1 + int(cfg.time_token)                          # CLS, patches (, time)
         self.blocks = nn.ModuleList(
             [Block(D, cfg.heads, cfg.mlp_ratio, tokens, time_hidden, cfg.time_cond, cfg.dropout) for _ in range(cfg.depth)])
@@ -223,6 +226,8 @@ class ViT(nn.Module):
             nn.init.zeros_(self.cond_embed.weight)
         if self.cfg.class_cond:                                       # small, as DiT's label table
             nn.init.normal_(self.label_embed.weight, std=0.02)
+        if self.cfg.augment_cond:                                     # no effect until trained
+            nn.init.zeros_(self.augment_embed.weight)
         if self.cfg.conv_out:                                         # the identity: starts as the plain head
             with torch.no_grad():
                 self.conv_out.weight.zero_()
@@ -247,15 +252,19 @@ class ViT(nn.Module):
         return x.reshape(B, C, G * P, G * P)
 
     # -- forward ---------------------------------------------------------------------------------------------
-    def time_features(self, t: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
+    def time_features(self, t: torch.Tensor, y: torch.Tensor | None = None,
+                      aug: torch.Tensor | None = None) -> torch.Tensor:
         """Timesteps (B,) -> A = MLP_t(sinusoidal(t)), (B, time_hidden). With model.class_cond the label embedding
-        of y (B,) is added; y None or num_classes means "no label" (the unconditional denoiser)."""
+        of y (B,) is added; y None or num_classes means "no label" (the unconditional denoiser). With
+        model.augment_cond the embedding of the geometric transform aug (B,) is added; None or 0 = untransformed."""
         A = self.time_mlp(timestep_embedding(t, self.cfg.dim))
-        if not self.cfg.class_cond:
-            return A
-        if y is None:
-            y = torch.full_like(t, self.cfg.num_classes, dtype=torch.long)
-        return A + self.label_embed(y).to(A.dtype)                    # (B, time_hidden)
+        if self.cfg.class_cond:
+            if y is None:
+                y = torch.full_like(t, self.cfg.num_classes, dtype=torch.long)
+            A = A + self.label_embed(y).to(A.dtype)
+        if self.cfg.augment_cond and aug is not None:
+            A = A + self.augment_embed(aug).to(A.dtype)
+        return A                                                      # (B, time_hidden)
 
     def forward_features(self, x: torch.Tensor, t: torch.Tensor | None = None, n_plain: int = 0,
                          cls_rows: int = 0, A: torch.Tensor | None = None, x0_cond: torch.Tensor | None = None):
@@ -310,20 +319,22 @@ class ViT(nn.Module):
         return self.conv_out(x) if self.cfg.conv_out else x
 
     def denoise(self, x: torch.Tensor, t: torch.Tensor, x0_cond: torch.Tensor | None = None,
-                y: torch.Tensor | None = None) -> torch.Tensor:
+                y: torch.Tensor | None = None, aug: torch.Tensor | None = None) -> torch.Tensor:
         """Noisy images x_t and timesteps t -> predicted noise eps, shape (B, C, H, W). x0_cond: the previous x0
-        estimate (model.self_cond only); y: class labels (B,) (model.class_cond only; None = unconditional)."""
-        A = self.time_features(t, y)                                  # (B, time_hidden)
+        estimate (model.self_cond only); y: class labels (B,) (model.class_cond only; None = unconditional);
+        aug: the geometric transforms the training images got (model.augment_cond only; None = none, as sampling)."""
+        A = self.time_features(t, y, aug)                             # (B, time_hidden)
         h = self.forward_features(x, t, A=A, x0_cond=x0_cond)[:, 1:1 + self.grid ** 2]  # (B, N, D): patches only
         return self.output(h, A)                                      # (B, C, H, W)
 
     def classify_and_denoise(self, x0: torch.Tensor, xt: torch.Tensor, t: torch.Tensor,
-                             x0_cond: torch.Tensor | None = None, y: torch.Tensor | None = None):
+                             x0_cond: torch.Tensor | None = None, y: torch.Tensor | None = None,
+                             aug: torch.Tensor | None = None):
         """HybViT's two branches in one pass over the concatenated batch: logits for clean x0 (no time input)
         and predicted noise for x_t. Equal to classify(x0), denoise(xt, t, x0_cond), with bigger matrix products."""
         if self.cfg.time_token:                                      # sequences of different lengths
-            return self.classify(x0), self.denoise(xt, t, x0_cond, y)
-        A = self.time_features(t, y)                                          # (Bt, time_hidden)
+            return self.classify(x0), self.denoise(xt, t, x0_cond, y, aug)
+        A = self.time_features(t, y, aug)                                     # (Bt, time_hidden)
         h_cls, h = self.forward_features(torch.cat([x0, xt]), t, n_plain=len(x0), cls_rows=len(x0), A=A,
                                          x0_cond=x0_cond)
         logits = self.head(h_cls)                                            # (B0, classes)
@@ -331,8 +342,9 @@ class ViT(nn.Module):
         return logits, eps
 
     def forward(self, x: torch.Tensor, t: torch.Tensor | None = None,
-                x0_cond: torch.Tensor | None = None, y: torch.Tensor | None = None) -> torch.Tensor:
-        return self.classify(x) if t is None else self.denoise(x, t, x0_cond, y)
+                x0_cond: torch.Tensor | None = None, y: torch.Tensor | None = None,
+                aug: torch.Tensor | None = None) -> torch.Tensor:
+        return self.classify(x) if t is None else self.denoise(x, t, x0_cond, y, aug)
 
     # -- accounting ------------------------------------------------------------------------------------------
     def num_params(self) -> int:

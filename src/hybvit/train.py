@@ -25,7 +25,7 @@ import torch.nn.functional as F
 
 from . import checkpoint as ckpt
 from . import distributed
-from .augment import classifier_batch
+from .augment import classifier_batch, diffusion_geometric
 from .config import Config
 from .data import Batches, ImageData, augment, step_generator, to_float
 from .diffusion import GaussianDiffusion
@@ -348,20 +348,21 @@ class _Objective(torch.nn.Module):
     def forward(self, ce_batch, diff_batch):
         zero = torch.zeros((), device=self.model.pos_embed.device)
         loss, ce, diff, acc = zero, zero, zero, zero
-        joint_out = x0_cond = y = None
+        joint_out = x0_cond = y = aug = None
         if diff_batch is not None:
             y = diff_batch[4]                               # class labels (model.class_cond) or None
+            aug = diff_batch[6]                             # geometric transforms (data.diffusion_augment) or None
         if diff_batch is not None and diff_batch[5] is not None:
             # Self-conditioning (Chen et al., 2022): for the images marked `keep`, a first pass without gradient
             # gives the x0 estimate the trained pass conditions on; the others get zeros (no estimate yet).
             xt, tt, keep = diff_batch[0], diff_batch[1], diff_batch[5]
             with torch.no_grad():
-                first = self.diffusion.x0_from_output(self.net(xt, tt, None, y).float(), xt, tt)
+                first = self.diffusion.x0_from_output(self.net(xt, tt, None, y, aug).float(), xt, tt)
             x0_cond = first * keep.view(-1, *[1] * (xt.dim() - 1)).to(first.dtype)
         if self.joint and ce_batch is not None and diff_batch is not None:
             # One pass over the concatenated batch; the clean rows get zero modulation, which is exactly "no time
             # input" (ViT.classify_and_denoise; equal to two passes, tested). Larger matrix products per launch.
-            joint_out = self.joint_net(ce_batch[0], diff_batch[0], diff_batch[1], x0_cond, y)
+            joint_out = self.joint_net(ce_batch[0], diff_batch[0], diff_batch[1], x0_cond, y, aug)
         if ce_batch is not None:
             x, target, labels = ce_batch
             logits = self.net(x) if joint_out is None else joint_out[0]          # (B, classes)
@@ -370,7 +371,7 @@ class _Objective(torch.nn.Module):
             acc = (logits.argmax(1) == labels).float().mean()
         if diff_batch is not None:
             xt, tt, x0, noise = diff_batch[:4]
-            out = self.net(xt, tt, x0_cond, y) if joint_out is None else joint_out[1]   # (B, C, H, W)
+            out = self.net(xt, tt, x0_cond, y, aug) if joint_out is None else joint_out[1]   # (B, C, H, W)
             diff = self.diffusion.output_loss(out, x0, tt, noise)
             loss = loss + (self.alpha if ce_batch is not None else 1.0) * diff
         stats = torch.stack([loss.detach(), ce.detach(), diff.detach(), acc, (~torch.isfinite(loss.detach())).float()])
@@ -532,6 +533,9 @@ def train(cfg: Config, data: ImageData, out_dir: Path, resume: bool = False, sto
                 x0 = to_float(fetch(idx))                                    # never augmented ...
                 if cfg.data.diffusion_hflip:                                   # ... unless asked for flips
                     x0 = augment(x0, 0, True, g)
+                aug = None
+                if cfg.data.diffusion_augment > 0:         # non-leaking: the denoiser is told each transform
+                    x0, aug = diffusion_geometric(x0, cfg.data.diffusion_augment, g)
                 xt, tt, noise = diffusion.noised(x0, generator=g)             # t ~ U{0..T-1}, eps ~ N(0, I)
                 y = keep = None
                 if cfg.model.class_cond:                 # the labels, "no label" (num_classes) for a dropout share
@@ -539,7 +543,7 @@ def train(cfg: Config, data: ImageData, out_dir: Path, resume: bool = False, sto
                     y = torch.where(drop.to(device), cfg.model.num_classes, y_train[idx])
                 if cfg.model.self_cond:                  # which images condition on a first-pass x0 estimate
                     keep = torch.rand(len(x0), generator=g, device="cpu").lt(t.self_cond_prob).to(device)
-                diff_inputs = (xt, tt, x0, noise, y, keep)
+                diff_inputs = (xt, tt, x0, noise, y, keep, aug)
             optimizer.zero_grad(set_to_none=True)
             for m in range(accum):
                 piece = ctx.rank * accum + m          # rank r owns pieces r*A .. r*A + A-1 of the global batch
