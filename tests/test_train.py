@@ -7,6 +7,7 @@ import torch
 from hybvit import checkpoint as ckpt
 from hybvit.data import load_data
 from hybvit.errors import HybvitError
+from hybvit.model import ViT
 from hybvit.sample import load_run
 from hybvit.train import lr_at, train
 
@@ -142,11 +143,20 @@ def test_joint_pass_trains_the_same_model(tiny_cfg, digits, tmp_path):
     from hybvit.checkpoint import load_training_state
     runs = {}
     for joint in (False, True):
-        cfg = tiny_cfg(steps=4, joint_pass=joint, amp="fp32")   # equal in exact arithmetic; bf16 rounds per batch
+        cfg = tiny_cfg(steps=4, joint_pass=joint, amp="fp32")
         train(cfg, digits, tmp_path / str(joint), progress=False)
         runs[joint] = load_training_state(tmp_path / str(joint) / "checkpoints" / "last.pt")["model"]
-    for k, v in runs[False].items():
-        torch.testing.assert_close(runs[True][k], v, rtol=1e-4, atol=1e-5)
+    torch.manual_seed(cfg.train.seed)                                   # the weights both runs started from
+    runs["init"] = ViT(cfg.model).state_dict()
+    flat = {k: torch.cat([run[name].flatten().double() for name in runs[False]]) for k, run in runs.items()}
+    # Equal in exact arithmetic; in fp32 the concatenated batch's matrix products round differently (and
+    # differently from one CPU to another), and Adam carries those roundings into its steps. So the two runs must
+    # agree to a small fraction of how far training moved the weights: a rounding-level gap is ~1e-4 of it, while
+    # a pass that drops or mixes up a batch moves the weights elsewhere (a gap of the order of the movement).
+    moved = (flat[False] - flat["init"]).norm()
+    assert moved > 0
+    gap = (flat[True] - flat[False]).norm()
+    assert gap <= 1e-2 * moved, (gap, moved)
 
 
 def test_metrics_record_the_precision_that_ran(tiny_cfg, digits, tmp_path):
