@@ -32,7 +32,7 @@ def tiny_cfg():
 @pytest.fixture(scope="session")
 def digits():
     """The bundled digits (tests that need their own copy define a module fixture of the same name)."""
-    from hybvit.data import load_data
+    from hybvit.datasets import load_data
     return load_data("digits")
 
 

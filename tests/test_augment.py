@@ -3,7 +3,8 @@ import torch
 
 from hybvit.augment import _per_image, _policy, auto_augment_batched, classifier_batch, mix, random_erasing_batched
 from hybvit.config import DataConfig, preset_config
-from hybvit.data import Batches, load_data, to_float
+from hybvit.data import Batches, to_float
+from hybvit.datasets import load_data
 
 
 def strong():
@@ -72,7 +73,7 @@ def test_paper_presets_turn_the_recipe_on():
     d = preset_config("cifar10-hybvit").data
     assert (d.crop_padding, d.hflip, d.autoaugment, d.random_erasing, d.mix_prob) == (4, True, "cifar10", 0.25, 0.5)
     assert preset_config("cifar10-hybvit").train.label_smoothing == 0.1
-    assert not preset_config("cifar10-hybvit").data.diffusion_hflip
+    assert preset_config("cifar10-hybvit").data.diffusion_augment == 0          # the diffusion batch: untouched
 
 
 def _smooth_images(n: int, seed: int = 0) -> torch.Tensor:

@@ -3,7 +3,9 @@ import pytest
 import torch
 from PIL import Image
 
-from hybvit.data import Batches, augment, load_data, to_float, to_uint8
+from hybvit.augment import crop_flip as augment
+from hybvit.data import Batches, to_float, to_uint8
+from hybvit.datasets import load_data
 from hybvit.errors import HybvitError
 
 
@@ -144,12 +146,3 @@ def test_augment_crop_flip():
     for i in range(2):
         assert torch.equal(y[i], x[i]) or torch.equal(y[i], x[i].flip(-1))
 
-
-def test_repeated_augmentation_batches():
-    b = Batches(100, 30, seed=0, stream=0, repeats=3)
-    idx = b.indices(0)
-    assert len(idx) == 30 and len(set(idx.tolist())) == 10
-    assert torch.equal(idx, idx[::3].repeat_interleave(3))  # each image three times in a row
-    assert b.per_epoch == 10
-    seen = torch.cat([b.indices(s)[::3] for s in range(10)])
-    assert len(set(seen.tolist())) == 100  # an epoch still visits every image once (as distinct images)

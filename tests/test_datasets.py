@@ -7,7 +7,7 @@ import scipy.io
 import torch
 from PIL import Image
 
-from hybvit.data import load_data
+from hybvit.datasets import load_data
 from hybvit.errors import HybvitError
 
 

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from hybvit.diffusion import GaussianDiffusion, _gather, cosine_betas, linear_betas
+from hybvit.diffusion import GaussianDiffusion, cosine_betas, linear_betas
 
 
 def test_cosine_schedule_closed_form():
@@ -69,9 +69,9 @@ def test_predict_x0_inverts_q_sample():
 
 def test_loss_types():
     d1, d2 = GaussianDiffusion(1000, loss="l1"), GaussianDiffusion(1000, loss="l2")
-    a, b = torch.zeros(10), torch.full((10,), 2.0)
-    assert d1.eps_loss(a, b).item() == pytest.approx(2.0)
-    assert d2.eps_loss(a, b).item() == pytest.approx(4.0)
+    out, noise, x0, t = torch.zeros(10, 1), torch.full((10, 1), 2.0), torch.randn(10, 1), torch.arange(10) * 99
+    assert d1.output_loss(out, x0, t, noise).item() == pytest.approx(2.0)     # |0 - 2|, whatever x0 and t
+    assert d2.output_loss(out, x0, t, noise).item() == pytest.approx(4.0)     # (0 - 2)^2
 
 
 # ------------------------------------------------------------------ the Gaussian oracle
@@ -168,8 +168,8 @@ def test_solver_timesteps():
 
 
 def test_schedule_ddim_step_and_dpm_solver_match_diffusers():
-    """Numeric reference: diffusers' schedulers (a test-only dependency; skipped when it is not installed)."""
-    diffusers = pytest.importorskip("diffusers")
+    """Numeric reference: diffusers' schedulers (in the [test] extra, so this runs wherever the suite runs)."""
+    import diffusers
     d = GaussianDiffusion(1000, "cosine")
     ddpm = diffusers.DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2")
     np.testing.assert_allclose(d.betas.numpy(), ddpm.betas.double().numpy(), atol=1e-6)  # diffusers keeps float32
@@ -230,64 +230,11 @@ def test_min_snr_weights():
     assert plain.output_loss(out, x0, t, noise).item() == pytest.approx(1.0)
 
 
-def test_stratified_times_cover_the_range_once_per_stratum():
-    """diffusion.t_sampling=stratified: one time per stratum of width T/B in every batch, at a uniform offset."""
-    d = GaussianDiffusion(1000, "cosine", "l2", t_sampling="stratified")
-    x0 = torch.zeros(100, 1, 2, 2)
-    offsets = []
-    for s in range(2000):
-        _, t, _ = d.noised(x0, torch.Generator().manual_seed(s))
-        if s < 200:
-            assert torch.equal(torch.sort(t // 10).values, torch.arange(100))
-        offsets.append(int(t.min()))                                  # the batch's offset within a stratum, 0..9
-    # 2000 batches: each of the 10 offsets about 200 times (sd 13); a fixed offset would put them all on one
-    assert (torch.bincount(torch.tensor(offsets), minlength=10) - 200).abs().max() < 70
-    _, t_uniform, _ = GaussianDiffusion(1000, "cosine", "l2").noised(x0, torch.Generator().manual_seed(0))
-    assert not torch.equal(torch.sort(t_uniform // 10).values, torch.arange(100))
 
-
-@pytest.mark.parametrize("schedule", ["cosine", "linear"])
-def test_schedule_shift_moves_log_snr_by_a_constant(schedule):
-    """diffusion.schedule_shift k: log-SNR(t) + 2 log k at every t, and a valid schedule (betas in (0, 1))."""
-    base = GaussianDiffusion(1000, schedule)
-    for k in (0.5, 2.0, 4.0):
-        d = GaussianDiffusion(1000, schedule, schedule_shift=k)
-        diff = 2 * (d.half_logsnr - base.half_logsnr)
-        # the last few steps of cosine sit at alpha-bar ~1e-9, where float64 loses the constant; the rest is exact
-        assert torch.allclose(diff[:990], torch.full((990,), 2 * math.log(k), dtype=torch.float64), atol=1e-6)
-        assert bool((d.betas > 0).all()) and bool((d.betas < 1).all())
-        assert bool((d.alphas_cumprod[1:] < d.alphas_cumprod[:-1]).all())
-        # shift > 1: less noise at every step; < 1: more
-        assert bool(((d.alphas_cumprod > base.alphas_cumprod) == (k > 1))[:990].all())
-    assert torch.equal(GaussianDiffusion(1000, schedule, schedule_shift=1.0).betas, base.betas)
-
-
-def test_logit_normal_times_concentrate_in_the_middle():
-    """diffusion.t_sampling=logit-normal: t/T = sigmoid(m + s n); mean m moves the mass, small s narrows it."""
-    x0 = torch.zeros(20000, 1, 1, 1)
-    draw = lambda **kw: GaussianDiffusion(1000, "cosine", t_sampling="logit-normal", **kw).noised(
-        x0, torch.Generator().manual_seed(0))[1].double()
-    t = draw()
-    assert int(t.min()) >= 0 and int(t.max()) <= 999
-    # sigmoid(N(0, 1)): median T/2, P(t/T in [0.269, 0.731]) = P(|n| < 1) = 0.683, against 0.46 for uniform
-    assert abs(float(t.median()) - 500) < 10
-    assert abs(float(((t >= 269) & (t < 731)).double().mean()) - 0.683) < 0.01
-    assert abs(float(draw(t_logit_mean=1.0).median()) - 1000 * torch.sigmoid(torch.tensor(1.0)).item()) < 10
-    assert float(draw(t_logit_std=0.3).std()) < 0.5 * float(t.std())
-    u = GaussianDiffusion(1000, "cosine").noised(x0, torch.Generator().manual_seed(0))[1].double()
-    assert abs(float(((u >= 269) & (u < 731)).double().mean()) - 0.462) < 0.01
-
-
-def test_input_perturbation_noises_the_input_not_the_target():
-    """diffusion.input_perturbation gamma (DDPM-IP): x_t = sqrt(abar) x0 + sigma_t (eps + gamma xi) with the returned
-    target eps unchanged; gamma = 0 is the plain forward process, draw for draw."""
-    x0 = torch.rand(4000, 1, 4, 4) * 2 - 1
-    plain = GaussianDiffusion(1000, "cosine").noised(x0, torch.Generator().manual_seed(3))
-    same = GaussianDiffusion(1000, "cosine", input_perturbation=0.0).noised(x0, torch.Generator().manual_seed(3))
-    assert all(torch.equal(a, b) for a, b in zip(plain, same))
-    d = GaussianDiffusion(1000, "cosine", input_perturbation=0.1)
-    xt, t, eps = d.noised(x0, torch.Generator().manual_seed(3))
-    assert torch.equal(t, plain[1]) and torch.equal(eps, plain[2])           # same t, and the target is the plain eps
-    extra = (xt - d.q_sample(x0, t, eps)) / _gather(d.sqrt_one_minus_alphas_cumprod, t, x0)   # = gamma xi
-    assert abs(float(extra.std()) - 0.1) < 0.003 and abs(float(extra.mean())) < 0.003
-    assert abs(float((extra * eps).mean())) < 0.003                          # xi independent of eps
+def test_training_times_are_uniform():
+    """noised draws t ~ U{0..T-1}: over 20,000 draws every decile of [0, T) holds a tenth (sd 0.002), and both
+    ends are reached."""
+    t = GaussianDiffusion(1000, "cosine").noised(torch.zeros(20000, 1, 1, 1), torch.Generator().manual_seed(0))[1]
+    assert int(t.min()) == 0 and int(t.max()) == 999
+    share = torch.bincount(t // 100, minlength=10).double() / len(t)
+    assert (share - 0.1).abs().max() < 0.01

@@ -23,7 +23,8 @@ import torch
 
 from hybvit import checkpoint as ckpt
 from hybvit.config import Config
-from hybvit.data import load_data, to_uint8
+from hybvit.data import to_uint8
+from hybvit.datasets import load_data
 from hybvit.errors import HybvitError
 from hybvit.sample import draw_samples, load_run
 from hybvit.train import check_batch_split, train
@@ -132,7 +133,7 @@ def cfgs():
     t = cfg.train
     t.steps, t.batch_size, t.num_samples, t.sample_steps, t.fd_samples, t.ckpt_every = STEPS, 32, 4, 3, 0, 1000
     t.device, t.amp = "cpu", "fp32"   # equality across process counts is an exact-arithmetic promise: fp32
-    cfg.data.crop_padding, cfg.data.hflip, cfg.data.mix_prob, cfg.data.diffusion_hflip = 1, True, 0.5, True
+    cfg.data.crop_padding, cfg.data.hflip, cfg.data.mix_prob = 1, True, 0.5
     sgd = Config.from_dict(cfg.to_dict())
     sgd.train.optimizer, sgd.train.lr = "sgd", 0.05
     return {"adamw": cfg, "sgd": sgd}
@@ -164,13 +165,13 @@ def one_rank(cfgs, digits, tmp_path_factory):
     piece of a batch the network was given, in PIECES)."""
     import hybvit.train
     root = tmp_path_factory.mktemp("single")
-    shard = hybvit.train._shard
+    shard = hybvit.train.shard
 
     def recording_shard(tensors, index, parts):
         piece = shard(tensors, index, parts)
         PIECES.setdefault(current, []).append(None if piece is None else len(piece[0]))
         return piece
-    hybvit.train._shard = recording_shard
+    hybvit.train.shard = recording_shard
     try:
         for name, cfg in cfgs.items():
             for accum in (1, 2):
@@ -179,7 +180,7 @@ def one_rank(cfgs, digits, tmp_path_factory):
                 current = f"{name}-accum{accum}"
                 train(c, digits, root / current, progress=False)
     finally:
-        hybvit.train._shard = shard
+        hybvit.train.shard = shard
     return root
 
 

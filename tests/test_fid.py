@@ -3,7 +3,7 @@ import pytest
 import scipy.linalg
 import torch
 
-from hybvit.data import load_data
+from hybvit.datasets import load_data
 from hybvit.errors import HybvitError
 from hybvit.evaluate.fid import (InceptionFeatures, SmallFeatures, extract, frechet_to_reference, inception_score,
                                  reference_stats)

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from hybvit.data import load_data
+from hybvit.datasets import load_data
 from hybvit.errors import HybvitError
 from hybvit.guidance import sample_class
 from hybvit.sample import load_run

@@ -257,7 +257,7 @@ def test_prior_kl_closed_form():
 
 def test_evaluate_bpd_on_a_tiny_vit():
     from hybvit.config import preset_config
-    from hybvit.data import load_data
+    from hybvit.datasets import load_data
     from hybvit.evaluate.bpd import evaluate_bpd
     from hybvit.model import ViT
     from hybvit.errors import HybvitError

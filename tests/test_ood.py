@@ -126,7 +126,7 @@ def test_evaluate_ood_data_spec_converts_channels_and_size(tiny_run, digits, tmp
     r = evaluate_ood(tiny_run, digits, [spec], num_images=25)
     assert r["sets"][spec]["num_images"] == 25
 
-    from hybvit.data import load_data
+    from hybvit.datasets import load_data
     ood_x = match_channels(load_data(spec, 8).x_test[:25], 1)
     s_in = score_logits(tiny_run.classify(digits.x_test[:25]))
     s_out = score_logits(tiny_run.classify(ood_x))

@@ -101,7 +101,7 @@ def test_paper_eps_and_curve_basics():
 
 
 def test_accuracy_falls_with_eps_on_trained_digits_model(tiny_cfg, tmp_path):
-    from hybvit.data import load_data
+    from hybvit.datasets import load_data
     from hybvit.sample import load_run
     from hybvit.train import train
     data = load_data("digits")

@@ -19,11 +19,29 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .data import augment as crop_flip
+from .config import POLICIES
 from .data import to_float
 from .errors import HybvitError
 
-POLICIES = ("none", "cifar10", "imagenet", "svhn", "rand")
+
+
+def crop_flip(x: torch.Tensor, crop_padding: int, hflip: bool, generator: torch.Generator) -> torch.Tensor:
+    """Per-sample random crop (black padding) and horizontal flip on a batch (B, C, H, W): uint8 or float in [-1, 1]."""
+    B, _, H, W = x.shape
+    if crop_padding > 0:
+        p = crop_padding
+        black = 0 if x.dtype == torch.uint8 else -1.0  # pad with black, as RandomCrop does
+        padded = F.pad(x, (p, p, p, p), value=black)
+        dy = torch.randint(0, 2 * p + 1, (B,), generator=generator)
+        dx = torch.randint(0, 2 * p + 1, (B,), generator=generator)
+        rows = (dy[:, None] + torch.arange(H)[None]).to(x.device)  # (B, H)
+        cols = (dx[:, None] + torch.arange(W)[None]).to(x.device)  # (B, W)
+        b = torch.arange(B, device=x.device)[:, None, None]
+        x = padded.permute(0, 2, 3, 1)[b, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
+    if hflip:
+        flip = (torch.rand(B, generator=generator) < 0.5).to(x.device)
+        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+    return x.contiguous()
 
 
 def _policy(name: str):

@@ -8,7 +8,23 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
+from . import checkpoint as ckpt
+from . import distributed
+from .config import OVERLAYS, PRESETS, preset_config, preset_description, preset_paper_params
+from .data import to_float
 from .errors import HybvitError
+from .evaluate import EvalOptions, evaluate_run, parse_metrics
+from .evaluate.report import summary_lines
+from .evaluate.robustness import PAPER_EPS
+from .guidance import sample_class
+from .model import OFFICIAL_CIFAR10_PARAMS, ViT
+from .precision import resolve_device, use_bf16
+from .sample import (draw_samples, gather_samples, load_run, load_run_config, make_grid, run_from_weights, save_npz,
+                     save_png)
+from .resolve import resolve_distributed, resolve_train_config
+from .train import train
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,23 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--checkpoint", help="a checkpoint file (.safetensors or last.pt)")
     s.add_argument("--num", type=int, required=True, help="number of samples")
     s.add_argument("--out", required=True, help="FILE.png (a grid) or FILE.npz (uint8 images (N,H,W,C))")
-    s.add_argument("--sampler", default="ddim", choices=["ancestral", "ddim", "dpm-solver++"])
-    s.add_argument("--steps", type=int, default=50,
-                   help="network evaluations for ddim / dpm-solver++ (ancestral always uses all T steps)")
-    s.add_argument("--order", type=int, default=2, choices=[1, 2, 3], help="DPM-Solver++ order (default 2)")
-    s.add_argument("--spacing", default="logsnr", choices=["logsnr", "time"],
-                   help="DPM-Solver++ timesteps: even in log-SNR (default) or in time")
-    s.add_argument("--eta", type=float, default=None,
-                   help="DDIM eta (0 deterministic, 1 ancestral-like); default 0, and 1 with --class")
-    s.add_argument("--eps-scale", type=float, default=1.0, metavar="L",
-                   help="epsilon scaling: divide the predicted noise by L (e.g. 1.01; offsets the exposure bias "
-                        "of few-step samplers; default 1 = off)")
-    s.add_argument("--balance-classes", action="store_true",
-                   help="HybViT only: the same number of samples of each class, as the model's own classifier labels "
-                        "them (draws extra samples and keeps each while its class is short)")
-    s.add_argument("--cfg-scale", type=float, default=1.0, metavar="W",
-                   help="classifier-free guidance of a class-conditional run (model.class_cond): out_u + W (out_y - "
-                        "out_u); default 1 = the conditional denoiser alone")
+    add_sampling_flags(s)
     s.add_argument("--class", dest="label", type=int, metavar="K",
                    help="HybViT only: steer every sample toward class K with the model's own classifier (a "
                         "class-conditional run also asks its denoiser for K)")
@@ -75,17 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--out", required=True, help="FILE.json; FILE.html and FILE-plots/ are written next to it")
     e.add_argument("--num-samples", type=int,
                    help="generated images for fid/is (default 10000, the paper's) and the FDs (default 1000)")
-    e.add_argument("--sampler", default="ddim", choices=["ancestral", "ddim", "dpm-solver++"])
-    e.add_argument("--steps", type=int, default=50, help="network evaluations for ddim / dpm-solver++")
-    e.add_argument("--eta", type=float, default=0.0, help="DDIM stochasticity: 0 deterministic (default), 1 ancestral-like")
-    e.add_argument("--eps-scale", type=float, default=1.0, metavar="L",
-                   help="epsilon scaling for the generated samples: predicted noise / L (default 1 = off)")
-    e.add_argument("--balance-classes", action="store_true",
-                   help="generated sets hold each class equally, as the run's own classifier labels them (HybViT)")
-    e.add_argument("--cfg-scale", type=float, default=1.0, metavar="W",
-                   help="classifier-free guidance weight for a class-conditional run (model.class_cond; 1 = off)")
-    e.add_argument("--order", type=int, default=2, choices=[1, 2, 3], help="DPM-Solver++ order")
-    e.add_argument("--spacing", default="logsnr", choices=["logsnr", "time"], help="DPM-Solver++ spacing")
+    add_sampling_flags(e)
     e.add_argument("--inception-weights", metavar="PATH",
                    help="local Inception file for fid/is (weights-inception-2015-12-05-6726825d.pth)")
     e.add_argument("--fid-reference", default="train", choices=["train", "test"],
@@ -112,6 +102,49 @@ def build_parser() -> argparse.ArgumentParser:
     pr = sub.add_parser("presets", help="list the presets and their values")
     pr.add_argument("name", nargs="?", help="show one preset's full configuration")
     return p
+
+
+def add_sampling_flags(p: argparse.ArgumentParser) -> None:
+    """The flags that choose how samples are drawn, the same for `sample` and `evaluate`."""
+    g = p.add_argument_group("sampling")
+    g.add_argument("--sampler", default="ddim", choices=["ancestral", "ddim", "dpm-solver++"])
+    g.add_argument("--steps", type=int, default=50,
+                   help="network evaluations for ddim / dpm-solver++ (ancestral always uses all T steps)")
+    g.add_argument("--order", type=int, default=2, choices=[1, 2, 3], help="DPM-Solver++ order (default 2)")
+    g.add_argument("--spacing", default="logsnr", choices=["logsnr", "time"],
+                   help="DPM-Solver++ timesteps: even in log-SNR (default) or in time")
+    g.add_argument("--eta", type=float, default=None,
+                   help="DDIM stochasticity: 0 deterministic, 1 ancestral-like; default 0, and 1 with --class")
+    g.add_argument("--eps-scale", type=float, default=1.0, metavar="L",
+                   help="epsilon scaling: divide the predicted noise by L (e.g. 1.01; offsets the exposure bias "
+                        "of few-step samplers; default 1 = off)")
+    g.add_argument("--balance-classes", action="store_true",
+                   help="HybViT only: the same number of samples of each class, as the model's own classifier labels "
+                        "them (draws extra samples and keeps each while its class is short)")
+    g.add_argument("--cfg-scale", type=float, default=1.0, metavar="W",
+                   help="classifier-free guidance of a class-conditional run (model.class_cond): out_u + W (out_y - "
+                        "out_u); default 1 = the conditional denoiser alone")
+
+
+def check_sampling_flags(args, run_dir=None) -> None:
+    """Ranges of the sampling flags, and what the run must be for them (when its directory is known; sampling
+    checks class_cond again from the weights' config, which also covers --checkpoint)."""
+    if args.sampler != "ancestral" and args.steps < 1:
+        raise HybvitError("--steps must be >= 1")
+    if args.eta is not None and args.eta < 0:
+        raise HybvitError(f"--eta must be >= 0 (got {args.eta}); 0 is deterministic DDIM, 1 ancestral-like")
+    if not args.eps_scale > 0:
+        raise HybvitError(f"--eps-scale must be > 0 (got {args.eps_scale}); 1 is off, 1.005-1.02 the useful range")
+    if args.cfg_scale < 0:
+        raise HybvitError(f"--cfg-scale must be >= 0 (got {args.cfg_scale}); 1 is the conditional denoiser alone")
+    if run_dir is not None and (args.cfg_scale != 1.0 or args.balance_classes):
+        cfg = load_run_config(run_dir)
+        if args.cfg_scale != 1.0 and not cfg.model.class_cond:
+            raise HybvitError(f"--cfg-scale needs a class-conditional run (trained with --set "
+                              f"model.class_cond=true); {run_dir} is not one, so leave it at 1")
+        if args.balance_classes and cfg.train.mode != "hybvit":
+            raise HybvitError(f"--balance-classes needs a HybViT run (its classifier labels the samples); "
+                              f"this run is {cfg.train.mode}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -146,124 +179,17 @@ def _report(err: HybvitError) -> None:
     if rank == 0:
         print(f"hybvit: error: {err}", file=sys.stderr)
         return
-    dist_module = sys.modules.get("hybvit.distributed")
-    if dist_module is None or not isinstance(err, dist_module.CollectiveError):
+    if not isinstance(err, distributed.CollectiveError):
         print(f"hybvit: error (rank {rank}): {err}", file=sys.stderr)
 
 
 # ----------------------------------------------------------------------------- train
 
-def resolve_train_config(args):
-    """Preset / saved config + flags + --set + data adaptation. Returns (cfg, data, out_dir, resume)."""
-    from .config import DEFAULT_PRESET, Config, preset_config
-    from .data import load_data
-
-    explicit_sets = {a.split("=", 1)[0].strip() for a in args.set}
-    if args.resume:
-        run_dir = Path(args.resume)
-        cfg_path = run_dir / "config.json"
-        if not cfg_path.exists() or not (run_dir / "checkpoints" / "last.pt").exists():
-            raise HybvitError(f"cannot resume: '{run_dir}' has no config.json and checkpoints/last.pt; "
-                              f"give the directory of an earlier `hybvit train` run")
-        saved = Config.from_dict(json.loads(cfg_path.read_text()))
-        cfg = Config.from_dict(saved.to_dict())
-        if args.preset and args.preset != saved.preset:
-            raise HybvitError(f"--preset {args.preset} differs from the resumed run's preset '{saved.preset}'; "
-                              f"drop --preset when resuming")
-    else:
-        cfg = preset_config(args.preset or DEFAULT_PRESET)
-    if args.mode:
-        if args.mode not in ("vit", "genvit", "hybvit"):
-            raise HybvitError(f"unknown mode '{args.mode}'; use vit, genvit or hybvit")
-        cfg.train.mode = args.mode
-    if args.seed is not None:
-        cfg.train.seed = args.seed
-    if args.epochs is not None or args.steps is not None or args.minutes is not None:
-        cfg.train.epochs, cfg.train.steps, cfg.train.minutes = args.epochs or 0.0, args.steps or 0, args.minutes or 0.0
-    if args.data:
-        cfg.data.spec = args.data
-    for assignment in args.set:
-        cfg.set(assignment)
-    cfg.train.validate()
-    cfg.diffusion.validate()
-
-    data = load_data(cfg.data.spec, cfg.data.image_size)
-    if args.resume:
-        for section in ("model", "diffusion"):
-            before, after = getattr(saved, section).__dict__, getattr(cfg, section).__dict__
-            diff = [f"{section}.{k}: {before[k]} -> {after[k]}" for k in before if before[k] != after[k]]
-            if diff:
-                raise HybvitError(f"--resume with a different model config ({'; '.join(diff)}); "
-                                  f"resume without changing it, or start a new run with --out")
-        if cfg.train.mode != saved.train.mode:
-            raise HybvitError(f"--resume with mode {cfg.train.mode} but the run was trained as {saved.train.mode}; "
-                              f"start a new run to change the mode")
-        _check_data_fits(cfg, data)
-        return cfg, data, run_dir, True
-
-    notes = adapt_model_to_data(cfg, data, preset_named=bool(args.preset), explicit=explicit_sets)
-    for note in notes:
-        print(f"adapted to the data: {note}")
-    cfg.validate()
-    _check_data_fits(cfg, data)
-    out = Path(args.out) if args.out else Path("runs") / f"{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
-    if (out / "config.json").exists() or (out / "checkpoints").exists():
-        raise HybvitError(f"run directory '{out}' already holds a run; continue it with --resume {out} "
-                          f"or choose another --out")
-    return cfg, data, out, False
-
-
-def adapt_model_to_data(cfg, data, preset_named: bool, explicit: set[str]) -> list[str]:
-    """Fit channels, classes and image size to the data; without a named preset also pick a patch size that
-    divides the image and keeps the number of tokens near the preset's."""
-    m, notes = cfg.model, []
-    if m.channels != data.channels:
-        notes.append(f"channels {m.channels} -> {data.channels}")
-        m.channels = data.channels
-    if m.num_classes != data.num_classes and "model.num_classes" not in explicit and "num_classes" not in explicit:
-        notes.append(f"classes {m.num_classes} -> {data.num_classes}")
-        m.num_classes = data.num_classes
-    if m.image_size != data.image_size:
-        tokens = m.num_patches
-        notes.append(f"image size {m.image_size} -> {data.image_size}")
-        m.image_size = data.image_size
-        patch_fixed = preset_named or "model.patch_size" in explicit or "patch_size" in explicit
-        if not patch_fixed:
-            divisors = [d for d in range(1, data.image_size + 1) if data.image_size % d == 0]
-            best = min(divisors, key=lambda d: (abs((data.image_size // d) ** 2 - tokens), -d))
-            if best != m.patch_size:
-                notes.append(f"patch size {m.patch_size} -> {best} ({(data.image_size // best) ** 2} tokens, "
-                             f"the preset had {tokens})")
-                m.patch_size = best
-    return notes
-
-
-def _check_data_fits(cfg, data) -> None:
-    m = cfg.model
-    if data.num_classes < 2 and cfg.train.mode != "genvit":
-        raise HybvitError(f"{data.name} has no class labels, so mode {cfg.train.mode} cannot train a classifier; "
-                          f"use --mode genvit")
-    if data.num_classes < 2 and m.class_cond:
-        raise HybvitError(f"{data.name} has no class labels for model.class_cond to condition on; "
-                          f"use --set model.class_cond=false")
-    if (data.channels, data.image_size) != (m.channels, m.image_size):
-        raise HybvitError(f"data {data.name} is {data.image_size}x{data.image_size}x{data.channels} but the model "
-                          f"takes {m.image_size}x{m.image_size}x{m.channels}; use matching data")
-    if data.num_classes > m.num_classes:
-        raise HybvitError(f"labels go up to {data.num_classes - 1} but model.num_classes is {m.num_classes}; "
-                          f"labels out of range: raise model.num_classes or relabel the data")
-
-
 def cmd_train(args) -> int:
-    from . import distributed
-    from .model import ViT
-    from .train import resolve_device, train, use_bf16
-
     ctx = distributed.init()                     # a process group when started by torchrun, else nothing
-    cfg, data, out, resume = resolve_train_config(args) if not ctx.distributed else _resolve_distributed(args, ctx)
+    cfg, data, out, resume = resolve_train_config(args) if not ctx.distributed else resolve_distributed(args, ctx)
     if ctx.main:
         print(data.describe())
-        import torch
         with torch.device("meta"):
             params = ViT(cfg.model).num_params()
         budget = (f"{cfg.train.steps} steps" if cfg.train.steps else f"{cfg.train.epochs:g} epochs"
@@ -274,8 +200,6 @@ def cmd_train(args) -> int:
             per = cfg.train.batch_size // (ctx.world * cfg.train.grad_accum)
             split = (f", global batch {cfg.train.batch_size} = {ctx.world} process(es) x {cfg.train.grad_accum} "
                      f"micro-batch(es) x {per}")
-        if cfg.train.diffusion_batch_size and cfg.train.mode == "hybvit":
-            split += f", diffusion batch {cfg.train.diffusion_batch_size}"
         where = f"{ctx.world} processes ({device.type})" if ctx.distributed else f"device {device}"
         where += ", bf16 autocast" if use_bf16(cfg.train.amp, device) else ", fp32"
         print(f"{'resuming' if resume else 'training'} {cfg.train.mode} ({cfg.preset}): {params:,} parameters, "
@@ -289,40 +213,9 @@ def cmd_train(args) -> int:
     return 0
 
 
-def _resolve_distributed(args, ctx):
-    """resolve_train_config under torchrun: rank 0 resolves the configuration alone (its notes and errors are printed
-    once; a download happens once) and hands it to the other ranks, which then load the same data, the first
-    process of each node before the others (a dataset missing on a node is downloaded there once)."""
-    from . import distributed
-    from .config import Config
-    from .data import load_data
-    from .train import check_batch_split, resolve_device
-
-    def resolve():
-        cfg, data, out, resume = resolve_train_config(args)
-        check_batch_split(cfg, len(data.x_train), ctx.world)
-        return cfg, data, out, resume
-    resolved = distributed.all_ok(ctx, resolve, only_main=True)
-    cfg_dict, out, resume = distributed.broadcast(
-        ctx, (resolved[0].to_dict(), str(resolved[2]), resolved[3]) if ctx.main else None)
-    cfg = resolved[0] if ctx.main else Config.from_dict(cfg_dict)
-    data = resolved[1] if ctx.main else None
-    for first_on_node in (True, False):
-        mine = not ctx.main and (ctx.local_rank == 0) == first_on_node
-        loaded = distributed.all_ok(ctx, lambda load=mine: load_data(cfg.data.spec, cfg.data.image_size)
-                                    if load else None)
-        data = loaded if mine else data
-    # every process needs a GPU of its own (when training on GPUs): the ones without say so, the others stop
-    distributed.all_ok(ctx, lambda: distributed.device_for(resolve_device(cfg.train.device), ctx))
-    return cfg, data, Path(out), resume
-
-
 # ----------------------------------------------------------------------------- sample / evaluate / presets
 
 def cmd_sample(args) -> int:
-    from . import distributed
-    from .sample import load_run, make_grid, save_npz, save_png
-
     ctx = distributed.init()                     # a process group when started by torchrun, else nothing
     if ctx.distributed:
         return _sample_distributed(args, ctx)
@@ -332,7 +225,6 @@ def cmd_sample(args) -> int:
         raise HybvitError(f"--steps {args.steps} exceeds the model's T = {run.diffusion.T}")
     t0 = time.time()
     if args.label is not None:
-        from .guidance import sample_class
         x = sample_class(run, args.label, args.num, scale=32.0 if args.guidance_scale is None else args.guidance_scale,
                          sampler=args.sampler, steps=args.steps, seed=args.seed, batch_size=args.batch_size,
                          order=args.order, spacing=args.spacing, through=args.guidance_through,
@@ -352,32 +244,13 @@ def cmd_sample(args) -> int:
     return 0
 
 
-def _check_eps_scale(value: float) -> None:
-    if not value > 0:
-        raise HybvitError(f"--eps-scale must be > 0 (got {value}); 1 is off, 1.005-1.02 the useful range")
-
-
-def _check_cfg_scale(value: float, run_dir=None) -> None:
-    """The range here; whether the run is class-conditional up front when its directory is known (sampling checks
-    it again from the weights' config, which also covers --checkpoint)."""
-    from .sample import load_run_config
-    if value < 0:
-        raise HybvitError(f"--cfg-scale must be >= 0 (got {value}); 1 is the conditional denoiser alone")
-    if value != 1.0 and run_dir is not None and not load_run_config(run_dir).model.class_cond:
-        raise HybvitError(f"--cfg-scale needs a class-conditional run (trained with --set model.class_cond=true); "
-                          f"{run_dir} is not one, so leave it at 1")
-
-
 def _check_sample_args(args) -> Path:
-    _check_eps_scale(args.eps_scale)
-    _check_cfg_scale(args.cfg_scale, args.run)
+    check_sampling_flags(args, args.run)
     out = Path(args.out)
     if out.suffix not in (".png", ".npz"):
         raise HybvitError(f"--out '{out}' must end in .png (a grid) or .npz (uint8 images)")
     if args.num < 1:
         raise HybvitError("--num must be >= 1")
-    if args.sampler != "ancestral" and args.steps < 1:
-        raise HybvitError("--steps must be >= 1")
     if args.balance_classes and args.label is not None:
         raise HybvitError("--balance-classes and --class exclude each other: --class already fixes every sample's class")
     if args.guidance_scale is not None and args.label is None:
@@ -393,12 +266,6 @@ def _sample_distributed(args, ctx) -> int:
     the file, which therefore holds exactly the images one process would draw."""
     if args.label is not None or args.balance_classes:
         raise HybvitError("--class and --balance-classes run in one process; start `hybvit sample` without torchrun")
-    from . import checkpoint as ckpt
-    from . import distributed
-    from .data import to_float
-    from .sample import draw_samples, gather_samples, load_run, make_grid, run_from_weights, save_npz, save_png
-    from .train import resolve_device
-
     out = Path(args.out)
 
     def load():                                  # rank 0 checks the arguments and reads the weights
@@ -434,9 +301,6 @@ def _sample_distributed(args, ctx) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    from .evaluate import EvalOptions, evaluate_run, parse_metrics
-    from .evaluate.report import summary_lines
-
     out = Path(args.out)
     if out.suffix != ".json":
         raise HybvitError(f"--out '{out}' must be a .json file")
@@ -448,10 +312,7 @@ def cmd_evaluate(args) -> int:
             raise HybvitError(f"--{name.replace('_', '-')} must be >= 1 (got {value})")
     if args.bpd_timesteps < 0:
         raise HybvitError("--bpd-timesteps must be >= 0 (0 = the full bound)")
-    if args.eta < 0:
-        raise HybvitError(f"--eta must be >= 0 (got {args.eta}); 0 is deterministic DDIM, 1 ancestral-like")
-    _check_eps_scale(args.eps_scale)
-    _check_cfg_scale(args.cfg_scale, args.run)
+    check_sampling_flags(args, args.run)
     try:
         bins = [int(b) for b in args.ece_bins.split(",") if b.strip()]
     except ValueError:
@@ -465,7 +326,6 @@ def cmd_evaluate(args) -> int:
         raise HybvitError("--pgd-step-factor must be > 0")
     pgd_eps = None
     if args.pgd_eps_linf or args.pgd_eps_l2:
-        from .evaluate.robustness import PAPER_EPS
         pgd_eps = {}
         for norm, text in (("linf", args.pgd_eps_linf), ("l2", args.pgd_eps_l2)):
             try:
@@ -474,13 +334,10 @@ def cmd_evaluate(args) -> int:
                 raise HybvitError(f"--pgd-eps-{norm} '{text}' must be comma-separated numbers (units of 1/255)") from None
             if not pgd_eps[norm] or min(pgd_eps[norm]) <= 0:
                 raise HybvitError(f"--pgd-eps-{norm} needs positive values (units of 1/255)")
-    from .sample import load_run_config
     mode = load_run_config(args.run).train.mode
-    if args.balance_classes and mode != "hybvit":
-        raise HybvitError(f"--balance-classes needs a HybViT run (its classifier labels the samples); this run is {mode}")
     metrics = parse_metrics(args.metrics, mode)
     opts = EvalOptions(data_spec=args.data, num_samples=args.num_samples, sampler=args.sampler, steps=args.steps,
-                       eta=args.eta, order=args.order, spacing=args.spacing, eps_scale=args.eps_scale,
+                       eta=args.eta or 0.0, order=args.order, spacing=args.spacing, eps_scale=args.eps_scale,
                        balance_classes=args.balance_classes, cfg_scale=args.cfg_scale,
                        seed=args.seed, batch_size=args.batch_size, device=args.device,
                        inception_weights=args.inception_weights, fid_reference=args.fid_reference,
@@ -497,11 +354,6 @@ def cmd_evaluate(args) -> int:
 
 
 def cmd_presets(args) -> int:
-    import torch
-
-    from .config import PRESETS, preset_config, preset_description, preset_paper_params
-    from .model import ViT
-
     if args.name:
         cfg = preset_config(args.name)
         print(json.dumps(cfg.to_dict(), indent=2))
@@ -521,12 +373,14 @@ def cmd_presets(args) -> int:
     widths = [max(len(r[i]) for r in rows + [head]) for i in range(len(head) - 1)]
     for r in [head] + rows:
         print("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1])
-    from .model import OFFICIAL_CIFAR10_PARAMS
     ours = next(int(r[8].replace(",", "")) for r in rows if r[0] == "cifar10-hybvit")
     verdict = "the same count" if ours == OFFICIAL_CIFAR10_PARAMS else f"{ours - OFFICIAL_CIFAR10_PARAMS:+,} here"
     print(f"\nThe paper code's model at its CIFAR-10 config has {OFFICIAL_CIFAR10_PARAMS:,} parameters; "
           f"cifar10-hybvit: {ours:,} ({verdict}).")
-    print("`hybvit presets NAME` prints every value of one preset; override any with --set section.key=value.")
+    for name, overlay in OVERLAYS.items():
+        print(f"+{name}: {overlay.get('description', '')}")
+    print("`hybvit presets NAME` prints every value of one preset (NAME+OVERLAY with an overlay); override any with "
+          "--set section.key=value.")
     return 0
 
 

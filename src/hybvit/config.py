@@ -14,6 +14,7 @@ from typing import Any
 
 from .errors import HybvitError
 
+POLICIES = ("none", "cifar10", "imagenet", "svhn", "rand")    # data.autoaugment
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 MODES = ("vit", "genvit", "hybvit")
 
@@ -30,20 +31,14 @@ class ModelConfig:
     mlp_ratio: float = 2.0
     # Hidden width of the time MLP; 0 means 4 * (N + 1), the width the paper's code used (260 at 32x32/patch 4).
     time_hidden: int = 0
-    # Beyond the paper (issue 6; the paper presets keep the defaults, which are the faithful model):
+    # Beyond the paper (the paper presets keep the defaults, which are the faithful model; docs/architecture.md):
     time_cond: str = "token-scalar"   # token-scalar (Eq. 21: a scalar per token) | adaln (per-channel adaptive
                                       # LayerNorm, zero-initialised, as DiT's adaLN-Zero) | none
     time_token: bool = False          # the time embedding as an extra input token (as U-ViT)
     long_skips: bool = False          # U-ViT long skips: block i's output feeds block depth-1-i (concat + Linear)
     zero_init_out: bool = False       # zero-initialised output layer (the denoiser starts by predicting 0)
-    final_norm: bool = False          # a LayerNorm before the output layer (adaLN-modulated with time_cond=adaln,
-                                      # as DiT's final layer)
-    conv_out: bool = False            # a 3x3 convolution on the predicted image (as U-ViT), initialised to the
-                                      # identity: neighbouring patches' pixels inform each other
     dropout: float = 0.0              # residual dropout on every attention and MLP output while training (0 = off,
                                       # the paper; DDPM used 0.1 for CIFAR-10's UNet)
-    self_cond: bool = False           # self-conditioning (Chen et al., 2022): the denoiser also sees its own
-                                      # previous estimate of x0 (zeros when there is none)
     class_cond: bool = False          # a class-conditional denoiser: a label embedding joins the time features
                                       # (as DiT); label index num_classes means "no label" (unconditional), which
                                       # training uses for a train.label_dropout share of the diffusion images
@@ -82,13 +77,6 @@ class DiffusionConfig:
     prediction: str = "eps"           # eps (the paper) | v (v = alpha_t eps - sigma_t x0, Salimans & Ho 2022)
     weighting: str = "none"           # none (L_simple) | min-snr (min(SNR, gamma) weights, Hang et al. 2023)
     min_snr_gamma: float = 5.0
-    t_sampling: str = "uniform"       # uniform (the paper) | stratified (one low-discrepancy draw per batch) |
-                                      # logit-normal (t/T = sigmoid(N(t_logit_mean, t_logit_std^2)), Esser et al. 2024)
-    t_logit_mean: float = 0.0
-    t_logit_std: float = 1.0
-    schedule_shift: float = 1.0       # SNR'(t) = shift^2 SNR(t) (simple diffusion); > 1 = less noise; 1 = the schedule
-    input_perturbation: float = 0.0   # gamma of DDPM-IP (Ning et al. 2023): x_t gets sigma_t gamma xi more noise in
-                                      # training, the target keeps eps; 0 = off (the paper), 0.1 = theirs
 
     def validate(self) -> None:
         if self.schedule not in ("cosine", "linear"):
@@ -99,16 +87,6 @@ class DiffusionConfig:
             raise HybvitError(f"unknown diffusion.prediction '{self.prediction}'; use eps or v")
         if self.weighting not in ("none", "min-snr"):
             raise HybvitError(f"unknown diffusion.weighting '{self.weighting}'; use none or min-snr")
-        if self.t_sampling not in ("uniform", "stratified", "logit-normal"):
-            raise HybvitError(f"unknown diffusion.t_sampling '{self.t_sampling}'; use uniform, stratified or "
-                              f"logit-normal")
-        if self.t_logit_std <= 0:
-            raise HybvitError(f"diffusion.t_logit_std must be > 0 (got {self.t_logit_std})")
-        if self.schedule_shift <= 0:
-            raise HybvitError(f"diffusion.schedule_shift must be > 0 (got {self.schedule_shift}); 1 = no shift")
-        if not 0 <= self.input_perturbation <= 1:
-            raise HybvitError(f"diffusion.input_perturbation must be in [0, 1] (got {self.input_perturbation}); "
-                              f"0 = off, 0.1 = DDPM-IP's value")
         if self.timesteps < 2:
             raise HybvitError("diffusion.timesteps must be >= 2")
 
@@ -123,24 +101,17 @@ class DataConfig:
     augment_backend: str = "batched"  # batched (grouped calls on the data's device) | torchvision (per image, CPU)
     mix_prob: float = 0.0             # probability per image of CutMix or Mixup, even odds (the paper's code: 0.5)
     mix_alpha: float = 1.0            # Beta(alpha, alpha) for the mixing ratio
-    diffusion_hflip: bool = False     # random flips for the diffusion batch (off: the paper never augments it)
     diffusion_augment: float = 0.0    # probability per diffusion image of a random dihedral turn/flip + up-to-1-pixel
                                       # shift, told to the denoiser (needs model.augment_cond; non-leaking, as EDM)
     epoch_repeats: int = 1            # an "epoch" is epoch_repeats x the training set (the paper: 3)
-    repeated_aug: int = 1             # >1: each classification batch holds each image this many times, augmented
-                                      # independently (true repeated augmentation); 1 = off, as the paper's code
     device_cache_gb: float = 4.0      # keep the uint8 training set on the GPU when it is at most this size
     image_size: int = 0               # 0 = keep the data's size; >0 resizes folder images to this size
 
-
     def validate(self) -> None:
-        from .augment import POLICIES
         if self.autoaugment not in POLICIES:
             raise HybvitError(f"unknown data.autoaugment '{self.autoaugment}'; use one of {', '.join(POLICIES)}")
         if self.augment_backend not in ("batched", "torchvision"):
             raise HybvitError(f"unknown data.augment_backend '{self.augment_backend}'; use batched or torchvision")
-        if self.repeated_aug < 1:
-            raise HybvitError("data.repeated_aug must be >= 1 (1 = off)")
         for name in ("random_erasing", "mix_prob", "diffusion_augment"):
             if not 0 <= getattr(self, name) <= 1:
                 raise HybvitError(f"data.{name} is a probability: give a value in [0, 1]")
@@ -151,20 +122,15 @@ class TrainConfig:
     mode: str = "hybvit"
     alpha: float = 100.0              # L = L_CE + alpha * L_simple (Eq. 23)
     batch_size: int = 128             # per branch: hybvit draws two independent batches of this size
-    diffusion_batch_size: int = 0     # >0: the diffusion batch's size when it differs from batch_size (0 = same)
     label_dropout: float = 0.1        # model.class_cond: the share of diffusion images trained with "no label"
-    self_cond_prob: float = 0.5       # model.self_cond: the share of diffusion images trained on a first-pass x0
-                                      # estimate (the rest on zeros), 0.5 as Chen et al. (2022)
     optimizer: str = "adamw"          # adamw (the paper's code) | sgd (the paper's text) | muon (Muon on the
                                       # blocks' matrices + AdamW on the rest; torch >= 2.9)
     lr: float = 1e-3
     weight_decay: float = 0.05
     momentum: float = 0.9             # sgd only
-    adam_beta2: float = 0.999         # adamw's second-moment decay (0.999 as the paper's code; 0.99-0.95 adapt faster)
     warmup_epochs: float = 10.0
     warmup_max_frac: float = 0.1      # warm-up never longer than this fraction of the run
     min_lr: float = 1e-6
-    lr_schedule: str = "cosine"       # decay after the warm-up: cosine (the paper's code) | linear (to min_lr)
     grad_clip: float = 1.0
     ema_decay: float = 0.999
     ema_warmup: bool = False          # decay min(ema_decay, (1+s)/(10+s)): helps short runs
@@ -181,7 +147,6 @@ class TrainConfig:
     num_samples: int = 100            # images in samples.png
     sampler: str = "ddim"             # ancestral | ddim | dpm-solver++ (order 2, logSNR steps): samples.png, FD
     sample_steps: int = 50
-    eps_scale: float = 1.0            # samples.png / FD: predicted noise / eps_scale (epsilon scaling; 1 = off)
     fd_samples: int = 0               # >0: at the end, pixel-space Frechet distance of this many samples
     eval_batch_size: int = 500
     compile: bool = False
@@ -192,36 +157,21 @@ class TrainConfig:
     joint_pass: bool = False          # hybvit: CE and diffusion batches through one forward pass (bigger matmuls;
                                       # measured no gain on the CPU; for launch-bound GPUs)
 
-    @property
-    def diff_batch_size(self) -> int:
-        """The global size of the diffusion batch (genvit, hybvit)."""
-        return self.diffusion_batch_size or self.batch_size
-
     def validate(self) -> None:
         if self.mode not in MODES:
             raise HybvitError(f"unknown mode '{self.mode}'; use one of {', '.join(MODES)}")
-        if self.lr_schedule not in ("cosine", "linear"):
-            raise HybvitError(f"unknown train.lr_schedule '{self.lr_schedule}'; use cosine or linear")
         if self.optimizer not in ("adamw", "sgd", "muon"):
             raise HybvitError(f"unknown optimizer '{self.optimizer}'; use adamw, sgd or muon")
         if self.amp not in ("auto", "bf16", "fp32"):
             raise HybvitError(f"unknown amp '{self.amp}'; use auto, bf16 or fp32")
         if self.compile_mode not in COMPILE_MODES:
             raise HybvitError(f"unknown train.compile_mode '{self.compile_mode}'; use one of {', '.join(COMPILE_MODES)}")
-        if not self.eps_scale > 0:
-            raise HybvitError(f"train.eps_scale must be > 0 (got {self.eps_scale}); 1 is off")
-        if not 0 <= self.adam_beta2 < 1:
-            raise HybvitError(f"train.adam_beta2 must be in [0, 1) (got {self.adam_beta2}); e.g. 0.999 or 0.99")
         if self.sampler not in ("ancestral", "ddim", "dpm-solver++"):
             raise HybvitError(f"unknown sampler '{self.sampler}'; use ancestral, ddim or dpm-solver++")
         if self.batch_size < 1:
             raise HybvitError("train.batch_size must be >= 1")
         if not 0.0 <= self.label_dropout <= 1.0:
             raise HybvitError(f"train.label_dropout must be in [0, 1] (got {self.label_dropout})")
-        if not 0.0 <= self.self_cond_prob <= 1.0:
-            raise HybvitError(f"train.self_cond_prob must be in [0, 1] (got {self.self_cond_prob})")
-        if self.diffusion_batch_size < 0:
-            raise HybvitError("train.diffusion_batch_size must be >= 0 (0 = the same as train.batch_size)")
         budgets = [b for b in (self.epochs, self.steps, self.minutes) if b]
         if len(budgets) > 1:
             raise HybvitError("give one training budget: --epochs, --steps or --minutes, not several")
@@ -332,12 +282,23 @@ def _load_presets() -> dict[str, dict[str, Any]]:
     return {k: v for k, v in json.loads(text).items() if k != "_comment"}
 
 
-_ALL_PRESETS = _load_presets()                                              # bases (names from "_") included
-PRESETS = {k: v for k, v in _ALL_PRESETS.items() if not k.startswith("_")}  # what users name and list
+_ALL_PRESETS = _load_presets()               # bases (names from "_") and overlays (names from "+") included
+PRESETS = {k: v for k, v in _ALL_PRESETS.items() if k[0] not in "_+"}          # what users name and list
+OVERLAYS = {k[1:]: v for k, v in _ALL_PRESETS.items() if k.startswith("+")}    # NAME+OVERLAY
 DEFAULT_PRESET = "digits-hybvit"
 
 
 def _resolve(name: str, seen: tuple[str, ...] = ()) -> dict[str, Any]:
+    if not seen and "+" in name:                                # a preset with overlays: NAME+OVERLAY[+...]
+        base, *overlays = name.split("+")
+        merged = _resolve(base)
+        for overlay in overlays:
+            if overlay not in OVERLAYS:
+                raise HybvitError(f"unknown overlay '+{overlay}' in preset '{name}'; the overlays are "
+                                  f"{', '.join('+' + o for o in OVERLAYS)}")
+            for section in Config.SECTIONS:
+                merged.setdefault(section, {}).update(OVERLAYS[overlay].get(section, {}))
+        return merged
     if name not in _ALL_PRESETS or (not seen and name not in PRESETS):
         raise HybvitError(f"unknown preset '{name}'; run `hybvit presets` to list them")
     if name in seen:

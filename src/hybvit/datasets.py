@@ -1,5 +1,8 @@
-"""Readers for the paper's standard datasets in their published on-disk formats, with download where one exists.
+"""Data specs (``--data``) and the readers of every supported on-disk format.
 
+  digits                scikit-learn's bundled 8x8 digits, a fixed stratified 80/20 split (the default)
+  npz:PATH              arrays x_train, y_train, x_test, y_test (Keras convention); uint8 (N,H,W) or (N,H,W,C)
+  folder:PATH           PATH/train/<class>/* and PATH/test/<class>/*, any image format PIL reads
   cifar10[:ROOT]        ROOT/cifar-10-batches-py/{data_batch_1..5, test_batch}   (python pickle batches)
   cifar100[:ROOT]       ROOT/cifar-100-python/{train, test}                       (python pickle, fine labels)
   svhn[:ROOT]           ROOT/{train,test}_32x32.mat                              (MATLAB; label 10 means digit 0)
@@ -12,7 +15,8 @@
 ROOT defaults to $HYBVIT_DATA or ~/.cache/hybvit/data. When the files are missing, CIFAR, SVHN and STL-10 are
 downloaded through torchvision and Tiny-ImageNet from its public archive, unless HYBVIT_NO_DOWNLOAD=1; ImageNet 32
 needs a (free) image-net.org login, so the error says where to put the files. The pickle batches are read with an
-unpickler that only admits numpy arrays and plain containers: a dataset file cannot run code either.
+unpickler that only admits numpy arrays and plain containers: a dataset file cannot run code either. Every
+problem raises HybvitError with a one-line message.
 """
 from __future__ import annotations
 
@@ -23,11 +27,179 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
+from PIL import Image, UnidentifiedImageError
+from tqdm.auto import tqdm
 
+from .data import ImageData
 from .errors import HybvitError
 
+IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 TINY_IMAGENET_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
 
+
+def load_data(spec: str, image_size: int = 0) -> ImageData:
+    """Parse a data spec and load it; every problem raises HybvitError with a one-line message."""
+    kind, _, arg = spec.partition(":")
+    if kind == "digits" and not arg:
+        data = load_digits()
+    elif kind == "npz":
+        data = load_npz(_existing(arg, spec))
+    elif kind == "folder":
+        data = load_folder(_existing(arg, spec), image_size)
+    elif kind in READERS:
+        x_tr, y_tr, x_te, y_te, classes = READERS[kind](Path(arg or default_root()).expanduser())
+        data = ImageData(x_tr, y_tr, x_te, y_te, classes, kind)
+    else:
+        raise HybvitError(f"unknown data spec '{spec}'; use digits, npz:PATH, folder:PATH or one of "
+                          f"{', '.join(f'{k}[:ROOT]' for k in READERS)}")
+    if image_size and data.image_size != image_size:
+        data.x_train = resize(data.x_train, image_size)
+        data.x_test = resize(data.x_test, image_size)
+    _check_labels(data)
+    return data
+
+
+def default_root() -> str:
+    return os.environ.get("HYBVIT_DATA", os.path.join(os.path.expanduser("~"), ".cache", "hybvit", "data"))
+
+
+def _existing(path: str, spec: str) -> Path:
+    if not path:
+        raise HybvitError(f"data spec '{spec}' needs a path, e.g. {spec.rstrip(':')}:/path/to/data")
+    p = Path(path).expanduser()
+    if not p.exists():
+        raise HybvitError(f"data path '{p}' does not exist; check the path given to --data")
+    return p
+
+
+def _check_labels(data: ImageData) -> None:
+    for split, y in (("train", data.y_train), ("test", data.y_test)):
+        if len(y) and (int(y.min()) < 0 or int(y.max()) >= data.num_classes):
+            raise HybvitError(
+                f"{data.name}: {split} labels must lie in [0, {data.num_classes - 1}] but range over "
+                f"[{int(y.min())}, {int(y.max())}]; relabel the classes as 0..K-1")
+    if len(data.x_train) == 0:
+        raise HybvitError(f"{data.name}: the training set is empty")
+
+
+def load_digits() -> ImageData:
+    """scikit-learn's 1797 8x8 digits (values 0..16, rescaled to 0..255); stratified 80/20 split, seed 0."""
+    from sklearn.datasets import load_digits as sk_digits
+    from sklearn.model_selection import train_test_split
+
+    d = sk_digits()
+    x = np.round(d.images * (255.0 / 16.0)).astype(np.uint8)[:, None]  # (1797, 1, 8, 8)
+    x_tr, x_te, y_tr, y_te = train_test_split(x, d.target, test_size=0.2, stratify=d.target, random_state=0)
+    return ImageData(torch.from_numpy(x_tr), torch.from_numpy(y_tr).long(), torch.from_numpy(x_te),
+                     torch.from_numpy(y_te).long(), 10, "digits", [str(i) for i in range(10)])
+
+
+def load_npz(path: Path) -> ImageData:
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in f.files}
+    except Exception as e:  # noqa: BLE001 - any read failure is a bad file
+        raise HybvitError(f"cannot read npz file '{path}' ({type(e).__name__}: {e}); "
+                          f"save it with numpy.savez(path, x_train=..., y_train=..., x_test=..., y_test=...)")
+    missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in arrays]
+    if missing:
+        raise HybvitError(f"npz file '{path}' lacks the arrays {', '.join(missing)} (it has "
+                          f"{', '.join(sorted(arrays)) or 'none'}); it needs x_train, y_train, x_test, y_test")
+    xs, ys = [], []
+    for split in ("train", "test"):
+        x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
+        if x.ndim == 3:
+            x = x[..., None]
+        if x.ndim != 4 or x.shape[1] != x.shape[2] or x.shape[3] not in (1, 3, 4):
+            raise HybvitError(f"npz x_{split} has shape {arrays[f'x_{split}'].shape}; expected uint8 (N,H,W) "
+                              f"or (N,H,W,C) with square images and C in 1, 3, 4")
+        if x.dtype != np.uint8:
+            raise HybvitError(f"npz x_{split} has dtype {x.dtype}; expected uint8 in [0, 255] "
+                              f"(convert with (x * 255).round().astype(np.uint8) for [0, 1] floats)")
+        y = np.asarray(y).reshape(-1)
+        if y.shape[0] != x.shape[0]:
+            raise HybvitError(f"npz y_{split} has {y.shape[0]} labels for {x.shape[0]} images; they must match")
+        if not np.issubdtype(y.dtype, np.integer):
+            raise HybvitError(f"npz y_{split} has dtype {y.dtype}; labels must be integers 0..K-1")
+        xs.append(torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))))
+        ys.append(torch.from_numpy(y.astype(np.int64)))
+    if xs[0].shape[1:] != xs[1].shape[1:]:
+        raise HybvitError(f"npz x_train images are {tuple(xs[0].shape[1:])} but x_test are "
+                          f"{tuple(xs[1].shape[1:])} (C,H,W); they must match")
+    num_classes = int(ys[0].max()) + 1 if len(ys[0]) else 0
+    return ImageData(xs[0], ys[0], xs[1], ys[1], num_classes, f"npz:{path}")
+
+
+def load_folder(root: Path, image_size: int = 0) -> ImageData:
+    for split in ("train", "test"):
+        if not (root / split).is_dir():
+            raise HybvitError(f"folder data '{root}' has no '{split}/' folder; expected "
+                              f"{root}/train/<class>/* and {root}/test/<class>/*")
+    classes = sorted(p.name for p in (root / "train").iterdir() if p.is_dir())
+    if not classes:
+        raise HybvitError(f"'{root}/train' has no class folders; put images in {root}/train/<class>/")
+    index = {c: i for i, c in enumerate(classes)}
+    extra = sorted(p.name for p in (root / "test").iterdir() if p.is_dir() and p.name not in index)
+    if extra:
+        raise HybvitError(f"'{root}/test' has classes not in train: {', '.join(extra[:5])}; "
+                          f"use the same class folders in both")
+
+    files = {split: [(f, index[c]) for c in classes if (root / split / c).is_dir()
+                     for f in sorted((root / split / c).iterdir()) if f.suffix.lower() in IMAGE_EXTENSIONS]
+             for split in ("train", "test")}
+    first = files["train"][0][0] if files["train"] else None
+    if first is None:
+        raise HybvitError(f"no images found under '{root}/train/<class>/'")
+    with Image.open(first) as im:
+        mode = "L" if im.mode in ("L", "1", "I;16", "I") else "RGB"
+        size = image_size or im.size[0]
+
+    x_tr, y_tr = load_image_files(files["train"], size, mode, resize=bool(image_size), reference=first)
+    if not files["test"]:
+        raise HybvitError(f"no images found under '{root}/test/<class>/'")
+    x_te, y_te = load_image_files(files["test"], size, mode, resize=bool(image_size), reference=first)
+    return ImageData(x_tr, y_tr, x_te, y_te, len(classes), f"folder:{root}", classes)
+
+
+def load_image_files(items: list[tuple[Path, int]], size: int, mode: str = "RGB", resize: bool = True,
+                     reference: Path | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decode (path, label) pairs into uint8 (N, C, H, W) and int64 labels. Images of another size are resized
+    (bicubic) when resize is True, else refused; a file PIL cannot read is named in the error."""
+    arr = np.empty((len(items), size, size, 1 if mode == "L" else 3), dtype=np.uint8)
+    bar = None
+    if len(items) > 5000:
+        bar = tqdm(total=len(items), desc="reading images", unit="img", mininterval=1.0, leave=False)
+    try:
+        for n, (f, _) in enumerate(items):
+            if bar is not None:
+                bar.update(1)
+            try:
+                with Image.open(f) as im:
+                    im = im.convert(mode)
+                    if im.size != (size, size):
+                        if not resize:
+                            raise HybvitError(
+                                f"image '{f}' is {im.size[0]}x{im.size[1]} but '{reference}' is {size}x{size}; "
+                                f"resize them all with --set data.image_size=N")
+                        im = im.resize((size, size), Image.BICUBIC)
+                    arr[n] = np.asarray(im).reshape(size, size, -1)
+            except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+                raise HybvitError(f"cannot read image '{f}' ({type(e).__name__}); remove or replace the file")
+    finally:
+        if bar is not None:
+            bar.close()
+    labels = torch.tensor([c for _, c in items], dtype=torch.long)
+    return torch.from_numpy(arr.transpose(0, 3, 1, 2).copy()), labels
+
+
+def resize(x: torch.Tensor, size: int) -> torch.Tensor:
+    y = F.interpolate(x.float(), size=(size, size), mode="bicubic", antialias=True, align_corners=False)
+    return y.round().clamp(0, 255).to(torch.uint8)
+
+
+
+# ----------------------------------------------------------------------------- the standard datasets
 
 def no_download() -> bool:
     return os.environ.get("HYBVIT_NO_DOWNLOAD", "") not in ("", "0")
@@ -135,7 +307,6 @@ def load_stl10(root: Path):
 
 def load_tiny_imagenet(root: Path):
     from torchvision.datasets.utils import download_and_extract_archive
-    from .data import load_image_files
     base = root / "tiny-imagenet-200"
     if not (base / "wnids.txt").exists():
         _download("Tiny-ImageNet", root, lambda: download_and_extract_archive(TINY_IMAGENET_URL, str(root)),
@@ -185,7 +356,6 @@ def load_celeba128(root: Path, size: int = 128, test_fraction: float = 0.01, max
     """Face images, centre-cropped to a square and resized to 128; unlabeled (one class), for generation.
     ROOT/celeba/img_align_celeba/*.jpg (the aligned CelebA release, split by list_eval_partition.txt when present)
     or any folder of images under ROOT. The last 1 % (sorted by name) is the test set when no partition file."""
-    from PIL import Image, UnidentifiedImageError
     base = next((p for p in (root / "celeba" / "img_align_celeba", root / "img_align_celeba") if p.is_dir()), root)
     files = sorted(f for f in base.rglob("*") if f.suffix.lower() in (".jpg", ".jpeg", ".png", ".webp"))
     if not files:

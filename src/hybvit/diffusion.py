@@ -15,7 +15,6 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 SAMPLERS = ("ancestral", "ddim", "dpm-solver++")
 EpsModel = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -33,24 +32,12 @@ def linear_betas(T: int) -> np.ndarray:
     return np.linspace(scale * 1e-4, scale * 0.02, T, dtype=np.float64)
 
 
-def make_betas(schedule: str, T: int, shift: float = 1.0) -> np.ndarray:
+def make_betas(schedule: str, T: int) -> np.ndarray:
     if schedule == "cosine":
-        betas = cosine_betas(T)
-    elif schedule == "linear":
-        betas = linear_betas(T)
-    else:
-        raise ValueError(f"unknown schedule '{schedule}'")
-    return betas if shift == 1.0 else shift_betas(betas, shift)
-
-
-def shift_betas(betas: np.ndarray, shift: float) -> np.ndarray:
-    """Shift a schedule in log-SNR (Hoogeboom et al. 2023, "simple diffusion"): SNR'(t) = shift^2 SNR(t), i.e.
-    log-SNR moved by 2 log(shift) at every t. shift > 1 means less noise at every step (suits images smaller than
-    the ones the schedule was made for), shift < 1 more. Returns the betas of the shifted alpha-bar."""
-    abar = np.cumprod(1.0 - betas)
-    logsnr = np.log(abar) - np.log1p(-abar) + 2 * math.log(shift)
-    abar_new = 1 / (1 + np.exp(-logsnr))
-    return 1 - abar_new / np.append(1.0, abar_new[:-1])
+        return cosine_betas(T)
+    if schedule == "linear":
+        return linear_betas(T)
+    raise ValueError(f"unknown schedule '{schedule}'")
 
 
 def _gather(a: torch.Tensor, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -62,14 +49,10 @@ class GaussianDiffusion:
     """Schedule tensors (float64 on the CPU, gathered per batch) and the operations built on them."""
 
     def __init__(self, timesteps: int = 1000, schedule: str = "cosine", loss: str = "l1", prediction: str = "eps",
-                 weighting: str = "none", min_snr_gamma: float = 5.0, t_sampling: str = "uniform",
-                 schedule_shift: float = 1.0, t_logit_mean: float = 0.0, t_logit_std: float = 1.0,
-                 input_perturbation: float = 0.0):
-        self.input_perturbation = input_perturbation
-        self.T, self.schedule, self.loss_type, self.t_sampling = timesteps, schedule, loss, t_sampling
+                 weighting: str = "none", min_snr_gamma: float = 5.0):
+        self.T, self.schedule, self.loss_type = timesteps, schedule, loss
         self.prediction, self.weighting, self.min_snr_gamma = prediction, weighting, min_snr_gamma
-        self.schedule_shift, self.t_logit_mean, self.t_logit_std = schedule_shift, t_logit_mean, t_logit_std
-        betas = make_betas(schedule, timesteps, schedule_shift)
+        betas = make_betas(schedule, timesteps)
         alphas = 1.0 - betas
         abar = np.cumprod(alphas)
         abar_prev = np.append(1.0, abar[:-1])
@@ -91,11 +74,7 @@ class GaussianDiffusion:
 
     @classmethod
     def from_config(cls, cfg) -> "GaussianDiffusion":
-        return cls(cfg.timesteps, cfg.schedule, cfg.loss, getattr(cfg, "prediction", "eps"),
-                   getattr(cfg, "weighting", "none"), getattr(cfg, "min_snr_gamma", 5.0),
-                   getattr(cfg, "t_sampling", "uniform"), getattr(cfg, "schedule_shift", 1.0),
-                   getattr(cfg, "t_logit_mean", 0.0), getattr(cfg, "t_logit_std", 1.0),
-                   getattr(cfg, "input_perturbation", 0.0))
+        return cls(cfg.timesteps, cfg.schedule, cfg.loss, cfg.prediction, cfg.weighting, cfg.min_snr_gamma)
 
     # -- forward process -------------------------------------------------------------------------------------
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
@@ -123,30 +102,9 @@ class GaussianDiffusion:
 
     # -- training loss ---------------------------------------------------------------------------------------
     def noised(self, x0: torch.Tensor, generator: torch.Generator | None = None):
-        """A training input: t ~ U{0..T-1}, eps ~ N(0, I), x_t by Eq. 10. Returns (x_t, t, eps).
-
-        t_sampling "stratified" draws the batch's times low-discrepancy (as VDM, Kingma et al. 2021): one u ~ U[0, 1),
-        t_i = floor(T * ((u + i / B) mod 1)); each t is still uniform, the batch covers [0, T) evenly (less variance).
-        "logit-normal" (Esser et al. 2024) draws t = floor(T * sigmoid(m + s n)), n ~ N(0, 1): more of the batch at
-        the middle noise levels and less at both ends (m = t_logit_mean, s = t_logit_std).
-
-        input_perturbation gamma > 0 (DDPM-IP, Ning et al. 2023) noises the input as if the noise were eps + gamma xi,
-        xi ~ N(0, I), while the returned eps (the regression target) stays eps: training sees inputs a little off the
-        forward process, as sampling does with the model's own errors (exposure bias)."""
-        B = x0.shape[0]
-        if self.t_sampling == "logit-normal":
-            n = torch.randn(B, generator=generator, device="cpu", dtype=torch.float64)
-            u = torch.sigmoid(self.t_logit_mean + self.t_logit_std * n)
-            t = (u * self.T).long().clamp(max=self.T - 1).to(x0.device)
-        elif self.t_sampling == "stratified":
-            u = torch.rand((), generator=generator, device="cpu", dtype=torch.float64)
-            t = ((u + torch.arange(B, dtype=torch.float64) / B) % 1 * self.T).long().clamp(max=self.T - 1).to(x0.device)
-        else:
-            t = torch.randint(0, self.T, (B,), generator=generator, device="cpu").to(x0.device)
+        """A training input: t ~ U{0..T-1}, eps ~ N(0, I), x_t by Eq. 10. Returns (x_t, t, eps)."""
+        t = torch.randint(0, self.T, (x0.shape[0],), generator=generator, device="cpu").to(x0.device)
         noise = torch.randn(x0.shape, generator=generator, device="cpu").to(x0.device, x0.dtype)
-        if self.input_perturbation > 0:
-            xi = torch.randn(x0.shape, generator=generator, device="cpu").to(x0.device, x0.dtype)
-            return self.q_sample(x0, t, noise + self.input_perturbation * xi), t, noise
         return self.q_sample(x0, t, noise), t, noise
 
     def loss(self, model: EpsModel, x0: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -164,9 +122,9 @@ class GaussianDiffusion:
                       - _gather(self.sqrt_one_minus_alphas_cumprod, t, x0) * x0).float()
         else:
             target = noise.float()
-        if self.weighting == "none":
-            return self.eps_loss(out, target)
         err = (out - target).abs() if self.loss_type == "l1" else (out - target) ** 2
+        if self.weighting == "none":                                            # L_simple
+            return err.mean()
         per_sample = err.flatten(1).mean(1)                                     # (B,)
         snr = (self.alphas_cumprod / (1 - self.alphas_cumprod)).to(t.device)[t]
         w = snr.clamp(max=self.min_snr_gamma) / (snr + 1 if self.prediction == "v" else snr)
@@ -181,12 +139,6 @@ class GaussianDiffusion:
             v = net(xt, t).to(xt.dtype)
             return _gather(self.sqrt_one_minus_alphas_cumprod, t, xt) * xt + _gather(self.sqrt_alphas_cumprod, t, xt) * v
         return eps
-
-    def eps_loss(self, eps_pred: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        eps_pred = eps_pred.float()
-        if self.loss_type == "l1":
-            return (eps_pred - noise).abs().mean()
-        return F.mse_loss(eps_pred, noise)
 
     # -- reverse process -------------------------------------------------------------------------------------
     def p_mean_variance(self, model: EpsModel, xt: torch.Tensor, t: torch.Tensor, clip: bool = True):

@@ -23,6 +23,9 @@ import torch
 import torch.nn.functional as F
 
 from .diffusion import GaussianDiffusion, _gather
+from .errors import HybvitError
+from .precision import autocast
+from .sample import draw_samples
 
 
 GUIDANCE_THROUGH = ("denoiser", "classifier")
@@ -69,32 +72,19 @@ def sample_class(run, label: int, n: int, scale: float = 32.0, sampler: str = "d
     pushed off the data manifold. On digits, guidance through the denoiser at scale 64 put 81 % of DDIM samples in
     the requested class with eta 0 (per-class FD 1.3x the unguided samples'), and 93 % with eta 1, with a per-class
     FD below the unguided samples' (docs/results/self-guidance-digits.md)."""
-    from .errors import HybvitError
-    from .sample import eps_function, sample_labels
-    from .train import autocast
     cfg = run.config
     if cfg.train.mode != "hybvit":
         raise HybvitError(f"--class needs a HybViT run (a classifier and a denoiser); this run is {cfg.train.mode}")
     if not 0 <= label < cfg.model.num_classes:
         raise HybvitError(f"--class {label} is out of range; the model has classes 0..{cfg.model.num_classes - 1}")
     model, device = run.model, run.device
-    model.eval()
 
     def classify(x0):
         with autocast(cfg.train.amp, device):
             return model.classify(x0)
 
-    out = []
-    for k, start in enumerate(range(0, n, batch_size)):
-        b = min(batch_size, n - start)
-        labels = sample_labels(cfg.model, start, b, label, device)    # a class-conditional denoiser: ask for K
-        eps_model = eps_function(model, run.diffusion, cfg.train.amp, device, eps_scale=eps_scale, labels=labels,
-                                 cfg_scale=cfg_scale)
-        eps = self_guided_eps(classify, eps_model, run.diffusion, label, scale, through)
-        g = torch.Generator().manual_seed(seed + k)
-        shape = (b, cfg.model.channels, cfg.model.image_size, cfg.model.image_size)
-        with torch.no_grad():
-            x = run.diffusion.sample(eps, shape, sampler=sampler, steps=steps, generator=g, device=device,
-                                     order=order, spacing=spacing, eta=eta)
-        out.append(x.float().clamp(-1, 1).cpu())
-    return torch.cat(out)
+    # a class-conditional denoiser is asked for `label` too (draw_samples' labels)
+    return draw_samples(model, run.diffusion, n, sampler=sampler, steps=steps, eta=eta, seed=seed, device=device,
+                        amp=cfg.train.amp, batch_size=batch_size, order=order, spacing=spacing, eps_scale=eps_scale,
+                        label=label, cfg_scale=cfg_scale,
+                        guide=lambda eps: self_guided_eps(classify, eps, run.diffusion, label, scale, through))

@@ -17,6 +17,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .augment import GEOMETRIC
 from .config import ModelConfig
 
 
@@ -175,8 +176,6 @@ class ViT(nn.Module):
         time_hidden = cfg.time_hidden or 4 * (N + 1)
 
         self.patch_embed = nn.Linear(P * P * C, D)                    # E in Eq. 17
-        if cfg.self_cond:                                             # the x0 estimate's patches, zero-initialised
-            self.cond_embed = nn.Linear(P * P * C, D)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D))           # x_class
         self.pos_embed = nn.Parameter(torch.zeros(1, N + 1, D))       # E_pos
         self.time_mlp = nn.Sequential(                                # A = MLP_t(t)
@@ -184,7 +183,6 @@ class ViT(nn.Module):
         if cfg.class_cond:                                            # A += e_y; row num_classes: "no label"
             self.label_embed = nn.Embedding(cfg.num_classes + 1, time_hidden)
         if cfg.augment_cond:                                          # A += e_a; row 0 (no transform) stays 0
-            from .augment import GEOMETRIC
             self.augment_embed = nn.Embedding(len(GEOMETRIC), time_hidden, padding_idx=0)
         tokens = N + 1 + int(cfg.time_token)                          # CLS, patches (, time)
         self.blocks = nn.ModuleList(
@@ -194,13 +192,7 @@ class ViT(nn.Module):
         if cfg.long_skips:                                            # U-ViT: block i -> block depth-1-i
             self.skip_proj = nn.ModuleList([nn.Linear(2 * D, D) for _ in range(cfg.depth // 2)])
         self.head = nn.Sequential(nn.LayerNorm(D), nn.Linear(D, cfg.num_classes))  # Eq. 20 + linear
-        if cfg.final_norm:                                            # DiT's final layer: (adaptive) LN before f_r
-            adaptive = cfg.time_cond == "adaln"
-            self.out_norm = nn.LayerNorm(D, elementwise_affine=not adaptive)
-            self.out_modulation = nn.Linear(time_hidden, 2 * D) if adaptive else None   # (shift, scale)
         self.out = nn.Linear(D, P * P * C)                            # f_r: token -> patch pixels
-        if cfg.conv_out:                                              # U-ViT's 3x3 convolution on the output image
-            self.conv_out = nn.Conv2d(C, C, 3, padding=1)
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
@@ -219,20 +211,10 @@ class ViT(nn.Module):
             if block.time_cond == "adaln":
                 nn.init.zeros_(block.modulation.weight)
                 nn.init.zeros_(block.modulation.bias)
-        if getattr(self, "out_modulation", None) is not None:
-            nn.init.zeros_(self.out_modulation.weight)
-            nn.init.zeros_(self.out_modulation.bias)
-        if self.cfg.self_cond:                                        # no effect until trained
-            nn.init.zeros_(self.cond_embed.weight)
         if self.cfg.class_cond:                                       # small, as DiT's label table
             nn.init.normal_(self.label_embed.weight, std=0.02)
         if self.cfg.augment_cond:                                     # no effect until trained
             nn.init.zeros_(self.augment_embed.weight)
-        if self.cfg.conv_out:                                         # the identity: starts as the plain head
-            with torch.no_grad():
-                self.conv_out.weight.zero_()
-                self.conv_out.weight[:, :, 1, 1] = torch.eye(self.cfg.channels)
-                self.conv_out.bias.zero_()
         if self.cfg.zero_init_out:
             nn.init.zeros_(self.out.weight)
 
@@ -267,22 +249,15 @@ class ViT(nn.Module):
         return A                                                      # (B, time_hidden)
 
     def forward_features(self, x: torch.Tensor, t: torch.Tensor | None = None, n_plain: int = 0,
-                         cls_rows: int = 0, A: torch.Tensor | None = None, x0_cond: torch.Tensor | None = None):
+                         cls_rows: int = 0, A: torch.Tensor | None = None):
         """x: (B, C, H, W) in [-1, 1]; t: (B - n_plain,) timesteps for the last rows, or None.
         The first n_plain images are processed with no time input. Returns h_L: (B, N+1, D).
 
         cls_rows > 0 (at most n_plain, or B when t is None): the first cls_rows images only need their CLS output,
         so the last block computes that token alone (~8 % fewer FLOPs for a classification pass, same values);
         returns (h_cls (cls_rows, D), h_L of the other rows (B - cls_rows, N+1, D) or None).
-        A: the time features of t when the caller has them already (time_features(t)).
-        x0_cond (model.self_cond): the previous estimate of x0 for the noisy rows, (B - n_plain, C, H, W); None
-        means none yet (zeros)."""
+        A: the time features of t when the caller has them already (time_features(t))."""
         h = self.patch_embed(self.patchify(x))                        # (B, N, D)
-        if self.cfg.self_cond and t is not None:
-            if x0_cond is None:
-                x0_cond = torch.zeros_like(x[n_plain:])
-            cond = self.cond_embed(self.patchify(x0_cond.to(x.dtype)))   # (B - n_plain, N, D)
-            h = torch.cat([h[:n_plain], h[n_plain:] + cond]) if n_plain else h + cond
         h = torch.cat([self.cls_token.expand(h.shape[0], -1, -1), h], dim=1) + self.pos_embed  # (B, N+1, D)
         if A is None and t is not None:
             A = self.time_features(t)                                 # (B - n_plain, time_hidden)
@@ -308,43 +283,34 @@ class ViT(nn.Module):
         """Clean images -> logits (B, num_classes), from the CLS token; no time input."""
         return self.head(self.forward_features(x, cls_rows=len(x))[0])
 
-    def output(self, h: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
-        """The denoiser's output layers: patch tokens h (B, N, D) and time features A -> (B, C, H, W)."""
-        if self.cfg.final_norm:
-            h = self.out_norm(h)
-            if self.out_modulation is not None:
-                shift, scale = self.out_modulation(F.silu(A)).unsqueeze(1).chunk(2, dim=-1)  # each (B, 1, D)
-                h = h * (1 + scale) + shift
-        x = self.unpatchify(self.out(h))                              # (B, C, H, W)
-        return self.conv_out(x) if self.cfg.conv_out else x
+    def output(self, h: torch.Tensor) -> torch.Tensor:
+        """The denoiser's output layer: patch tokens h (B, N, D) -> (B, C, H, W)."""
+        return self.unpatchify(self.out(h))
 
-    def denoise(self, x: torch.Tensor, t: torch.Tensor, x0_cond: torch.Tensor | None = None,
-                y: torch.Tensor | None = None, aug: torch.Tensor | None = None) -> torch.Tensor:
-        """Noisy images x_t and timesteps t -> predicted noise eps, shape (B, C, H, W). x0_cond: the previous x0
-        estimate (model.self_cond only); y: class labels (B,) (model.class_cond only; None = unconditional);
-        aug: the geometric transforms the training images got (model.augment_cond only; None = none, as sampling)."""
+    def denoise(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None,
+                aug: torch.Tensor | None = None) -> torch.Tensor:
+        """Noisy images x_t and timesteps t -> predicted noise eps, shape (B, C, H, W). y: class labels (B,)
+        (model.class_cond only; None = unconditional); aug: the geometric transforms the training images got
+        (model.augment_cond only; None = none, as sampling)."""
         A = self.time_features(t, y, aug)                             # (B, time_hidden)
-        h = self.forward_features(x, t, A=A, x0_cond=x0_cond)[:, 1:1 + self.grid ** 2]  # (B, N, D): patches only
-        return self.output(h, A)                                      # (B, C, H, W)
+        h = self.forward_features(x, t, A=A)[:, 1:1 + self.grid ** 2]  # (B, N, D): patches only
+        return self.output(h)                                         # (B, C, H, W)
 
     def classify_and_denoise(self, x0: torch.Tensor, xt: torch.Tensor, t: torch.Tensor,
-                             x0_cond: torch.Tensor | None = None, y: torch.Tensor | None = None,
-                             aug: torch.Tensor | None = None):
+                             y: torch.Tensor | None = None, aug: torch.Tensor | None = None):
         """HybViT's two branches in one pass over the concatenated batch: logits for clean x0 (no time input)
-        and predicted noise for x_t. Equal to classify(x0), denoise(xt, t, x0_cond), with bigger matrix products."""
+        and predicted noise for x_t. Equal to classify(x0), denoise(xt, t, y, aug), with bigger matrix products."""
         if self.cfg.time_token:                                      # sequences of different lengths
-            return self.classify(x0), self.denoise(xt, t, x0_cond, y, aug)
+            return self.classify(x0), self.denoise(xt, t, y, aug)
         A = self.time_features(t, y, aug)                                     # (Bt, time_hidden)
-        h_cls, h = self.forward_features(torch.cat([x0, xt]), t, n_plain=len(x0), cls_rows=len(x0), A=A,
-                                         x0_cond=x0_cond)
+        h_cls, h = self.forward_features(torch.cat([x0, xt]), t, n_plain=len(x0), cls_rows=len(x0), A=A)
         logits = self.head(h_cls)                                            # (B0, classes)
-        eps = self.output(h[:, 1:], A)                                       # (Bt, C, H, W)
+        eps = self.output(h[:, 1:])                                          # (Bt, C, H, W)
         return logits, eps
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor | None = None,
-                x0_cond: torch.Tensor | None = None, y: torch.Tensor | None = None,
+    def forward(self, x: torch.Tensor, t: torch.Tensor | None = None, y: torch.Tensor | None = None,
                 aug: torch.Tensor | None = None) -> torch.Tensor:
-        return self.classify(x) if t is None else self.denoise(x, t, x0_cond, y, aug)
+        return self.classify(x) if t is None else self.denoise(x, t, y, aug)
 
     # -- accounting ------------------------------------------------------------------------------------------
     def num_params(self) -> int:
@@ -357,8 +323,7 @@ class ViT(nn.Module):
         L += int(cfg.time_token)
         per_block = 2 * L * (3 * D * D + D * D + 2 * D * hidden) + 2 * 2 * L * L * D
         skips = (cfg.depth // 2) * 2 * L * 2 * D * D if cfg.long_skips else 0
-        conv = 2 * 9 * cfg.channels ** 2 * cfg.image_size ** 2 if cfg.conv_out else 0
-        return float(cfg.depth * per_block + skips + 2 * (L - 1) * PPC * D * 2 + conv)
+        return float(cfg.depth * per_block + skips + 2 * (L - 1) * PPC * D * 2)
 
 
 # Parameter count of the paper's official code at its CIFAR-10 configuration (REFERENCE-NOTES).

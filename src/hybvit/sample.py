@@ -6,35 +6,36 @@
 """
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+
 import numpy as np
 import torch
+from PIL import Image
+from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
+from . import distributed
 from .config import Config
 from .data import to_float, to_uint8
 from .diffusion import GaussianDiffusion
 from .errors import HybvitError
 from .model import ViT
-from .train import autocast, resolve_device
+from .precision import autocast, resolve_device
 
 
-def eps_function(model: ViT, diffusion: GaussianDiffusion, amp: str = "auto", device="cpu", chain: bool = True,
+def eps_function(model: ViT, diffusion: GaussianDiffusion, amp: str = "auto", device="cpu",
                  eps_scale: float = 1.0, labels: torch.Tensor | None = None, cfg_scale: float = 1.0):
     """The model's denoiser as the noise predictor eps(x_t, t) that the samplers, guidance and the likelihood
     bound use: bf16 autocast as the run was trained, float32 out, v-prediction converted to eps.
-
-    With model.self_cond (Chen et al., 2022) the network also takes an estimate of x0. chain=True (samplers: make
-    one function per sampling chain): each call passes the x0 estimate of the call before, zeros at the first.
-    chain=False (calls at unrelated timesteps, as the likelihood bound makes): a first pass with zeros gives the
-    estimate the second pass conditions on, as in training.
 
     eps_scale (samplers only; 1 = off): divide the predicted noise by this constant, "epsilon scaling" (Ning et al.,
     2023, Elucidating the exposure bias in diffusion models). During sampling the network sees its own slightly
     wrong x_t rather than true q(x_t | x0) inputs and over-predicts the noise, so it removes too much of it and
     the samples come out smoother and less varied than the data; a scale a little above 1 (1.005-1.02) offsets it
-    with no training. On the digits-plus run it lowered the pixel-FD on every one of 6 sample seeds
+    with no training. On digits-hybvit-plus it lowered the pixel-FD on every one of 6 sample seeds
     (docs/results/digits-plus-recipe.md).
 
     labels (model.class_cond only): the class of each image of the batch, (B,); None = the unconditional
@@ -43,34 +44,20 @@ def eps_function(model: ViT, diffusion: GaussianDiffusion, amp: str = "auto", de
     if cfg_scale != 1.0 and not model.cfg.class_cond:     # every sampling path comes through here
         raise HybvitError("--cfg-scale needs a class-conditional run (trained with --set model.class_cond=true); "
                           "this one is not, so leave it at 1")
-    if eps_scale != 1.0:
-        inner = eps_function(model, diffusion, amp, device, chain, labels=labels, cfg_scale=cfg_scale)
-        return lambda x, t: inner(x, t) / eps_scale
     device = torch.device(device)
-
     guided = labels is not None and cfg_scale != 1.0
 
-    def net(x: torch.Tensor, t: torch.Tensor, x0_cond: torch.Tensor | None = None) -> torch.Tensor:
+    def net(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         with autocast(amp, device):
             if not guided:
-                return model.denoise(x.float(), t, x0_cond, labels).float()
-            two = lambda v: None if v is None else torch.cat([v, v])                  # noqa: E731
+                return model.denoise(x.float(), t, y=labels).float()
             y2 = torch.cat([labels, torch.full_like(labels, model.cfg.num_classes)])  # (2B,): y, then "no label"
-            out_y, out_u = model.denoise(two(x.float()), two(t), two(x0_cond), y2).float().chunk(2)
+            out_y, out_u = model.denoise(torch.cat([x.float()] * 2), torch.cat([t, t]), y=y2).float().chunk(2)
             return out_u + cfg_scale * (out_y - out_u)             # linear, so the same for eps and v outputs
-    if not model.cfg.self_cond:
-        return diffusion.eps_model(net)
-    previous: list = [None]
-
-    def self_conditioned(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        est = previous[0] if chain and previous[0] is not None and previous[0].shape == x.shape else None
-        if not chain:
-            with torch.no_grad():
-                est = diffusion.x0_from_output(net(x, t), x.detach(), t)
-        out = net(x, t, est)
-        previous[0] = diffusion.x0_from_output(out.detach(), x.detach(), t)
-        return out
-    return diffusion.eps_model(self_conditioned)
+    eps = diffusion.eps_model(net)
+    if eps_scale != 1.0:
+        return lambda x, t: eps(x, t) / eps_scale
+    return eps
 
 
 @torch.no_grad()
@@ -78,9 +65,10 @@ def draw_samples(model: ViT, diffusion: GaussianDiffusion, n: int, sampler: str 
                  eta: float = 0.0, seed: int = 0, device="cpu", amp: str = "auto", batch_size: int = 500,
                  progress: bool = False, order: int = 2, spacing: str = "logsnr",
                  shard: tuple[int, int] = (0, 1), eps_scale: float = 1.0, label: int | None = None,
-                 cfg_scale: float = 1.0) -> torch.Tensor:
+                 cfg_scale: float = 1.0, guide: Callable | None = None) -> torch.Tensor:
     """n samples (n, C, H, W) in [-1, 1], drawn in batches; batch k uses the generator seeded with seed + k.
     eps_scale: epsilon scaling of the predicted noise (see eps_function; 1 = off).
+    guide: eps_model -> eps_model, a change of each step's noise prediction (guidance.py's self-guidance).
     label (model.class_cond only): every sample of this class; None: sample i gets class i mod K, so every class
     has n // K or one more. cfg_scale: classifier-free guidance of a class-conditional model (1 = off).
 
@@ -100,11 +88,12 @@ def draw_samples(model: ViT, diffusion: GaussianDiffusion, n: int, sampler: str 
         g = torch.Generator().manual_seed(seed + k)
         bar = None
         if progress:
-            from tqdm.auto import tqdm
-            bar = lambda it: tqdm(it, desc=f"sampling {start + b}/{n}", leave=False, mininterval=1.0)
+            bar = lambda it: tqdm(it, desc=f"sampling {start + b}/{n}", leave=False, mininterval=1.0)  # noqa: E731
         labels = sample_labels(cfg, start, b, label, device)
         eps_model = eps_function(model, diffusion, amp, device, eps_scale=eps_scale, labels=labels,
-                                 cfg_scale=cfg_scale)                                          # one per chain
+                                 cfg_scale=cfg_scale)
+        if guide is not None:
+            eps_model = guide(eps_model)
         x = diffusion.sample(eps_model, (b, cfg.channels, cfg.image_size, cfg.image_size), sampler=sampler,
                              steps=steps, eta=eta, generator=g, device=device, progress=bar, order=order,
                              spacing=spacing)
@@ -146,8 +135,7 @@ def draw_balanced(model: ViT, diffusion: GaussianDiffusion, n: int, batch_size: 
                                   f"class(es) {short}; it rarely draws them, so sample without --balance-classes")
             x = draw_samples(model, diffusion, batch_size, seed=seed + k, device=device, amp=amp,
                              batch_size=batch_size, **kw)
-            with autocast(amp, torch.device(device)):
-                labels = model.classify(x.to(device)).float().argmax(1).cpu()
+            labels = classify_batches(model, x, batch_size, amp).argmax(1)
             for i, c in enumerate(labels.tolist()):
                 if quota[c] > 0:
                     quota[c] -= 1
@@ -163,7 +151,6 @@ def gather_samples(ctx, x: torch.Tensor, n: int, batch_size: int) -> torch.Tenso
     """Put the shares of `draw_samples(..., shard=(ctx.rank, ctx.world))` back together on rank 0: uint8 images
     (n, C, H, W) in the order one process draws them (batch k from rank k mod K); None on the other ranks. The
     shares travel as uint8, the levels the output files hold (to_float of them gives [-1, 1] images back)."""
-    from . import distributed
     shares = distributed.gather(ctx, to_uint8(x))
     if shares is None:
         return None
@@ -171,6 +158,23 @@ def gather_samples(ctx, x: torch.Tensor, n: int, batch_size: int) -> torch.Tenso
     pieces = [list(share.split([b for k, b in enumerate(sizes) if k % len(shares) == r]))
               for r, share in enumerate(shares)]
     return torch.cat([pieces[k % len(shares)][k // len(shares)] for k in range(len(sizes))])
+
+
+@torch.no_grad()
+def classify_batches(model: ViT, images: torch.Tensor, batch_size: int = 500, amp: str = "auto") -> torch.Tensor:
+    """Logits (N, classes) as float32 on the CPU for images (N, C, H, W), uint8 in [0, 255] or float in [-1, 1],
+    classified batch_size at a time on the model's device in eval mode (its mode is restored after)."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    out = []
+    for i in range(0, len(images), batch_size):
+        xb = images[i:i + batch_size].to(device)
+        xb = to_float(xb) if xb.dtype == torch.uint8 else xb.float()
+        with autocast(amp, device):
+            out.append(model.classify(xb).float().cpu())
+    model.train(was_training)
+    return torch.cat(out) if out else torch.empty(0, model.cfg.num_classes)
 
 
 def make_grid(x: torch.Tensor, nrow: int | None = None, min_size: int = 32, pad: int = 1) -> torch.Tensor:
@@ -190,7 +194,6 @@ def make_grid(x: torch.Tensor, nrow: int | None = None, min_size: int = 32, pad:
 
 
 def save_png(path: Path, grid: torch.Tensor) -> None:
-    from PIL import Image
     arr = grid.numpy() if isinstance(grid, torch.Tensor) else grid
     ckpt.atomic_write(Path(path), lambda tmp: Image.fromarray(arr).save(tmp, format="PNG"))
 
@@ -214,22 +217,14 @@ class Run:
     device: torch.device
     path: Path | None = None
 
-    @torch.no_grad()
     def classify(self, images: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
         """Logits (N, classes) for images (N, C, H, W): uint8 in [0, 255] or float in [-1, 1]."""
         if images.dim() == 3:
             images = images[:, None]
-        if tuple(images.shape[1:]) != (self.model.cfg.channels, self.model.cfg.image_size, self.model.cfg.image_size):
-            raise HybvitError(f"images have shape {tuple(images.shape[1:])} but the model takes "
-                              f"{(self.model.cfg.channels, self.model.cfg.image_size, self.model.cfg.image_size)} (C,H,W)")
-        self.model.eval()
-        out = []
-        for i in range(0, len(images), batch_size):
-            xb = images[i:i + batch_size].to(self.device)
-            xb = to_float(xb) if xb.dtype == torch.uint8 else xb.float()
-            with autocast(self.config.train.amp, self.device):
-                out.append(self.model.classify(xb).float().cpu())
-        return torch.cat(out)
+        shape = (self.model.cfg.channels, self.model.cfg.image_size, self.model.cfg.image_size)
+        if tuple(images.shape[1:]) != shape:
+            raise HybvitError(f"images have shape {tuple(images.shape[1:])} but the model takes {shape} (C,H,W)")
+        return classify_batches(self.model, images, batch_size, self.config.train.amp)
 
     def predict(self, images: torch.Tensor) -> torch.Tensor:
         return self.classify(images).argmax(1)
@@ -255,7 +250,6 @@ class Run:
 
 def load_run_config(run_dir: str | Path) -> Config:
     """The configuration of a run directory (its config.json), without loading any weights."""
-    import json
     path = Path(run_dir) / "config.json"
     if not Path(run_dir).is_dir():
         raise HybvitError(f"run directory '{run_dir}' does not exist; give the --out folder of a training run")
@@ -299,5 +293,5 @@ def run_from_weights(weights: dict[str, torch.Tensor], cfg_dict: dict, device: s
     return Run(model, cfg, GaussianDiffusion.from_config(cfg.diffusion), dev, Path(run_dir) if run_dir else None)
 
 
-__all__ = ["Run", "load_run", "load_run_config", "run_from_weights", "draw_samples", "gather_samples", "make_grid",
-           "save_png", "save_npz"]
+__all__ = ["Run", "load_run", "load_run_config", "run_from_weights", "draw_samples", "classify_batches",
+           "gather_samples", "make_grid", "save_png", "save_npz"]

@@ -15,7 +15,25 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from ..checkpoint import load_training_state, write_json
+from ..data import to_float, to_uint8
+from ..datasets import load_data
 from ..errors import HybvitError
+from ..likelihood import bits_per_dim
+from ..model import ViT
+from ..sample import eps_function, load_run
+from .accuracy import evaluate_accuracy
+from .bpd import evaluate_bpd
+from .calibration import evaluate_ece
+from .fid import InceptionFeatures, SmallFeatures, extract, frechet_to_reference, inception_score, reference_stats, stats
+from .frechet import pixel_frechet_distance
+from .ood import evaluate_ood
+from .report import training_curves, write_html
+from .robustness import evaluate_pgd
+from .sample_analysis import analyse_samples
+from .speed import sampling_speed, training_speed
 
 METRICS = ("accuracy", "fid", "is", "small-fd", "pixel-fd", "bpd", "ece", "ood", "pgd", "sample-analysis", "speed")
 _NEEDS_CLASSIFIER = {"accuracy", "ece", "ood", "pgd", "sample-analysis"}
@@ -81,8 +99,6 @@ def evaluate_run(run_dir: Path, metrics: list[str], out: Path | None = None, opt
                  **kw) -> dict[str, Any]:
     """Compute `metrics` for the run in run_dir. With `out` (a .json path) also writes the plots and HTML report;
     nothing is left behind when a metric fails."""
-    from ..data import load_data
-    from ..sample import load_run
 
     opts = opts or EvalOptions(**kw)
     run = load_run(run_dir, device=opts.device)
@@ -125,9 +141,6 @@ def _metric(name: str, run, run_dir: Path, data, opts: EvalOptions, work: Path |
     cfg = run.config
     n_gen = opts.num_samples
     if name == "accuracy":
-        from ..checkpoint import load_training_state
-        from ..model import ViT
-        from .accuracy import evaluate_accuracy
         raw = None
         last = run_dir / "checkpoints" / "last.pt"
         if last.exists():
@@ -138,36 +151,29 @@ def _metric(name: str, run, run_dir: Path, data, opts: EvalOptions, work: Path |
     if name in ("fid", "is", "small-fd"):
         return _fid_family(name, run, data, opts, n_gen or (10_000 if name != "small-fd" else 1000), work)
     if name == "pixel-fd":
-        from .frechet import pixel_frechet_distance
         n = n_gen or 1000
         x = run.sample(n, **_sampling(opts))
         return {"value": pixel_frechet_distance(x, data.x_test), "num_samples": n, "reference": "test set",
                 "features": "raw pixels in [-1, 1]", **_sampler_info(run, opts)}
     if name == "bpd":
-        from .bpd import evaluate_bpd
         return evaluate_bpd(run, data.x_test, num_images=opts.bpd_images, timesteps=opts.bpd_timesteps or None,
                             batch_size=opts.batch_size, seed=opts.seed, progress=True)
     if name == "ece":
-        from .calibration import evaluate_ece
         return evaluate_ece(run, data, n_bins_list=tuple(opts.ece_bins), out_dir=work)
     if name == "ood":
-        from .ood import evaluate_ood
         extra = None
         if opts.ood_bpd and cfg.train.mode == "hybvit":
             extra = {"bits_per_dim (negated)": _bpd_score(run, opts)}
         return evaluate_ood(run, data, opts.ood, num_images=opts.ood_images, seed=opts.seed, extra_scores=extra,
                             out_dir=work)
     if name == "pgd":
-        from .robustness import evaluate_pgd
         return evaluate_pgd(run, data, norms=tuple(opts.pgd_norms), eps=opts.pgd_eps, num_images=opts.pgd_images,
                             steps=opts.pgd_steps, seed=opts.seed, batch_size=min(opts.batch_size, 250), out_dir=work,
                             step_size_factor=opts.pgd_step_factor)
     if name == "sample-analysis":
-        from .sample_analysis import analyse_samples
         return analyse_samples(run, data, num_samples=n_gen or 1000, sampler=opts.sampler, steps=opts.steps,
                                seed=opts.seed, batch_size=opts.batch_size, out_dir=work)
     if name == "speed":
-        from .speed import sampling_speed, training_speed
         samplers = [("dpm-solver++", 10), ("dpm-solver++", 20), ("ddim", 20), ("ddim", 50)]
         if cfg.train.mode == "vit":
             return {"training": training_speed(run_dir, cfg, len(data.x_train))}
@@ -201,16 +207,11 @@ def _sampler_info(run, opts: EvalOptions) -> dict[str, Any]:
 def _bpd_score(run, opts: EvalOptions):
     """OOD score from the diffusion: minus the bits/dim bound (an unbiased estimate over 50 random timesteps per
     image when the full bound is not asked for; the same timesteps for in- and out-of-distribution images)."""
-    import torch
-
-    from ..likelihood import bits_per_dim
-    from ..sample import eps_function
-    # eps (v-prediction runs converted), one-pass self-conditioning estimates: the bound's timesteps are unrelated
-    eps_model = eps_function(run.model, run.diffusion, run.config.train.amp, run.device, chain=False)
+    # eps (v-prediction runs converted)
+    eps_model = eps_function(run.model, run.diffusion, run.config.train.amp, run.device)
 
     @torch.no_grad()
     def score(x_uint8: torch.Tensor) -> torch.Tensor:
-        from ..data import to_float
         out = []
         for i in range(0, len(x_uint8), opts.batch_size):
             g = torch.Generator().manual_seed(opts.seed + i)
@@ -222,8 +223,6 @@ def _bpd_score(run, opts: EvalOptions):
 
 
 def _fid_family(name: str, run, data, opts: EvalOptions, n: int, work: Path | None) -> dict[str, Any]:
-    from ..data import to_uint8
-    from .fid import InceptionFeatures, SmallFeatures, extract, frechet_to_reference, inception_score, reference_stats
     extractor = SmallFeatures() if name == "small-fd" else InceptionFeatures(opts.inception_weights)
     x = to_uint8(run.sample(n, progress=True, **_sampling(opts)))
     feats = extract(extractor, x, run.device, want_logits=(name == "is"))
@@ -234,7 +233,6 @@ def _fid_family(name: str, run, data, opts: EvalOptions, n: int, work: Path | No
         ref = reference_stats(extractor, data, run.device)
         ref_name = f"training set ({ref['num_images']} images)"
     else:
-        from .fid import stats
         mu, sigma = stats(extract(extractor, data.x_test, run.device))
         ref, ref_name = {"mu": mu, "sigma": sigma, "cache": None}, f"test set ({len(data.x_test)} images)"
     value = frechet_to_reference(feats, ref)
@@ -245,8 +243,6 @@ def _fid_family(name: str, run, data, opts: EvalOptions, n: int, work: Path | No
 
 def _finish(report: dict[str, Any], run_dir: Path, run, out: Path, work: Path, opts: EvalOptions) -> None:
     """Training curves, then move the plots next to the JSON and write JSON + HTML (atomically)."""
-    from ..checkpoint import write_json
-    from .report import training_curves, write_html
     try:
         report["training_curves"] = training_curves(run_dir, work)
     except HybvitError as e:

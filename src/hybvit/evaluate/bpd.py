@@ -10,10 +10,12 @@ import math
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from ..data import to_float
 from ..errors import HybvitError
 from ..likelihood import bits_per_dim
+from ..sample import eps_function
 
 
 @torch.no_grad()
@@ -46,9 +48,8 @@ def evaluate_bpd(run, x_test_uint8: torch.Tensor, num_images: int, timesteps: in
     n = min(num_images, len(x_test_uint8))
     x = x_test_uint8[:n]
     model, device = run.model, run.device
-    from ..sample import eps_function
-    # the bound needs eps (v-prediction runs are converted); its timesteps are unrelated, so no self-cond chain
-    eps_model = eps_function(model, run.diffusion, run.config.train.amp, device, chain=False)
+    # the bound needs eps (v-prediction runs are converted)
+    eps_model = eps_function(model, run.diffusion, run.config.train.amp, device)
 
     was_training = model.training
     model.eval()
@@ -64,7 +65,6 @@ def evaluate_bpd(run, x_test_uint8: torch.Tensor, num_images: int, timesteps: in
             x0 = to_float(x[start:start + img_batch].to(device))
             bar = None
             if progress:
-                from tqdm.auto import tqdm
                 bar = lambda it: tqdm(it, desc=f"bits/dim {min(start + img_batch, n)}/{n}", leave=False,
                                       mininterval=1.0)
             r = bits_per_dim(run.diffusion, eps_model, x0, g, timesteps=timesteps,

@@ -22,6 +22,7 @@ import torch
 
 from ..data import ImageData
 from ..errors import HybvitError
+from .plots import reliability_diagram
 
 
 def calibration(probs: torch.Tensor, labels: torch.Tensor, n_bins: int = 15) -> dict[str, Any]:
@@ -113,7 +114,6 @@ def evaluate_ece(run, data: ImageData, n_bins_list: Sequence[int] = (15, 20),
     out["mce"] = {k: v["mce"] for k, v in by_bins.items()}
     out["by_bins"] = by_bins
     if out_dir is not None:
-        from .plots import reliability_diagram
         out["plots"] = {}
         for k, v in by_bins.items():
             name = f"reliability_{k}bins.png"

@@ -12,6 +12,8 @@ import numpy as np
 import scipy.linalg
 import torch
 
+from ..data import to_float, to_uint8
+
 
 def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     """FD between the Gaussians fitted to rows of a (N, D) and b (M, D), computed in float64."""
@@ -36,7 +38,6 @@ def frechet_distance_from_stats(mu1: np.ndarray, s1: np.ndarray, mu2: np.ndarray
 def pixel_frechet_distance(samples: torch.Tensor, reference_uint8: torch.Tensor) -> float:
     """FD in raw pixel space: samples float in [-1, 1] (N, C, H, W) vs uint8 reference images (M, C, H, W).
     Samples are first rounded to uint8, as any saved image would be."""
-    from ..data import to_float, to_uint8
     a = to_float(to_uint8(samples)).flatten(1).numpy()
     b = to_float(reference_uint8).flatten(1).numpy()
     return frechet_distance(a, b)

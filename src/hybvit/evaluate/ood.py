@@ -20,7 +20,10 @@ from typing import Any, Callable, Sequence
 import torch
 
 from ..data import ImageData
+from ..datasets import load_data
 from ..errors import HybvitError
+from .calibration import check_classifier
+from .plots import histograms, roc_curves
 
 LOGIT_SCORES = ("logsumexp", "max_softmax")
 
@@ -133,7 +136,6 @@ def ood_images(data: ImageData, spec: str, num_images: int, generator: torch.Gen
         return interp_images(data.x_test, num_images, generator)
     if spec == "noise":
         return noise_images(num_images, shape, generator)
-    from ..data import load_data
     other = load_data(spec, data.image_size)
     x = match_channels(other.x_test[:num_images], data.channels, name=f"OOD data '{spec}' images")
     if len(x) == 0:
@@ -155,7 +157,6 @@ def evaluate_ood(run, data: ImageData, ood: Sequence[str], num_images: int = 100
              "sets": {name: {"num_images": n, "auroc": {score: value}}},
              "plots": {name: "ood_roc_<name>.png", "hist:<score>": "ood_hist_<score>.png"}} (plots with out_dir).
     """
-    from .calibration import check_classifier
     check_classifier(run, data, "ood")
     if not ood:
         raise HybvitError("give at least one OOD set: interp, noise or a data spec such as svhn or cifar100")
@@ -189,7 +190,6 @@ def evaluate_ood(run, data: ImageData, ood: Sequence[str], num_images: int = 100
                                 "auroc": {k: auroc(s_in[k], s_out[k]) for k in names}}
 
     if out_dir is not None:
-        from .plots import histograms, roc_curves
         out_dir = Path(out_dir)
         plots: dict[str, str] = {}
         for spec, s_out in all_scores.items():

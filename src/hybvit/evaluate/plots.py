@@ -15,6 +15,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from ..checkpoint import atomic_write
 from ..errors import HybvitError
 
 
@@ -33,7 +34,6 @@ def _figure(nrows: int = 1, height_ratios: Sequence[float] | None = None, size=(
 
 
 def _save(fig, path: str | Path) -> Path:
-    from ..checkpoint import atomic_write
     path = Path(path)
     fig.tight_layout()
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png"))

@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import HybvitError
+from .plots import line_plot
 
 
 def read_scalars(run_dir: Path) -> dict[str, tuple[list[int], list[float]]]:
@@ -34,7 +35,6 @@ def read_scalars(run_dir: Path) -> dict[str, tuple[list[int], list[float]]]:
 def training_curves(run_dir: Path, out_dir: Path) -> dict[str, Any]:
     """PNG plots of the logged losses, train accuracy, learning rate and images/s; returns their file names and
     the last logged values."""
-    from .plots import line_plot
     scalars = read_scalars(run_dir)
     groups = {"losses": [t for t in ("loss/total", "loss/ce", "loss/diffusion") if t in scalars],
               "train accuracy": [t for t in ("train/accuracy",) if t in scalars],

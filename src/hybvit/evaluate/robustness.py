@@ -22,6 +22,9 @@ import torch.nn.functional as F
 
 from ..data import ImageData
 from ..errors import HybvitError
+from ..precision import autocast
+from .calibration import check_classifier
+from .plots import line_plot
 
 NORMS = ("linf", "l2")
 # The eps columns of Table 12, in units of 1/255 on [0, 1] images.
@@ -139,8 +142,6 @@ def evaluate_pgd(run, data: ImageData, norms: Sequence[str] = NORMS,
              "norms": {norm: {"eps_255": [0, ...], "accuracy": [...]}},
              "plots": {norm: "pgd_<norm>.png"}} (plots only with out_dir; paths relative to it).
     One generator seeded with `seed` per norm draws the random starts."""
-    from ..train import autocast
-    from .calibration import check_classifier
     check_classifier(run, data, "pgd")
     unknown = [n for n in norms if n not in NORMS]
     if unknown or not norms:
@@ -174,7 +175,6 @@ def evaluate_pgd(run, data: ImageData, norms: Sequence[str] = NORMS,
         out["norms"][norm] = {"eps_255": [round(c["eps"] * 255, 6) for c in curve],
                               "accuracy": [c["accuracy"] for c in curve]}
     if out_dir is not None:
-        from .plots import line_plot
         out["plots"] = {}
         label = f"{run.config.train.mode} ({data.name})"
         for norm, r in out["norms"].items():

@@ -13,6 +13,8 @@ from typing import Any
 import torch
 
 from ..data import ImageData, to_uint8
+from ..sample import make_grid, save_png
+from .plots import histograms
 
 
 def _grid_rows(x: torch.Tensor, order_by_class: list[torch.Tensor], k: int, C: int, H: int) -> torch.Tensor:
@@ -28,7 +30,6 @@ def _grid_rows(x: torch.Tensor, order_by_class: list[torch.Tensor], k: int, C: i
 def analyse_samples(run, data: ImageData, num_samples: int = 1000, sampler: str = "ddim", steps: int = 50,
                     seed: int = 0, per_class: int = 8, batch_size: int = 500,
                     out_dir: Path | None = None) -> dict[str, Any]:
-    from ..sample import make_grid, save_png
     x = run.sample(num_samples, sampler=sampler, steps=steps, seed=seed, batch_size=batch_size)   # (N, C, H, W)
     x = x.clamp(-1, 1)
     logits = run.classify(to_uint8(x), batch_size=batch_size)                                   # (N, K)
@@ -61,7 +62,6 @@ def analyse_samples(run, data: ImageData, num_samples: int = 1000, sampler: str 
             path = out_dir / f"samples-{name}-{end}.png"
             save_png(path, make_grid(_grid_rows(x, order, per_class, C, H), nrow=per_class))
             plots[f"{end} by {name}"] = path.name
-    from .plots import histograms
     plots["logsumexp histogram"] = Path(histograms(
         out_dir / "hist-logsumexp.png", {"samples": lse.numpy(), "test images": test_logits.logsumexp(1).numpy()},
         xlabel="logsumexp of logits", title="logsumexp: samples vs test images")).name

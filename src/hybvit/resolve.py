@@ -1,0 +1,135 @@
+"""From the command line to a run: the preset (or the resumed run's config), flags, --set, and the model adapted
+to the data, checked against the data before anything is trained or written."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from . import distributed
+from .config import DEFAULT_PRESET, Config, preset_config
+from .datasets import load_data
+from .errors import HybvitError
+from .precision import resolve_device
+from .train import check_batch_split
+
+
+def resolve_train_config(args):
+    """Preset / saved config + flags + --set + data adaptation. Returns (cfg, data, out_dir, resume)."""
+    explicit_sets = {a.split("=", 1)[0].strip() for a in args.set}
+    if args.resume:
+        run_dir = Path(args.resume)
+        cfg_path = run_dir / "config.json"
+        if not cfg_path.exists() or not (run_dir / "checkpoints" / "last.pt").exists():
+            raise HybvitError(f"cannot resume: '{run_dir}' has no config.json and checkpoints/last.pt; "
+                              f"give the directory of an earlier `hybvit train` run")
+        saved = Config.from_dict(json.loads(cfg_path.read_text()))
+        cfg = Config.from_dict(saved.to_dict())
+        if args.preset and args.preset != saved.preset:
+            raise HybvitError(f"--preset {args.preset} differs from the resumed run's preset '{saved.preset}'; "
+                              f"drop --preset when resuming")
+    else:
+        cfg = preset_config(args.preset or DEFAULT_PRESET)
+    if args.mode:
+        if args.mode not in ("vit", "genvit", "hybvit"):
+            raise HybvitError(f"unknown mode '{args.mode}'; use vit, genvit or hybvit")
+        cfg.train.mode = args.mode
+    if args.seed is not None:
+        cfg.train.seed = args.seed
+    if args.epochs is not None or args.steps is not None or args.minutes is not None:
+        cfg.train.epochs, cfg.train.steps, cfg.train.minutes = args.epochs or 0.0, args.steps or 0, args.minutes or 0.0
+    if args.data:
+        cfg.data.spec = args.data
+    for assignment in args.set:
+        cfg.set(assignment)
+    cfg.train.validate()
+    cfg.diffusion.validate()
+
+    data = load_data(cfg.data.spec, cfg.data.image_size)
+    if args.resume:
+        for section in ("model", "diffusion"):
+            before, after = getattr(saved, section).__dict__, getattr(cfg, section).__dict__
+            diff = [f"{section}.{k}: {before[k]} -> {after[k]}" for k in before if before[k] != after[k]]
+            if diff:
+                raise HybvitError(f"--resume with a different model config ({'; '.join(diff)}); "
+                                  f"resume without changing it, or start a new run with --out")
+        if cfg.train.mode != saved.train.mode:
+            raise HybvitError(f"--resume with mode {cfg.train.mode} but the run was trained as {saved.train.mode}; "
+                              f"start a new run to change the mode")
+        check_data_fits(cfg, data)
+        return cfg, data, run_dir, True
+
+    notes = adapt_model_to_data(cfg, data, preset_named=bool(args.preset), explicit=explicit_sets)
+    for note in notes:
+        print(f"adapted to the data: {note}")
+    cfg.validate()
+    check_data_fits(cfg, data)
+    out = Path(args.out) if args.out else Path("runs") / f"{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
+    if (out / "config.json").exists() or (out / "checkpoints").exists():
+        raise HybvitError(f"run directory '{out}' already holds a run; continue it with --resume {out} "
+                          f"or choose another --out")
+    return cfg, data, out, False
+
+
+def adapt_model_to_data(cfg, data, preset_named: bool, explicit: set[str]) -> list[str]:
+    """Fit channels, classes and image size to the data; without a named preset also pick a patch size that
+    divides the image and keeps the number of tokens near the preset's."""
+    m, notes = cfg.model, []
+    if m.channels != data.channels:
+        notes.append(f"channels {m.channels} -> {data.channels}")
+        m.channels = data.channels
+    if m.num_classes != data.num_classes and "model.num_classes" not in explicit and "num_classes" not in explicit:
+        notes.append(f"classes {m.num_classes} -> {data.num_classes}")
+        m.num_classes = data.num_classes
+    if m.image_size != data.image_size:
+        tokens = m.num_patches
+        notes.append(f"image size {m.image_size} -> {data.image_size}")
+        m.image_size = data.image_size
+        patch_fixed = preset_named or "model.patch_size" in explicit or "patch_size" in explicit
+        if not patch_fixed:
+            divisors = [d for d in range(1, data.image_size + 1) if data.image_size % d == 0]
+            best = min(divisors, key=lambda d: (abs((data.image_size // d) ** 2 - tokens), -d))
+            if best != m.patch_size:
+                notes.append(f"patch size {m.patch_size} -> {best} ({(data.image_size // best) ** 2} tokens, "
+                             f"the preset had {tokens})")
+                m.patch_size = best
+    return notes
+
+
+def check_data_fits(cfg, data) -> None:
+    m = cfg.model
+    if data.num_classes < 2 and cfg.train.mode != "genvit":
+        raise HybvitError(f"{data.name} has no class labels, so mode {cfg.train.mode} cannot train a classifier; "
+                          f"use --mode genvit")
+    if data.num_classes < 2 and m.class_cond:
+        raise HybvitError(f"{data.name} has no class labels for model.class_cond to condition on; "
+                          f"use --set model.class_cond=false")
+    if (data.channels, data.image_size) != (m.channels, m.image_size):
+        raise HybvitError(f"data {data.name} is {data.image_size}x{data.image_size}x{data.channels} but the model "
+                          f"takes {m.image_size}x{m.image_size}x{m.channels}; use matching data")
+    if data.num_classes > m.num_classes:
+        raise HybvitError(f"labels go up to {data.num_classes - 1} but model.num_classes is {m.num_classes}; "
+                          f"labels out of range: raise model.num_classes or relabel the data")
+
+
+def resolve_distributed(args, ctx):
+    """resolve_train_config under torchrun: rank 0 resolves the configuration alone (its notes and errors are printed
+    once; a download happens once) and hands it to the other ranks, which then load the same data, the first
+    process of each node before the others (a dataset missing on a node is downloaded there once)."""
+    def resolve():
+        cfg, data, out, resume = resolve_train_config(args)
+        check_batch_split(cfg, len(data.x_train), ctx.world)
+        return cfg, data, out, resume
+    resolved = distributed.all_ok(ctx, resolve, only_main=True)
+    cfg_dict, out, resume = distributed.broadcast(
+        ctx, (resolved[0].to_dict(), str(resolved[2]), resolved[3]) if ctx.main else None)
+    cfg = resolved[0] if ctx.main else Config.from_dict(cfg_dict)
+    data = resolved[1] if ctx.main else None
+    for first_on_node in (True, False):
+        mine = not ctx.main and (ctx.local_rank == 0) == first_on_node
+        loaded = distributed.all_ok(ctx, lambda load=mine: load_data(cfg.data.spec, cfg.data.image_size)
+                                    if load else None)
+        data = loaded if mine else data
+    # every process needs a GPU of its own (when training on GPUs): the ones without say so, the others stop
+    distributed.all_ok(ctx, lambda: distributed.device_for(resolve_device(cfg.train.device), ctx))
+    return cfg, data, Path(out), resume
