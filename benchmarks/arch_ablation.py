@@ -1,4 +1,4 @@
-"""Equal-wall-clock comparison of the improved-architecture options (issue 6) against the faithful HybViT.
+"""Equal-wall-clock comparison of the architecture options beyond the paper against the faithful HybViT.
 
     python benchmarks/arch_ablation.py --preset digits-hybvit --minutes 5 --out docs/results/arch-ablation-digits
     python benchmarks/arch_ablation.py --preset cifar10-hybvit-small --data folder:/tmp/cifar --minutes 20 \

@@ -17,7 +17,7 @@ import torch
 
 from hybvit.config import preset_config
 from hybvit.model import ViT
-from hybvit.train import BatchedMuon, _muon_param
+from hybvit.optim import BatchedMuon, _muon_param
 
 
 def time_steps(make, params, grads, device, steps: int, warmup: int = 3) -> float:

@@ -1,4 +1,4 @@
-"""Frechet distance against network evaluations for every sampler, on a trained run (issue 5 §2).
+"""Frechet distance against network evaluations for every sampler, on a trained run.
 
     python benchmarks/sampler_curve.py --run runs/digits --out docs/results/sampler-curve-digits
 
@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from hybvit.data import load_data, to_uint8
+from hybvit.data import to_uint8
+from hybvit.datasets import load_data
 from hybvit.evaluate.fid import SmallFeatures, extract, frechet_to_reference, reference_stats
 from hybvit.evaluate.frechet import pixel_frechet_distance
 from hybvit.sample import load_run

@@ -1,4 +1,4 @@
-"""Self-guided class-conditional sampling against guidance scale (issue 6 §3).
+"""Self-guided class-conditional sampling against guidance scale.
 
     python benchmarks/self_guidance.py --run runs/digits --out docs/results/self-guidance-digits
     python benchmarks/self_guidance.py --run runs/cifar --judge cnn --fd small-fd --per-class 50 \
@@ -22,7 +22,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from hybvit.data import load_data, to_float, to_uint8
+from hybvit.data import to_float, to_uint8
+from hybvit.datasets import load_data
 from hybvit.evaluate.fid import SmallFeatures, extract
 from hybvit.evaluate.frechet import frechet_distance
 from hybvit.guidance import sample_class

@@ -12,7 +12,7 @@ forward + backward), and the MFU against the measured dense matmul rate of the s
 --reference adds the "reference-style" row: the same network and step computed the way the paper's code computes it
 (fp32, attention as explicit q k^T / softmax / v products, the classification pass through the whole last block),
 so the speed-up of our path is measured against it in one run on one machine. It is a re-creation of that
-computation, not the paper's code itself (the issue quotes 7.3 s per HybViT step for that code on this kind of CPU).
+computation, not the paper's code itself.
 """
 from __future__ import annotations
 
@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from hybvit.config import COMPILE_MODES, preset_config
 from hybvit.diffusion import GaussianDiffusion
 from hybvit.model import ViT
-from hybvit.train import EMA, autocast, build_optimizer
+from hybvit.optim import EMA, build_optimizer
+from hybvit.precision import autocast
 
 
 def sync(device):
