@@ -188,6 +188,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     preset: str = ""
+    notes: list[str] = field(default_factory=list)   # what was adapted to the data, and why (config.json)
 
     SECTIONS = ("model", "diffusion", "data", "train")
 
@@ -216,6 +217,7 @@ class Config:
             for key, value in d.get(section, {}).items():
                 _set_field(cfg, section, key, value)
         cfg.preset = d.get("preset", "")
+        cfg.notes = [str(n) for n in d.get("notes", [])]
         return cfg
 
     def set(self, assignment: str) -> None:
@@ -286,6 +288,7 @@ _ALL_PRESETS = _load_presets()               # bases (names from "_") and overla
 PRESETS = {k: v for k, v in _ALL_PRESETS.items() if k[0] not in "_+"}          # what users name and list
 OVERLAYS = {k[1:]: v for k, v in _ALL_PRESETS.items() if k.startswith("+")}    # NAME+OVERLAY
 DEFAULT_PRESET = "digits-hybvit"
+OWN_DATA_PRESET = "own-data"          # the default for --data npz:PATH / folder:PATH when no preset is named
 
 
 def _resolve(name: str, seen: tuple[str, ...] = ()) -> dict[str, Any]:

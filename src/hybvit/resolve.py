@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from . import distributed
-from .config import DEFAULT_PRESET, Config, preset_config
+from .config import DEFAULT_PRESET, OWN_DATA_PRESET, Config, preset_config
 from .datasets import load_data
 from .errors import HybvitError
 from .precision import resolve_device
@@ -29,7 +29,7 @@ def resolve_train_config(args):
             raise HybvitError(f"--preset {args.preset} differs from the resumed run's preset '{saved.preset}'; "
                               f"drop --preset when resuming")
     else:
-        cfg = preset_config(args.preset or DEFAULT_PRESET)
+        cfg = preset_config(args.preset or (OWN_DATA_PRESET if is_own_data(args.data) else DEFAULT_PRESET))
     if args.mode:
         if args.mode not in ("vit", "genvit", "hybvit"):
             raise HybvitError(f"unknown mode '{args.mode}'; use vit, genvit or hybvit")
@@ -60,6 +60,10 @@ def resolve_train_config(args):
         return cfg, data, run_dir, True
 
     notes = adapt_model_to_data(cfg, data, preset_named=bool(args.preset), explicit=explicit_sets)
+    if cfg.preset == OWN_DATA_PRESET and not args.preset:
+        notes.insert(0, f"no preset named for your data: the own-data default ({cfg.model.dim} wide, "
+                        f"{cfg.model.depth} blocks, the -plus architecture; `hybvit presets own-data` lists it)")
+    cfg.notes = notes
     for note in notes:
         print(f"adapted to the data: {note}")
     cfg.validate()
@@ -71,28 +75,54 @@ def resolve_train_config(args):
     return cfg, data, out, False
 
 
+def is_own_data(spec: str | None) -> bool:
+    """A user's dataset (npz:PATH, folder:PATH), for which no preset was tuned."""
+    return bool(spec) and spec.partition(":")[0] in ("npz", "folder")
+
+
+def own_data_patch(image_size: int) -> int:
+    """The patch size for the own-data default: the divisor of the image size whose grid is nearest 8 x 8 tokens
+    (28 -> 4, 32 -> 4, 64 -> 8, 96 -> 12), so each token is a few pixels, not a whole stroke; ties go to the
+    smaller patch (more tokens)."""
+    divisors = [d for d in range(1, image_size + 1) if image_size % d == 0]
+    return min(divisors, key=lambda d: (abs(image_size / d - 8), d))
+
+
 def adapt_model_to_data(cfg, data, preset_named: bool, explicit: set[str]) -> list[str]:
-    """Fit channels, classes and image size to the data; without a named preset also pick a patch size that
-    divides the image and keeps the number of tokens near the preset's."""
+    """Fit channels, classes and image size to the data. The own-data preset also takes its patch size from the
+    image size (own_data_patch) and its crop padding (an eighth of the image); another preset, when none was
+    named, keeps its number of tokens. Keys given with --set are never changed. Returns one note per choice."""
     m, notes = cfg.model, []
+    given = lambda key: key in explicit or key.split(".", 1)[1] in explicit     # noqa: E731
     if m.channels != data.channels:
         notes.append(f"channels {m.channels} -> {data.channels}")
         m.channels = data.channels
-    if m.num_classes != data.num_classes and "model.num_classes" not in explicit and "num_classes" not in explicit:
+    if m.num_classes != data.num_classes and not given("model.num_classes"):
         notes.append(f"classes {m.num_classes} -> {data.num_classes}")
         m.num_classes = data.num_classes
-    if m.image_size != data.image_size:
+    own = cfg.preset == OWN_DATA_PRESET
+    if m.image_size != data.image_size or own:
         tokens = m.num_patches
-        notes.append(f"image size {m.image_size} -> {data.image_size}")
+        if m.image_size != data.image_size:
+            notes.append(f"image size {m.image_size} -> {data.image_size}")
         m.image_size = data.image_size
-        patch_fixed = preset_named or "model.patch_size" in explicit or "patch_size" in explicit
-        if not patch_fixed:
+        if own and not given("model.patch_size"):
+            best = own_data_patch(data.image_size)
+            notes.append(f"patch size {best}: a {data.image_size // best}x{data.image_size // best} grid of "
+                         f"{best}x{best}-pixel tokens")
+            m.patch_size = best
+        elif not (preset_named or given("model.patch_size")):
             divisors = [d for d in range(1, data.image_size + 1) if data.image_size % d == 0]
             best = min(divisors, key=lambda d: (abs((data.image_size // d) ** 2 - tokens), -d))
             if best != m.patch_size:
                 notes.append(f"patch size {m.patch_size} -> {best} ({(data.image_size // best) ** 2} tokens, "
                              f"the preset had {tokens})")
                 m.patch_size = best
+        if own and not given("data.crop_padding"):
+            cfg.data.crop_padding = max(1, round(data.image_size / 8))
+            notes.append(f"classification batch: random crop with {cfg.data.crop_padding}-pixel padding (an eighth "
+                         f"of the image), label smoothing {cfg.train.label_smoothing:g}, no flips (unknown data may "
+                         f"not be mirror-symmetric; add --set data.hflip=true if it is)")
     return notes
 
 

@@ -1,0 +1,76 @@
+"""The own-data default: `hybvit train --data npz:PATH` with no preset chooses the model and recipe from the data,
+records every choice in config.json, and keeps what the user set; and the panel benchmark runs end to end."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from hybvit.cli import main
+from hybvit.resolve import own_data_patch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def npz(path: Path, size: int, channels: int, n: int = 40, classes: int = 4) -> Path:
+    g = np.random.default_rng(0)
+    shape = (n, size, size) if channels == 1 else (n, size, size, channels)
+    y = np.arange(n) % classes
+    np.savez(path, x_train=g.integers(0, 256, shape, dtype=np.uint8), y_train=y,
+             x_test=g.integers(0, 256, shape, dtype=np.uint8)[:12], y_test=y[:12])
+    return path
+
+
+def test_patch_sizes_give_a_grid_near_eight_tokens_a_side():
+    for size, patch in ((28, 4), (32, 4), (64, 8), (96, 12), (16, 2), (8, 1), (30, 3)):
+        assert own_data_patch(size) == patch and size % patch == 0
+
+
+@pytest.mark.parametrize("size,channels", [(28, 1), (32, 3)])
+def test_own_data_default_is_chosen_from_the_data_and_recorded(tmp_path, size, channels, capsys):
+    data = npz(tmp_path / "mine.npz", size, channels)
+    tiny = ["--set", "model.dim=32", "--set", "model.depth=2", "--set", "model.heads=2", "--set", "num_samples=0",
+            "--set", "fd_samples=0"]
+    assert main(["train", "--data", f"npz:{data}", "--steps", "1", "--out", str(tmp_path / "r"), "--quiet", *tiny]) == 0
+    cfg = json.loads((tmp_path / "r" / "config.json").read_text())
+    m = cfg["model"]
+    assert cfg["preset"] == "own-data" and (m["image_size"], m["channels"], m["num_classes"]) == (size, channels, 4)
+    assert m["patch_size"] == 4 and m["time_cond"] == "adaln" and m["long_skips"] and cfg["diffusion"]["prediction"] == "v"
+    assert cfg["data"]["crop_padding"] == 4 and not cfg["data"]["hflip"] and cfg["train"]["label_smoothing"] == 0.1
+    assert m["dim"] == 32                                      # --set wins over the default
+    notes = " | ".join(cfg["notes"])
+    assert "own-data default" in notes and "patch size 4" in notes and "4-pixel padding" in notes
+    assert "adapted to the data: patch size 4" in capsys.readouterr().out
+    # what the user sets is kept; a named preset keeps its own behaviour
+    assert main(["train", "--data", f"npz:{data}", "--steps", "1", "--out", str(tmp_path / "p"), "--quiet", *tiny,
+                 "--set", "model.patch_size=2", "--set", "crop_padding=1"]) == 0
+    cfg = json.loads((tmp_path / "p" / "config.json").read_text())
+    assert cfg["model"]["patch_size"] == 2 and cfg["data"]["crop_padding"] == 1
+    assert main(["train", "--preset", "digits-hybvit", "--data", f"npz:{data}", "--steps", "1", "--out",
+                 str(tmp_path / "d"), "--quiet", *tiny]) == 0
+    cfg = json.loads((tmp_path / "d" / "config.json").read_text())
+    assert cfg["preset"] == "digits-hybvit" and cfg["model"]["patch_size"] == 2 and cfg["model"]["time_cond"] == "token-scalar"
+
+
+def test_the_default_run_keeps_the_digits_preset():
+    from hybvit.cli import build_parser
+    from hybvit.resolve import resolve_train_config
+    cfg, data, _, _ = resolve_train_config(build_parser().parse_args(["train", "--out", "/nonexistent/run"]))
+    assert cfg.preset == "digits-hybvit" and cfg.model.patch_size == 2 and data.name == "digits" and not cfg.notes
+
+
+def test_own_data_panel_smoke(tmp_path):
+    """benchmarks/own_data.py --smoke: every step of the panel on digits28 (tiny models, seconds)."""
+    out = tmp_path / "panel"
+    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "own_data.py"), "--smoke", "--out", str(out)],
+                   check=True, capture_output=True)
+    result = json.loads(Path(f"{out}.json").read_text())
+    entry = result["datasets"]["digits28"]
+    assert entry["rows"]["baseline"]["patch"] == 7 and entry["rows"]["default"]["patch"] == 4
+    assert entry["scale"]["real_vs_real_fd"] < entry["scale"]["noise_vs_real_fd"]
+    for row in entry["rows"].values():
+        assert np.isfinite(row["feature_fd"]) and sum(row["class_shares"]) == pytest.approx(1, abs=0.01)
+        assert max(row["class_shares"]) == row["largest_class_share"]
+    assert Path(f"{out}-digits28-default.png").exists() and "| digits28 |" in Path(f"{out}.md").read_text()
