@@ -1,4 +1,5 @@
 import os
+import tempfile
 
 import pytest
 import torch
@@ -6,6 +7,7 @@ import torch
 from hybvit.config import preset_config
 
 os.environ.setdefault("HYBVIT_NO_DOWNLOAD", "1")  # tests never touch the network
+os.environ.setdefault("HYBVIT_CACHE", tempfile.mkdtemp(prefix="hybvit-test-cache-"))   # not the user's cache
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
 

@@ -58,7 +58,8 @@ def test_the_default_run_keeps_the_digits_preset():
     from hybvit.cli import build_parser
     from hybvit.resolve import resolve_train_config
     cfg, data, _, _ = resolve_train_config(build_parser().parse_args(["train", "--out", "/nonexistent/run"]))
-    assert cfg.preset == "digits-hybvit" and cfg.model.patch_size == 2 and data.name == "digits" and not cfg.notes
+    assert cfg.preset == "digits-hybvit" and cfg.model.patch_size == 2 and data.name == "digits"
+    assert [n.split(" ->")[0] for n in cfg.notes] == ["amp auto"] and cfg.train.amp in ("bf16", "fp32")
 
 
 def test_own_data_panel_smoke(tmp_path):

@@ -130,7 +130,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_cfg, digits, tmp_pat
     cfg = tiny_cfg(steps=4, ckpt_every=2)
     train(cfg, small(digits), tmp_path, progress=False)
     good = ckpt.load_training_state(tmp_path / "checkpoints" / "last.pt")
-    cfg.train.steps, cfg.train.lr, cfg.train.ckpt_every = 10, float("inf"), 1
+    cfg.train.steps, cfg.train.alpha, cfg.train.ckpt_every = 10, 1e39, 1    # alpha * L_simple overflows fp32
     with pytest.raises(HybvitError, match="(loss became nan|non-finite).*last good checkpoint"):
         train(cfg, small(digits), tmp_path, resume=True, progress=False)
     kept = ckpt.load_training_state(tmp_path / "checkpoints" / "last.pt")
@@ -180,8 +180,29 @@ def test_auto_precision_on_the_cpu_follows_the_measured_matmul_rates():
     assert torch.equal(torch.rand(4), expected)
     assert all(0 < r < float("inf") for r in rates)
     cpu = torch.device("cpu")
-    assert use_bf16("auto", cpu) == bf16_pays(cpu_matmul_gflops(torch.bfloat16), cpu_matmul_gflops(torch.float32))
     assert use_bf16("bf16", cpu) and not use_bf16("fp32", cpu)
+
+
+def test_auto_precision_is_measured_once_per_machine_and_cached(tmp_path, monkeypatch):
+    """The answer of the probe is written to $HYBVIT_CACHE/precision.json and read back instead of measuring
+    again (a cached answer wins even against the rates); a damaged cache file is measured over."""
+    import hybvit.precision as precision
+    monkeypatch.setenv("HYBVIT_CACHE", str(tmp_path))
+    cpu = torch.device("cpu")
+    first = precision.use_bf16("auto", cpu)
+    cache = json.loads((tmp_path / "precision.json").read_text())
+    (entry,) = cache.values()
+    assert entry["bf16"] == first and entry["bf16"] == precision.bf16_pays(entry["bf16_gflops"], entry["fp32_gflops"])
+    for key in cache:
+        cache[key]["bf16"] = not first
+    (tmp_path / "precision.json").write_text(json.dumps(cache))
+    monkeypatch.setattr(precision, "cpu_matmul_gflops", lambda *a, **k: 1 / 0)     # must not be measured again
+    assert precision.use_bf16("auto", cpu) == (not first)
+    (tmp_path / "precision.json").write_text("{not json")
+    monkeypatch.undo()
+    monkeypatch.setenv("HYBVIT_CACHE", str(tmp_path))
+    assert precision.use_bf16("auto", cpu) in (True, False)
+    assert json.loads((tmp_path / "precision.json").read_text())
 
 
 def test_end_of_run_fd_names_the_sampler_that_drew_it(tiny_cfg, digits, tmp_path):

@@ -30,11 +30,29 @@ def atomic_write(path: Path, write: Callable[[str], None]) -> None:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())             # mkstemp makes 0600; the file gets the user's usual mode
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        if isinstance(e, OSError):                   # a full disk, a read-only folder: the old file stays as it was
+            raise HybvitError(f"cannot write '{path}' ({e.strerror or type(e).__name__}); the previous version, "
+                              f"if any, is unchanged: free space or choose another --out") from None
         raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def remove_stale_temporaries(run_dir: Path) -> None:
+    """Delete the temporary files (.NAME.*.tmp) that a write killed half-way leaves in a run directory."""
+    for folder in (Path(run_dir), Path(run_dir) / "checkpoints"):
+        if folder.is_dir():
+            for tmp in folder.glob(".*.tmp"):
+                tmp.unlink(missing_ok=True)
 
 
 def write_json(path: Path, obj: Any) -> None:
@@ -43,6 +61,18 @@ def write_json(path: Path, obj: Any) -> None:
             json.dump(obj, f, indent=2, sort_keys=False)
             f.write("\n")
     atomic_write(path, w)
+
+
+def read_json(path: Path, what: str) -> dict[str, Any]:
+    """A JSON object from a file hybvit wrote (config.json, metrics.json); anything else is a one-line error."""
+    try:
+        obj = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise HybvitError(f"cannot read {what} '{path}' ({type(e).__name__}); the file is damaged: restore it "
+                          f"or start a new run") from None
+    if not isinstance(obj, dict):
+        raise HybvitError(f"{what} '{path}' is not a JSON object; the file is damaged: restore it or start a new run")
+    return obj
 
 
 def plain_state_dict(obj: torch.nn.Module | dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -68,10 +98,19 @@ def load_training_state(path: Path) -> dict[str, Any]:
     if not Path(path).exists():
         raise HybvitError(f"checkpoint '{path}' does not exist; give a run directory that has checkpoints/last.pt")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
+        state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001
         raise HybvitError(f"cannot load checkpoint '{path}' ({type(e).__name__}); it is corrupt or not a "
                           f"hybvit checkpoint") from None
+    shapes = {"model": dict, "ema": dict, "optimizer": dict, "rng": dict, "config": dict, "step": int}
+    wrong = [k for k, kind in shapes.items() if not isinstance(state, dict) or not isinstance(state.get(k), kind)]
+    if wrong:
+        raise HybvitError(f"'{path}' is not a hybvit training checkpoint (missing or malformed: {', '.join(wrong)}); "
+                          f"give the checkpoints/last.pt of a hybvit run")
+    for part in ("model", "ema"):
+        if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state[part].items()):
+            raise HybvitError(f"'{path}': its '{part}' is not a state dict of tensors; the file is damaged")
+    return state
 
 
 def save_weights(path: Path, state_dict: dict[str, torch.Tensor], config: dict[str, Any]) -> None:
@@ -93,7 +132,13 @@ def load_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
             raise HybvitError(f"cannot read '{path}' as safetensors ({type(e).__name__}); the file is corrupt")
         if "config" not in meta:
             raise HybvitError(f"'{path}' has no hybvit config in its metadata; it was not written by hybvit")
-        return plain_state_dict(weights), json.loads(meta["config"])
+        try:
+            config = json.loads(meta["config"])
+        except ValueError:
+            config = None
+        if not isinstance(config, dict):
+            raise HybvitError(f"'{path}': the config in its metadata is not a JSON object; the file is damaged")
+        return plain_state_dict(weights), config
     state = load_training_state(path)
     if "ema" not in state or "config" not in state:
         raise HybvitError(f"'{path}' is not a hybvit training checkpoint (no 'ema' or 'config')")

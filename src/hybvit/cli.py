@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -12,7 +13,7 @@ import torch
 
 from . import checkpoint as ckpt
 from . import distributed
-from .config import OVERLAYS, PRESETS, preset_config, preset_description, preset_paper_params
+from .config import OVERLAYS, PRESETS, check_device, preset_config, preset_description, preset_paper_params
 from .data import to_float
 from .errors import HybvitError
 from .evaluate import EvalOptions, evaluate_run, parse_metrics
@@ -27,10 +28,23 @@ from .resolve import resolve_distributed, resolve_train_config
 from .train import train
 
 
+# Exit statuses: 0 done, 2 bad input (one line on stderr), 75 stopped by SIGTERM or Ctrl-C after writing a
+# checkpoint (continue with --resume; 75 is EX_TEMPFAIL, "try again later"), 130 aborted by a second Ctrl-C.
+EXIT_STOPPED = 75
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors as hybvit's: one line on stderr naming the problem and the help, exit status 2."""
+
+    def error(self, message: str):
+        print(f"hybvit: error: {message}; see `{self.prog} --help`", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="hybvit", description="ViT / GenViT / HybViT: one ViT that classifies "
+    p = _Parser(prog="hybvit", description="ViT / GenViT / HybViT: one ViT that classifies "
                                 "and generates (Yang et al., 2022).")
-    sub = p.add_subparsers(dest="command", metavar="{train,sample,evaluate,presets}")
+    sub = p.add_subparsers(dest="command", metavar="{train,sample,evaluate,presets}", parser_class=_Parser)
 
     t = sub.add_parser("train", help="train a model (default: HybViT on the bundled digits, on the CPU)")
     t.add_argument("--preset", help="a preset name (see `hybvit presets`); default digits-hybvit")
@@ -151,8 +165,14 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
         argv = ["train"] + argv  # `hybvit` and `hybvit --steps 10 ...` mean `hybvit train ...`
-    args = build_parser().parse_args(argv)
     try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:                               # --help (0) or a bad flag (2, one line already printed)
+        return int(e.code or 0)
+    try:
+        for name, value in vars(args).items():            # every number a flag takes must be a number
+            if isinstance(value, float) and not math.isfinite(value):
+                raise HybvitError(f"--{name.replace('_', '-')} must be a finite number (got {value})")
         if args.command == "train":
             return cmd_train(args)
         if args.command == "sample":
@@ -206,7 +226,10 @@ def cmd_train(args) -> int:
               f"D {cfg.model.dim}, depth {cfg.model.depth}, patch {cfg.model.patch_size}, {budget}{split}, "
               f"{where}, run dir {out}")
     metrics = train(cfg, data, out, resume=resume, progress=not args.quiet)
-    if ctx.main and not metrics.get("interrupted"):
+    if metrics.get("interrupted"):
+        distributed.shutdown()
+        return EXIT_STOPPED
+    if ctx.main:
         print(f"done in {metrics['wall_seconds']:.0f} s: {out}/metrics.json" +
               (f", {out}/samples.png" if cfg.train.mode != "vit" and cfg.train.num_samples else ""))
     distributed.shutdown()
@@ -244,19 +267,41 @@ def cmd_sample(args) -> int:
     return 0
 
 
+def check_out(path: str, suffixes: tuple[str, ...], what: str) -> Path:
+    """An output file hybvit may write: the right suffix, not a folder, in an existing folder it can write to."""
+    out = Path(path)
+    if out.suffix not in suffixes:
+        raise HybvitError(f"--out '{out}' must end in {' or '.join(suffixes)} ({what})")
+    if out.is_dir():
+        raise HybvitError(f"--out '{out}' is a folder; give a file name ending in {' or '.join(suffixes)}")
+    if not out.parent.is_dir():
+        raise HybvitError(f"folder '{out.parent}' does not exist; create it first")
+    if not os.access(out.parent, os.W_OK) or (out.exists() and not os.access(out, os.W_OK)):
+        raise HybvitError(f"cannot write '{out}' (permission denied); choose another --out")
+    return out
+
+
+def check_common_flags(args) -> None:
+    """--batch-size, --seed and --device of sample and evaluate."""
+    if args.batch_size < 1:
+        raise HybvitError(f"--batch-size must be >= 1 (got {args.batch_size})")
+    if args.seed < 0:
+        raise HybvitError(f"--seed must be >= 0 (got {args.seed})")
+    check_device(args.device, "--device")
+
+
 def _check_sample_args(args) -> Path:
     check_sampling_flags(args, args.run)
-    out = Path(args.out)
-    if out.suffix not in (".png", ".npz"):
-        raise HybvitError(f"--out '{out}' must end in .png (a grid) or .npz (uint8 images)")
+    check_common_flags(args)
+    out = check_out(args.out, (".png", ".npz"), "a grid, or uint8 images")
     if args.num < 1:
         raise HybvitError("--num must be >= 1")
+    if args.guidance_scale is not None and args.guidance_scale < 0:
+        raise HybvitError(f"--guidance-scale must be >= 0 (got {args.guidance_scale}); 0 is unguided")
     if args.balance_classes and args.label is not None:
         raise HybvitError("--balance-classes and --class exclude each other: --class already fixes every sample's class")
     if args.guidance_scale is not None and args.label is None:
         raise HybvitError("--guidance-scale needs --class K (the class to steer toward)")
-    if not out.parent.exists():
-        raise HybvitError(f"folder '{out.parent}' does not exist; create it first")
     return out
 
 
@@ -301,11 +346,9 @@ def _sample_distributed(args, ctx) -> int:
 
 
 def cmd_evaluate(args) -> int:
-    out = Path(args.out)
-    if out.suffix != ".json":
-        raise HybvitError(f"--out '{out}' must be a .json file")
-    if not out.parent.exists():
-        raise HybvitError(f"folder '{out.parent}' does not exist; create it first")
+    out = check_out(args.out, (".json",), "the report; FILE.html and FILE-plots/ go beside it")
+    check_common_flags(args)
+    parse_metrics(args.metrics)                           # the names, before the run is read
     for name in ("num_samples", "bpd_images", "ood_images", "pgd_images", "pgd_steps", "speed_samples", "batch_size"):
         value = getattr(args, name)
         if value is not None and value < 1:

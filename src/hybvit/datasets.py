@@ -31,10 +31,12 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
+from .config import MAX_SIDE, RULES
 from .data import ImageData
 from .errors import HybvitError
 
 IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
+MAX_CLASSES = RULES["model.num_classes"][2]
 TINY_IMAGENET_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
 
 
@@ -81,6 +83,9 @@ def _check_labels(data: ImageData) -> None:
                 f"[{int(y.min())}, {int(y.max())}]; relabel the classes as 0..K-1")
     if len(data.x_train) == 0:
         raise HybvitError(f"{data.name}: the training set is empty")
+    if len(data.x_test) == 0:
+        raise HybvitError(f"{data.name}: the test set is empty; hybvit measures test accuracy and sample quality "
+                          f"on it, so add test images (for folders: PATH/test/<class>/*)")
 
 
 def load_digits() -> ImageData:
@@ -128,6 +133,9 @@ def load_npz(path: Path) -> ImageData:
         raise HybvitError(f"npz x_train images are {tuple(xs[0].shape[1:])} but x_test are "
                           f"{tuple(xs[1].shape[1:])} (C,H,W); they must match")
     num_classes = int(ys[0].max()) + 1 if len(ys[0]) else 0
+    if num_classes > MAX_CLASSES:
+        raise HybvitError(f"npz y_train labels go up to {num_classes - 1}: more than {MAX_CLASSES:,} classes; "
+                          f"relabel the classes as 0..K-1")
     return ImageData(xs[0], ys[0], xs[1], ys[1], num_classes, f"npz:{path}")
 
 
@@ -154,6 +162,9 @@ def load_folder(root: Path, image_size: int = 0) -> ImageData:
     with Image.open(first) as im:
         mode = "L" if im.mode in ("L", "1", "I;16", "I") else "RGB"
         size = image_size or im.size[0]
+    if size > MAX_SIDE:
+        raise HybvitError(f"'{first}' is {size} pixels wide; hybvit reads images up to {MAX_SIDE}: resize them with "
+                          f"--set data.image_size=N")
 
     x_tr, y_tr = load_image_files(files["train"], size, mode, resize=bool(image_size), reference=first)
     if not files["test"]:
@@ -176,6 +187,9 @@ def load_image_files(items: list[tuple[Path, int]], size: int, mode: str = "RGB"
                 bar.update(1)
             try:
                 with Image.open(f) as im:
+                    if im.size[0] * im.size[1] > MAX_SIDE ** 2:      # the header's claim, before decoding
+                        raise HybvitError(f"image '{f}' claims {im.size[0]}x{im.size[1]} pixels, more than "
+                                          f"hybvit reads ({MAX_SIDE}x{MAX_SIDE}); remove or shrink the file")
                     im = im.convert(mode)
                     if im.size != (size, size):
                         if not resize:
@@ -184,7 +198,7 @@ def load_image_files(items: list[tuple[Path, int]], size: int, mode: str = "RGB"
                                 f"resize them all with --set data.image_size=N")
                         im = im.resize((size, size), Image.BICUBIC)
                     arr[n] = np.asarray(im).reshape(size, size, -1)
-            except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+            except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as e:
                 raise HybvitError(f"cannot read image '{f}' ({type(e).__name__}); remove or replace the file")
     finally:
         if bar is not None:
@@ -379,12 +393,15 @@ def load_celeba128(root: Path, size: int = 128, test_fraction: float = 0.01, max
         for n, f in enumerate(paths):
             try:
                 with Image.open(f) as im:
+                    if im.size[0] * im.size[1] > MAX_SIDE ** 2:      # the header's claim, before decoding
+                        raise HybvitError(f"image '{f}' claims {im.size[0]}x{im.size[1]} pixels, more than "
+                                          f"hybvit reads ({MAX_SIDE}x{MAX_SIDE}); remove or shrink the file")
                     im = im.convert("RGB")
                     w, h = im.size
                     s = min(w, h)
                     im = im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
                     arr[n] = np.asarray(im.resize((size, size), Image.BICUBIC)).transpose(2, 0, 1)
-            except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+            except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as e:
                 raise HybvitError(f"cannot read image '{f}' ({type(e).__name__}); remove or replace the file")
         return torch.from_numpy(arr), torch.zeros(len(paths), dtype=torch.long)
     return (*read(train), *read(test), 1)

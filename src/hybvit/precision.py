@@ -1,6 +1,6 @@
 """Where a run computes and in what precision: the device choice and the bf16 autocast policy.
 
-  resolve_device("auto")          CUDA when available, else the CPU
+  resolve_device("auto")          CUDA when available, then Apple's MPS, else the CPU
   use_bf16("auto", device)        bf16 on CUDA; on a CPU only where bf16 matmuls measure clearly faster than fp32
   with autocast(amp, device): ... the forward passes of training, sampling and evaluation
 """
@@ -8,18 +8,32 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
+import os
+import platform
 import time
+from pathlib import Path
 
 import torch
 
+from .config import check_device
 from .errors import HybvitError
 
 
 def resolve_device(name: str) -> torch.device:
+    """auto: CUDA, then Apple's MPS, then the CPU; a named device must exist on this machine."""
+    check_device(name, "the device")
+    mps = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise HybvitError(f"device '{name}' requested but CUDA is not available; use --set train.device=cpu")
+        return torch.device("cuda" if torch.cuda.is_available() else "mps" if mps else "cpu")
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise HybvitError(f"device '{name}' requested but CUDA is not available; use --set train.device=cpu")
+        if ":" in name and int(name.split(":")[1]) >= torch.cuda.device_count():
+            raise HybvitError(f"device '{name}' requested but this machine has {torch.cuda.device_count()} "
+                              f"GPU(s); use cuda:0 .. cuda:{torch.cuda.device_count() - 1}")
+    if name == "mps" and not mps:
+        raise HybvitError("device 'mps' requested but Apple's MPS is not available; use --set train.device=cpu")
     return torch.device(name)
 
 
@@ -46,13 +60,54 @@ def cpu_matmul_gflops(dtype: torch.dtype, n: int = 1024, reps: int = 3) -> float
     return 2 * n ** 3 / best / 1e9
 
 
+def cpu_prefers_bf16() -> bool:
+    """bf16_pays for this CPU, measured once per machine and cached in $HYBVIT_CACHE/precision.json (keyed by the
+    CPU model, thread count and torch version). The probe is bounded: a 256^3 bf16 product that takes over 8x the
+    fp32 one (bf16 emulated, as on CPUs without native support) decides "no" before the 1024^3 measurement."""
+    key = f"{_cpu_model()} | {torch.get_num_threads()} threads | torch {torch.__version__}"
+    path = Path(os.environ.get("HYBVIT_CACHE", Path.home() / ".cache" / "hybvit")) / "precision.json"
+    try:
+        cache = json.loads(path.read_text())
+        if isinstance(cache.get(key), dict) and isinstance(cache[key].get("bf16"), bool):
+            return cache[key]["bf16"]
+    except (OSError, ValueError, AttributeError):
+        cache = {}
+    small = cpu_matmul_gflops(torch.bfloat16, n=256, reps=1), cpu_matmul_gflops(torch.float32, n=256, reps=1)
+    if small[0] * 8 < small[1]:
+        rates = small
+    else:
+        rates = cpu_matmul_gflops(torch.bfloat16), cpu_matmul_gflops(torch.float32)
+    answer = bf16_pays(*rates)
+    cache = cache if isinstance(cache, dict) else {}
+    cache[key] = {"bf16": answer, "bf16_gflops": round(rates[0], 1), "fp32_gflops": round(rates[1], 1)}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(cache, indent=1) + "\n")
+        os.replace(tmp, path)
+    except OSError:                                     # a read-only home: measure again next time
+        pass
+    return answer
+
+
+def _cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def use_bf16(cfg_amp: str, device: torch.device) -> bool:
-    """amp "auto": bf16 on CUDA, and on a CPU where its measured bf16 matmul rate beats fp32's (bf16_pays); fp32
-    otherwise. Under torchrun, train() takes rank 0's answer for every rank."""
+    """amp "auto": bf16 on CUDA, and on a CPU where bf16 matmuls measure clearly faster than fp32 (cpu_prefers_bf16,
+    cached per machine); fp32 otherwise. A new run records the answer in its config (resolve.py), so --resume and
+    sampling keep the precision the run was trained in. Under torchrun, train() takes rank 0's answer."""
     if cfg_amp == "auto":
         if device.type == "cuda":
             return True
-        return device.type == "cpu" and bf16_pays(cpu_matmul_gflops(torch.bfloat16), cpu_matmul_gflops(torch.float32))
+        return device.type == "cpu" and cpu_prefers_bf16()
     return cfg_amp == "bf16"
 
 

@@ -2,15 +2,19 @@
 to the data, checked against the data before anything is trained or written."""
 from __future__ import annotations
 
-import json
+import os
 import time
 from pathlib import Path
 
+import torch
+
+from . import checkpoint as ckpt
 from . import distributed
-from .config import DEFAULT_PRESET, OWN_DATA_PRESET, Config, preset_config
+from .config import DEFAULT_PRESET, OWN_DATA_PRESET, Config, check_ranges, preset_config
 from .datasets import load_data
 from .errors import HybvitError
-from .precision import resolve_device
+from .model import ViT
+from .precision import resolve_device, use_bf16
 from .train import check_batch_split
 
 
@@ -20,10 +24,13 @@ def resolve_train_config(args):
     if args.resume:
         run_dir = Path(args.resume)
         cfg_path = run_dir / "config.json"
-        if not cfg_path.exists() or not (run_dir / "checkpoints" / "last.pt").exists():
-            raise HybvitError(f"cannot resume: '{run_dir}' has no config.json and checkpoints/last.pt; "
-                              f"give the directory of an earlier `hybvit train` run")
-        saved = Config.from_dict(json.loads(cfg_path.read_text()))
+        if not cfg_path.exists():
+            raise HybvitError(f"cannot resume: '{run_dir}' has no config.json; give the directory of an earlier "
+                              f"`hybvit train` run")
+        if not (run_dir / "checkpoints" / "last.pt").exists():
+            raise HybvitError(f"cannot resume: the run in '{run_dir}' stopped before its first checkpoint; start it "
+                              f"again with the same flags and --out {run_dir}")
+        saved = Config.from_dict(ckpt.read_json(cfg_path, "run config"))
         cfg = Config.from_dict(saved.to_dict())
         if args.preset and args.preset != saved.preset:
             raise HybvitError(f"--preset {args.preset} differs from the resumed run's preset '{saved.preset}'; "
@@ -42,8 +49,9 @@ def resolve_train_config(args):
         cfg.data.spec = args.data
     for assignment in args.set:
         cfg.set(assignment)
+    for section in Config.SECTIONS:             # every value in range before any data is read or probe is run
+        check_ranges(section, getattr(cfg, section))
     cfg.train.validate()
-    cfg.diffusion.validate()
 
     data = load_data(cfg.data.spec, cfg.data.image_size)
     if args.resume:
@@ -57,6 +65,7 @@ def resolve_train_config(args):
             raise HybvitError(f"--resume with mode {cfg.train.mode} but the run was trained as {saved.train.mode}; "
                               f"start a new run to change the mode")
         check_data_fits(cfg, data)
+        check_fits_memory(cfg)
         return cfg, data, run_dir, True
 
     notes = adapt_model_to_data(cfg, data, preset_named=bool(args.preset), explicit=explicit_sets)
@@ -68,10 +77,16 @@ def resolve_train_config(args):
         print(f"adapted to the data: {note}")
     cfg.validate()
     check_data_fits(cfg, data)
+    check_fits_memory(cfg)
+    if cfg.train.amp == "auto":                   # decided once and recorded: --resume keeps the run's precision
+        cfg.train.amp = "bf16" if use_bf16("auto", resolve_device(cfg.train.device)) else "fp32"
+        cfg.notes.append(f"amp auto -> {cfg.train.amp} on this machine (recorded so a resume keeps it)")
     out = Path(args.out) if args.out else Path("runs") / f"{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
-    if (out / "config.json").exists() or (out / "checkpoints").exists():
+    if (out / "checkpoints" / "last.pt").exists():
         raise HybvitError(f"run directory '{out}' already holds a run; continue it with --resume {out} "
                           f"or choose another --out")
+    if out.exists() and not out.is_dir():
+        raise HybvitError(f"--out '{out}' is a file; give a directory for the run")
     return cfg, data, out, False
 
 
@@ -124,6 +139,27 @@ def adapt_model_to_data(cfg, data, preset_named: bool, explicit: set[str]) -> li
                          f"of the image), label smoothing {cfg.train.label_smoothing:g}, no flips (unknown data may "
                          f"not be mirror-symmetric; add --set data.hflip=true if it is)")
     return notes
+
+
+def training_bytes(model_cfg) -> tuple[int, int]:
+    """(parameters, bytes to train them): weights, gradients, two Adam moments and the EMA, 4 bytes each; counted on
+    the meta device, so nothing is allocated."""
+    with torch.device("meta"):
+        params = ViT(model_cfg).num_params()
+    return params, 5 * 4 * params
+
+
+def check_fits_memory(cfg) -> None:
+    """Refuse a model whose training state alone exceeds this machine's memory (or the GPU's), before building it."""
+    params, need = training_bytes(cfg.model)
+    device = resolve_device(cfg.train.device)
+    if device.type == "cuda":
+        have, where = torch.cuda.get_device_properties(device).total_memory, "the GPU's memory"
+    else:
+        have, where = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine's memory"
+    if need > have:
+        raise HybvitError(f"the model has {params:,} parameters: {need / 2 ** 30:.1f} GiB to train, more than "
+                          f"{where} ({have / 2 ** 30:.1f} GiB); lower model.dim or model.depth")
 
 
 def check_data_fits(cfg, data) -> None:

@@ -6,7 +6,6 @@
 """
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -248,6 +247,20 @@ class Run:
                             order=order, spacing=spacing, eps_scale=eps_scale, cfg_scale=cfg_scale)
 
 
+def check_weights_fit(cfg: Config, weights: dict[str, torch.Tensor], path: str | Path) -> None:
+    """The weights must have exactly the names and shapes of the model cfg describes, compared on the meta device
+    (no memory), so a config that claims a huge model is refused before anything is allocated."""
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in ViT(cfg.model).state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in weights.items()}
+    if got != expected:
+        diff = sorted(set(got) ^ set(expected)) or [k for k in expected if got[k] != expected[k]]
+        k = diff[0]
+        raise HybvitError(f"weights in '{path}' do not fit the model of its config ({len(diff)} tensor(s) differ, "
+                          f"e.g. {k}: {got.get(k, 'missing')} in the file, {expected.get(k, 'none')} in the model); "
+                          f"the file and its config do not belong together")
+
+
 def load_run_config(run_dir: str | Path) -> Config:
     """The configuration of a run directory (its config.json), without loading any weights."""
     path = Path(run_dir) / "config.json"
@@ -255,7 +268,9 @@ def load_run_config(run_dir: str | Path) -> Config:
         raise HybvitError(f"run directory '{run_dir}' does not exist; give the --out folder of a training run")
     if not path.exists():
         raise HybvitError(f"'{run_dir}' has no config.json; it is not a hybvit run directory")
-    return Config.from_dict(json.loads(path.read_text()))
+    cfg = Config.from_dict(ckpt.read_json(path, "run config"))
+    cfg.validate()
+    return cfg
 
 
 def load_run(run_dir: str | Path | None = None, checkpoint: str | Path | None = None,
@@ -283,12 +298,11 @@ def run_from_weights(weights: dict[str, torch.Tensor], cfg_dict: dict, device: s
                      path: str | Path = "weights", run_dir: str | Path | None = None) -> Run:
     """A Run from EMA weights and the config dict stored with them (what `load_run` reads from a file)."""
     cfg = Config.from_dict(cfg_dict)
+    cfg.validate()
     dev = resolve_device(device)
+    check_weights_fit(cfg, weights, path)                      # before the model is built at the config's size
     model = ViT(cfg.model)
-    try:
-        model.load_state_dict(weights)
-    except RuntimeError as e:
-        raise HybvitError(f"weights in '{path}' do not fit the model of its config ({str(e).splitlines()[0]})")
+    model.load_state_dict(weights)
     model.to(dev).eval().requires_grad_(False)
     return Run(model, cfg, GaussianDiffusion.from_config(cfg.diffusion), dev, Path(run_dir) if run_dir else None)
 

@@ -38,6 +38,7 @@ from .model import ViT
 from .objective import Objective, batch_inputs, shard
 from .optim import EMA, build_optimizer, lr_at
 from .precision import autocast, resolve_device, use_bf16
+from .sample import check_weights_fit
 
 
 # ----------------------------------------------------------------------------- the budget in steps
@@ -152,8 +153,10 @@ def _load(tr: Trainer, last_pt: Path) -> None:
     shared = distributed.broadcast(ctx, None if not ctx.main else
                                    {k: state[k] for k in ("model", "optimizer", "rng", "step") if k in state}
                                    | {k: state.get(k, 0) for k in ("wall_seconds", "images_seen")})
+    check_weights_fit(tr.cfg, ckpt.plain_state_dict(shared["model"]), last_pt)
     tr.model.load_state_dict(ckpt.plain_state_dict(shared["model"]))
     if tr.ema is not None:
+        check_weights_fit(tr.cfg, ckpt.plain_state_dict(state["ema"]), last_pt)
         tr.ema.model.load_state_dict(ckpt.plain_state_dict(state["ema"]))
     try:
         tr.optimizer.load_state_dict(shared["optimizer"])
@@ -316,8 +319,9 @@ def save_checkpoint(tr: Trainer, out_dir: Path, step: int, images_seen: int, wal
     """last.pt (the full training state) and ema.safetensors, written atomically by rank 0; the other ranks
     wait. Non-finite weights stop the run first, leaving the last good checkpoint as it is."""
     last_pt = out_dir / "checkpoints" / "last.pt"
-    if not bool(torch.stack([torch.isfinite(p).all() for p in tr.model.parameters()]).all()):
-        raise logger.diverged(f"weights became non-finite (nan/inf) by step {step}", last_pt)
+    for name, model in (("weights", tr.model), ("EMA weights", tr.ema.model if tr.ema is not None else None)):
+        if model is not None and not bool(torch.stack([torch.isfinite(p).all() for p in model.parameters()]).all()):
+            raise logger.diverged(f"{name} became non-finite (nan/inf) by step {step}", last_pt)
 
     def write() -> None:
         state = {"config": tr.cfg.to_dict(), "step": step, "total_steps": total_steps, "images_seen": images_seen,
@@ -330,10 +334,13 @@ def save_checkpoint(tr: Trainer, out_dir: Path, step: int, images_seen: int, wal
 
 
 class _StopFlag:
-    """Ctrl-C / SIGTERM: finish the current step, write a checkpoint, exit cleanly (resume with --resume)."""
+    """SIGTERM and a first Ctrl-C: finish the current step, write a checkpoint, stop (resume with --resume).
+    SIGTERM is always graceful, however many arrive (timeout, Slurm and torchrun send one to every process of a
+    group, so a worker can get several); only a second Ctrl-C, from a person, aborts at once."""
 
     def __init__(self) -> None:
         self.stop = False
+        self.signal: int | None = None
         self._old: dict[int, Any] = {}
 
     def __enter__(self) -> "_StopFlag":
@@ -345,13 +352,13 @@ class _StopFlag:
         return self
 
     def _handle(self, signum, frame) -> None:
-        if self.stop:  # a second Ctrl-C aborts at once
-            raise KeyboardInterrupt
-        self.stop = True
+        if self.stop and signum == signal.SIGINT and self.signal == signal.SIGINT:
+            raise KeyboardInterrupt                     # a person's second Ctrl-C
+        self.stop, self.signal = True, self.signal or signum
 
     def __exit__(self, *exc) -> None:
-        for sig, old in self._old.items():
-            signal.signal(sig, old)
+        for sig, old in self._old.items():        # after a stop, later SIGTERMs of the same round are absorbed
+            signal.signal(sig, signal.SIG_IGN if self.stop and sig == signal.SIGTERM else old)
 
 
 # ----------------------------------------------------------------------------- the run
@@ -367,57 +374,66 @@ def train(cfg: Config, data: ImageData, out_dir: Path, resume: bool = False, sto
     ranks, the global batch train.batch_size split between them, and rank 0 alone writing the run (the other ranks
     return {"steps": ..., "rank": ...}).
     """
+    with _StopFlag() as stop:              # from the start: a stop during setup ends after the first step
+        return _run(cfg, data, Path(out_dir), resume, stop_after, progress, stop)
+
+
+def _run(cfg: Config, data: ImageData, out_dir: Path, resume: bool, stop_after: int | None, progress: bool,
+         stop: _StopFlag) -> dict[str, Any]:
     cfg.validate()
-    out_dir, t = Path(out_dir), cfg.train
+    t = cfg.train
     last_pt = out_dir / "checkpoints" / "last.pt"
     tr = setup(cfg, data, last_pt if resume else None)
     ctx = tr.ctx
 
     def open_run():
         out_dir.mkdir(parents=True, exist_ok=True)
+        ckpt.remove_stale_temporaries(out_dir)                # left by a killed write
         ckpt.write_json(out_dir / "config.json", cfg.to_dict())
         return SummaryWriter(str(out_dir / "tb"))
     writer = distributed.all_ok(ctx, open_run, only_main=True)            # None on the other ranks
     budget = Budget(cfg, len(data.x_train), ctx, tr.start_step)
     log = Logger(tr, writer, budget.total, progress)
-    step, images_seen, t0 = tr.start_step, tr.prior_images, time.time()
+    step, images_seen = tr.start_step, tr.prior_images
+    if not resume:                                   # a run can be resumed from the moment its directory exists
+        save_checkpoint(tr, out_dir, step, images_seen, 0.0, budget.steps, log)
+    t0 = time.time()
     tr.model.train()
-    with _StopFlag() as stop:
-        while step < budget.steps:
-            lr = budget.lr(step)
-            log.add(train_step(tr, step, lr))
-            step += 1
-            images_seen += tr.images_per_step
-            elapsed = time.time() - t0
-            if budget.update(step, elapsed):
-                log.set_total(budget.total)
-            # Ctrl-C / SIGTERM (on any rank) and the deadline. With several processes they are agreed over the CPU
-            # control group at each check, so all ranks stop after the same step, whichever got the signal.
-            stop_now, past_deadline = stop.stop, budget.past_deadline()
-            if ctx.distributed:
-                if step % log.check_every == 0:
-                    stop_now, past_deadline = (bool(v) for v in distributed.agree(ctx, [stop_now, past_deadline]))
-                else:
-                    stop_now = past_deadline = False
-            if past_deadline:
-                budget.total = step
-            log.check(step, lr, elapsed, step % t.log_every == 0 or step == budget.steps, last_pt)
-            if log.bar is not None:
-                log.bar.update(1)
-            if t.sample_every and step % t.sample_every == 0 and tr.diff_batches is not None:
-                distributed.all_ok(ctx, lambda s=step: log_samples(writer, tr.ema.model, tr.diffusion, cfg, tr.device,
-                                                                   s, n=min(64, t.num_samples), amp=tr.amp),
-                                   only_main=True)
-            interrupted = stop_now or (stop_after is not None and step >= stop_after)
-            if step % t.ckpt_every == 0 or interrupted:
-                save_checkpoint(tr, out_dir, step, images_seen, tr.prior_wall + time.time() - t0, budget.steps, log)
-            if interrupted:
-                log.close()
-                if ctx.main:
-                    print(f"stopped at step {step}; checkpoint written to {last_pt}; continue with "
-                          f"`hybvit train --resume {out_dir}`" + (" (any number of processes)" if ctx.distributed
-                                                                   else ""))
-                return {"steps": step, "interrupted": True}
+    while step < budget.steps:
+        lr = budget.lr(step)
+        log.add(train_step(tr, step, lr))
+        step += 1
+        images_seen += tr.images_per_step
+        elapsed = time.time() - t0
+        if budget.update(step, elapsed):
+            log.set_total(budget.total)
+        # Ctrl-C / SIGTERM (on any rank) and the deadline. With several processes they are agreed over the CPU
+        # control group at each check, so all ranks stop after the same step, whichever got the signal.
+        stop_now, past_deadline = stop.stop, budget.past_deadline()
+        if ctx.distributed:
+            if step % log.check_every == 0:
+                stop_now, past_deadline = (bool(v) for v in distributed.agree(ctx, [stop_now, past_deadline]))
+            else:
+                stop_now = past_deadline = False
+        if past_deadline:
+            budget.total = step
+        log.check(step, lr, elapsed, step % t.log_every == 0 or step == budget.steps, last_pt)
+        if log.bar is not None:
+            log.bar.update(1)
+        if t.sample_every and step % t.sample_every == 0 and tr.diff_batches is not None:
+            distributed.all_ok(ctx, lambda s=step: log_samples(writer, tr.ema.model, tr.diffusion, cfg, tr.device,
+                                                               s, n=min(64, t.num_samples), amp=tr.amp),
+                               only_main=True)
+        interrupted = stop_now or (stop_after is not None and step >= stop_after)
+        if step % t.ckpt_every == 0 or interrupted:
+            save_checkpoint(tr, out_dir, step, images_seen, tr.prior_wall + time.time() - t0, budget.steps, log)
+        if interrupted:
+            log.close()
+            if ctx.main:
+                print(f"stopped at step {step}; checkpoint written to {last_pt}; continue with "
+                      f"`hybvit train --resume {out_dir}`" + (" (any number of processes)" if ctx.distributed
+                                                               else ""))
+            return {"steps": step, "interrupted": True}
     if log.bar is not None:
         log.bar.close()
     train_seconds = time.time() - t0

@@ -23,7 +23,7 @@ from ..datasets import load_data
 from ..errors import HybvitError
 from ..likelihood import bits_per_dim
 from ..model import ViT
-from ..sample import eps_function, load_run
+from ..sample import check_weights_fit, eps_function, load_run
 from .accuracy import evaluate_accuracy
 from .bpd import evaluate_bpd
 from .calibration import evaluate_ece
@@ -144,8 +144,10 @@ def _metric(name: str, run, run_dir: Path, data, opts: EvalOptions, work: Path |
         raw = None
         last = run_dir / "checkpoints" / "last.pt"
         if last.exists():
+            weights = load_training_state(last)["model"]
+            check_weights_fit(cfg, weights, last)
             raw = ViT(cfg.model)
-            raw.load_state_dict(load_training_state(last)["model"])
+            raw.load_state_dict(weights)
             raw.to(run.device).eval()
         return evaluate_accuracy(run, data, raw, opts.batch_size)
     if name in ("fid", "is", "small-fd"):

@@ -1,0 +1,101 @@
+"""Bad values for every config key and every numeric command-line flag: one line `hybvit: error: ...` that names
+the key or flag, exit status 2, nothing written. Generated from config.RULES and the dataclasses, so a new key
+gets these checks without a new test."""
+import dataclasses
+
+import pytest
+
+from hybvit.cli import main
+from hybvit.config import RULES, Config
+
+
+def bad_values(key: str, kind: str) -> list[str]:
+    rule = RULES.get(key)
+    if rule is None:
+        return {"bool": ["maybe", "2"], "str": []}[kind]
+    values = ["abc"] if rule[0] not in ("choice", "device") else ["bogus-value"]
+    if rule[0] == "int":
+        values += ["nan", "inf", "1e400", "1.5"] + ([str(rule[1] - 1)] if rule[1] is not None else []) \
+                  + ([str(rule[2] + 1)] if rule[2] is not None else [])
+    if rule[0] == "float":
+        values += ["nan", "inf", "-inf", str(rule[1] - 1 if rule[1] == 0 else rule[1] / 2)] \
+                  + ([str(rule[2] * 2)] if rule[2] is not None else [])
+    if rule[0] == "prob":
+        values += ["nan", "-0.1", "1.5"] + ([] if rule[1] else ["1"])
+    if rule[0] == "device":
+        values += ["cuda:x", "gpu"]
+    return values
+
+
+CASES = [(f"{section}.{f.name}", v) for section in Config.SECTIONS
+         for f in dataclasses.fields(getattr(Config(), section)) for v in bad_values(f"{section}.{f.name}", f.type)]
+
+
+def test_every_key_has_a_rule_or_is_free_text_or_a_switch():
+    for section in Config.SECTIONS:
+        for f in dataclasses.fields(getattr(Config(), section)):
+            assert f"{section}.{f.name}" in RULES or f.type in ("bool", "str"), f"{section}.{f.name} has no rule"
+    assert len(CASES) > 250
+
+
+def one_line_error(capsys, argv, names: tuple[str, ...]) -> str:
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and err.startswith("hybvit: error: "), err
+    assert any(n in err for n in names), err
+    return err
+
+
+@pytest.mark.parametrize("key,value", CASES, ids=[f"{k}={v}" for k, v in CASES])
+def test_bad_config_value(key, value, tmp_path, capsys):
+    out = tmp_path / "run"
+    one_line_error(capsys, ["train", "--set", f"{key}={value}", "--out", str(out)], (key, key.split(".")[1]))
+    assert not out.exists()
+
+
+TRAIN_FLAGS = [("--epochs", "nan"), ("--epochs", "inf"), ("--epochs", "-1"), ("--minutes", "nan"),
+               ("--minutes", "-5"), ("--steps", "-3"), ("--seed", "-1"), ("--steps", "x")]
+SAMPLE_FLAGS = [("--num", "0"), ("--batch-size", "0"), ("--batch-size", "-1"), ("--steps", "0"), ("--eta", "-1"),
+                ("--eta", "nan"), ("--eps-scale", "0"), ("--eps-scale", "nan"), ("--cfg-scale", "-1"),
+                ("--cfg-scale", "inf"), ("--seed", "-2"), ("--device", "bogus"), ("--order", "5"),
+                ("--sampler", "euler"), ("--guidance-scale", "-1"), ("--num", "many")]
+EVALUATE_FLAGS = [("--num-samples", "0"), ("--batch-size", "0"), ("--steps", "0"), ("--eta", "-0.5"),
+                  ("--bpd-images", "0"), ("--bpd-timesteps", "-1"), ("--ood-images", "0"), ("--pgd-images", "0"),
+                  ("--pgd-steps", "0"), ("--pgd-step-factor", "0"), ("--speed-samples", "0"), ("--seed", "-1"),
+                  ("--device", "tpu"), ("--ece-bins", "x"), ("--pgd-norms", "l3"), ("--pgd-eps-linf", "-1"),
+                  ("--eps-scale", "inf"), ("--metrics", "magic")]
+
+
+@pytest.mark.parametrize("flag,value", TRAIN_FLAGS)
+def test_bad_train_flag(flag, value, tmp_path, capsys):
+    out = tmp_path / "run"
+    one_line_error(capsys, ["train", flag, value, "--out", str(out)], (flag, flag[2:], "budget"))
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("flag,value", SAMPLE_FLAGS)
+def test_bad_sample_flag(flag, value, tmp_path, capsys):
+    out = tmp_path / "s.npz"
+    argv = ["sample", "--run", str(tmp_path / "no-run"), "--num", "4", "--out", str(out), flag, value]
+    if flag == "--guidance-scale":
+        argv += ["--class", "1"]
+    one_line_error(capsys, argv, (flag,))
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("flag,value", EVALUATE_FLAGS)
+def test_bad_evaluate_flag(flag, value, tmp_path, capsys):
+    out = tmp_path / "r.json"
+    argv = ["evaluate", "--run", str(tmp_path / "no-run"), "--metrics", "accuracy", "--out", str(out), flag, value]
+    one_line_error(capsys, argv, (flag, "metric"))
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("target", ["folder", "missing-folder", "under-a-file"])
+def test_an_output_that_cannot_be_written_is_refused_first(target, tmp_path, capsys):
+    (tmp_path / "x.npz").mkdir()
+    (tmp_path / "file.txt").write_text("")
+    where = {"folder": tmp_path / "x.npz", "missing-folder": tmp_path / "nope" / "s.npz",
+             "under-a-file": tmp_path / "file.txt" / "s.npz"}[target]
+    argv = ["sample", "--run", str(tmp_path / "no-run"), "--num", "4", "--out", str(where)]
+    one_line_error(capsys, argv, ("--out", "folder"))
