@@ -2,8 +2,9 @@
 
 For each dataset, at one wall-clock budget per training run, on this machine, one process at a time:
   * a small CNN trained for the same wall time: the accuracy to beat, and the feature space of the sample metric;
-  * hybvit rows: `baseline` (the adaptation before the own-data default: the digits preset, patch chosen to keep
-    its 16 tokens) and `default` (what `hybvit train --data npz:PATH` chooses now), each in a fresh process;
+  * hybvit rows, each in a fresh process: `no-preset` (what `hybvit train --data npz:PATH` does: the digits preset
+    adapted to the data, its patch chosen to keep 16 tokens) and `own-data` (`--preset own-data`: the -plus
+    architecture with a patch for a grid of about 8x8 tokens and the crop / label smoothing recipe);
   * for each hybvit row: test accuracy, and 1000 DDIM-50 samples of the EMA weights scored by a Frechet distance
     in the CNN's penultimate features against the test set (with real-vs-real and noise-vs-real on the same scale)
     and by the CNN's class shares (the largest share, against 1/K for balanced samples).
@@ -38,7 +39,6 @@ from hybvit.augment import crop_flip
 from hybvit.data import to_float, to_uint8
 from hybvit.datasets import load_data
 from hybvit.evaluate.frechet import frechet_distance
-from hybvit.resolve import own_data_patch
 from hybvit.sample import load_run, make_grid, save_png
 
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -147,29 +147,21 @@ def features(cnn: SmallCNN, x_uint8: torch.Tensor) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- hybvit rows
 
-def baseline_patch(size: int, preset_tokens: int = 16) -> int:
-    """The patch the adaptation chose before the own-data default: tokens nearest the digits preset's 16."""
-    divisors = [d for d in range(1, size + 1) if size % d == 0]
-    return min(divisors, key=lambda d: (abs((size // d) ** 2 - preset_tokens), -d))
+def row_args(row: str) -> list[str]:
+    """The flags of a row beyond --data, --minutes and --out."""
+    return {"no-preset": [], "own-data": ["--preset", "own-data"]}[row]
 
 
-def row_args(row: str, data) -> list[str]:
-    if row == "baseline":
-        return ["--preset", "digits-hybvit", "--set", f"model.patch_size={baseline_patch(data.image_size)}",
-                "--set", "fd_samples=0"]
-    return []                                                      # the default: what a user gets
-
-
-def train_row(npz: Path, row: str, data, minutes: float, out: Path, smoke: bool) -> dict:
+def train_row(npz: Path, row: str, minutes: float, out: Path, smoke: bool) -> dict:
     cmd = [sys.executable, "-m", "hybvit", "train", "--data", f"npz:{npz}", "--minutes", str(minutes), "--out",
-           str(out), "--quiet", *row_args(row, data)]
+           str(out), "--quiet", *row_args(row)]
     if smoke:
-        cmd += ["--set", "model.dim=32", "--set", "model.depth=2", "--set", "model.heads=2"]
+        cmd += ["--set", "model.dim=32", "--set", "model.depth=2", "--set", "model.heads=2", "--set", "fd_samples=0"]
     t0 = time.time()
     subprocess.run(cmd, check=True)
     metrics = json.loads((out / "metrics.json").read_text())
     config = json.loads((out / "config.json").read_text())
-    return {"command": "hybvit train --data npz:PATH --minutes %g %s" % (minutes, " ".join(row_args(row, data))),
+    return {"command": " ".join(["hybvit train --data npz:PATH --minutes", f"{minutes:g}", *row_args(row)]),
             "test_accuracy": round(metrics["test_accuracy"], 4), "steps": metrics["steps"],
             "params": metrics["params"], "patch": config["model"]["patch_size"], "dim": config["model"]["dim"],
             "wall_seconds": round(time.time() - t0, 1)}
@@ -202,7 +194,7 @@ def main() -> None:
     ap.add_argument("--cifar", type=Path, help="cifar10-jpg.tar.gz (train/ and test/ class folders of JPEGs)")
     ap.add_argument("--minutes", type=float, default=10.0, help="wall-clock budget of each training run")
     ap.add_argument("--datasets", default="digits28,cifar-gray28,cifar32,few-gray28")
-    ap.add_argument("--rows", default="baseline,default")
+    ap.add_argument("--rows", default="no-preset,own-data")
     ap.add_argument("--samples", type=int, default=1000)
     ap.add_argument("--smoke", action="store_true", help="tiny models, budgets and subsets: checks every path")
     ap.add_argument("--out", type=Path, required=True, help="OUT: writes OUT.json, OUT.md, OUT-<set>-<row>.png")
@@ -234,7 +226,7 @@ def main() -> None:
                      "rows": {}}
             for row in args.rows.split(","):
                 run_dir = work / f"{name}-{row}"
-                r = train_row(panel[name], row, data, minutes, run_dir, args.smoke)
+                r = train_row(panel[name], row, minutes, run_dir, args.smoke)
                 r.update(score_samples(run_dir, cnn, data, test_feats, n_samples,
                                        Path(f"{args.out}-{name}-{row}.png"), steps))
                 entry["rows"][row] = r

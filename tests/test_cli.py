@@ -207,18 +207,11 @@ def test_adapts_model_to_other_data(tmp_path, capsys):
     np.savez(p, x_train=rng.integers(0, 256, (40, 16, 16, 3), dtype=np.uint8), y_train=np.arange(40) % 3,
              x_test=rng.integers(0, 256, (9, 16, 16, 3), dtype=np.uint8), y_test=np.arange(9) % 3)
     rc, out, _ = run_cli(capsys, "train", "--data", f"npz:{p}", "--steps", 2, "--out", tmp_path / "r", *TINY)
-    assert rc == 0                                     # your data, no preset: the own-data default, patch 2 at 16
-    assert "patch size 2: a 8x8 grid" in out and "classes 10 -> 3" in out and "image size 32 -> 16" in out
+    assert rc == 0                                     # no preset: the digits preset keeps its 16 tokens
+    assert "patch size 2 -> 4" in out and "classes 10 -> 3" in out and "channels 1 -> 3" in out
+    assert "expect: on cifar32" in out                 # the panel's measurement nearest this data
     cfg = json.loads((tmp_path / "r" / "config.json").read_text())["model"]
-    assert (cfg["image_size"], cfg["channels"], cfg["patch_size"], cfg["num_classes"]) == (16, 3, 2, 3)
-    # another preset on other data, none named (e.g. --data cifar10): the preset's number of tokens is kept
-    from hybvit.config import preset_config
-    from hybvit.datasets import load_data
-    from hybvit.resolve import adapt_model_to_data
-    cfg = preset_config("digits-hybvit")
-    notes = adapt_model_to_data(cfg, load_data(f"npz:{p}"), preset_named=False, explicit=set())
-    assert notes == ["channels 1 -> 3", "classes 10 -> 3", "image size 8 -> 16",
-                     "patch size 2 -> 4 (16 tokens, the preset had 16)"]
+    assert (cfg["image_size"], cfg["channels"], cfg["patch_size"], cfg["num_classes"]) == (16, 3, 4, 3)
 
 
 # ------------------------------------------------------------------ bad input: one line, exit != 0, nothing written

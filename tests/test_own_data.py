@@ -1,5 +1,6 @@
-"""The own-data default: `hybvit train --data npz:PATH` with no preset chooses the model and recipe from the data,
-records every choice in config.json, and keeps what the user set; and the panel benchmark runs end to end."""
+"""Your own data: `--preset own-data` takes the model and recipe from the data, records every choice in config.json
+and keeps what the user set; `hybvit train --data npz:PATH` with no preset adapts the digits preset and prints
+what the panel measured for it; and the panel benchmark runs end to end."""
 import json
 import subprocess
 import sys
@@ -29,10 +30,10 @@ def test_patch_sizes_give_a_grid_near_eight_tokens_a_side():
 
 
 @pytest.mark.parametrize("size,channels", [(28, 1), (32, 3)])
-def test_own_data_default_is_chosen_from_the_data_and_recorded(tmp_path, size, channels, capsys):
+def test_own_data_preset_is_sized_from_the_data_and_recorded(tmp_path, size, channels, capsys):
     data = npz(tmp_path / "mine.npz", size, channels)
     tiny = ["--set", "model.dim=32", "--set", "model.depth=2", "--set", "model.heads=2", "--set", "num_samples=0",
-            "--set", "fd_samples=0"]
+            "--set", "fd_samples=0", "--preset", "own-data"]
     assert main(["train", "--data", f"npz:{data}", "--steps", "1", "--out", str(tmp_path / "r"), "--quiet", *tiny]) == 0
     cfg = json.loads((tmp_path / "r" / "config.json").read_text())
     m = cfg["model"]
@@ -41,17 +42,20 @@ def test_own_data_default_is_chosen_from_the_data_and_recorded(tmp_path, size, c
     assert cfg["data"]["crop_padding"] == 4 and not cfg["data"]["hflip"] and cfg["train"]["label_smoothing"] == 0.1
     assert m["dim"] == 32                                      # --set wins over the default
     notes = " | ".join(cfg["notes"])
-    assert "own-data default" in notes and "patch size 4" in notes and "4-pixel padding" in notes
-    assert "adapted to the data: patch size 4" in capsys.readouterr().out
-    # what the user sets is kept; a named preset keeps its own behaviour
+    assert "patch size 4" in notes and "4-pixel padding" in notes
+    out = capsys.readouterr().out
+    assert "adapted to the data: patch size 4" in out and "expect: on " in out and "own-data" in out
+    # what the user sets is kept; with no preset the digits preset is adapted (its 16 tokens kept)
     assert main(["train", "--data", f"npz:{data}", "--steps", "1", "--out", str(tmp_path / "p"), "--quiet", *tiny,
                  "--set", "model.patch_size=2", "--set", "crop_padding=1"]) == 0
     cfg = json.loads((tmp_path / "p" / "config.json").read_text())
     assert cfg["model"]["patch_size"] == 2 and cfg["data"]["crop_padding"] == 1
-    assert main(["train", "--preset", "digits-hybvit", "--data", f"npz:{data}", "--steps", "1", "--out",
-                 str(tmp_path / "d"), "--quiet", *tiny]) == 0
+    assert main(["train", "--data", f"npz:{data}", "--steps", "1", "--out", str(tmp_path / "d"), "--quiet",
+                 *tiny[:-2]]) == 0
     cfg = json.loads((tmp_path / "d" / "config.json").read_text())
-    assert cfg["preset"] == "digits-hybvit" and cfg["model"]["patch_size"] == 2 and cfg["model"]["time_cond"] == "token-scalar"
+    tokens = (size // cfg["model"]["patch_size"]) ** 2
+    assert cfg["preset"] == "digits-hybvit" and tokens == 16 and cfg["model"]["time_cond"] == "token-scalar"
+    assert "expect: on " in capsys.readouterr().out
 
 
 def test_the_default_run_keeps_the_digits_preset():
@@ -69,9 +73,9 @@ def test_own_data_panel_smoke(tmp_path):
                    check=True, capture_output=True)
     result = json.loads(Path(f"{out}.json").read_text())
     entry = result["datasets"]["digits28"]
-    assert entry["rows"]["baseline"]["patch"] == 7 and entry["rows"]["default"]["patch"] == 4
+    assert entry["rows"]["no-preset"]["patch"] == 7 and entry["rows"]["own-data"]["patch"] == 4
     assert entry["scale"]["real_vs_real_fd"] < entry["scale"]["noise_vs_real_fd"]
     for row in entry["rows"].values():
         assert np.isfinite(row["feature_fd"]) and sum(row["class_shares"]) == pytest.approx(1, abs=0.01)
         assert max(row["class_shares"]) == row["largest_class_share"]
-    assert Path(f"{out}-digits28-default.png").exists() and "| digits28 |" in Path(f"{out}.md").read_text()
+    assert Path(f"{out}-digits28-own-data.png").exists() and "| digits28 |" in Path(f"{out}.md").read_text()

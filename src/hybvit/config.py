@@ -339,7 +339,7 @@ _ALL_PRESETS = _load_presets()               # bases (names from "_") and overla
 PRESETS = {k: v for k, v in _ALL_PRESETS.items() if k[0] not in "_+"}          # what users name and list
 OVERLAYS = {k[1:]: v for k, v in _ALL_PRESETS.items() if k.startswith("+")}    # NAME+OVERLAY
 DEFAULT_PRESET = "digits-hybvit"
-OWN_DATA_PRESET = "own-data"          # the default for --data npz:PATH / folder:PATH when no preset is named
+OWN_DATA_PRESET = "own-data"          # the -plus architecture sized from your data (patch, crop); named with --preset
 
 
 def _resolve(name: str, seen: tuple[str, ...] = ()) -> dict[str, Any]:

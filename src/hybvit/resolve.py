@@ -10,7 +10,7 @@ import torch
 
 from . import checkpoint as ckpt
 from . import distributed
-from .config import DEFAULT_PRESET, OWN_DATA_PRESET, Config, check_ranges, preset_config
+from .config import DEFAULT_PRESET, OWN_DATA_PRESET, PRESETS, Config, check_ranges, preset_config
 from .datasets import load_data
 from .errors import HybvitError
 from .model import ViT
@@ -36,7 +36,7 @@ def resolve_train_config(args):
             raise HybvitError(f"--preset {args.preset} differs from the resumed run's preset '{saved.preset}'; "
                               f"drop --preset when resuming")
     else:
-        cfg = preset_config(args.preset or (OWN_DATA_PRESET if is_own_data(args.data) else DEFAULT_PRESET))
+        cfg = preset_config(args.preset or DEFAULT_PRESET)
     if args.mode:
         if args.mode not in ("vit", "genvit", "hybvit"):
             raise HybvitError(f"unknown mode '{args.mode}'; use vit, genvit or hybvit")
@@ -69,12 +69,11 @@ def resolve_train_config(args):
         return cfg, data, run_dir, True
 
     notes = adapt_model_to_data(cfg, data, preset_named=bool(args.preset), explicit=explicit_sets)
-    if cfg.preset == OWN_DATA_PRESET and not args.preset:
-        notes.insert(0, f"no preset named for your data: the own-data default ({cfg.model.dim} wide, "
-                        f"{cfg.model.depth} blocks, the -plus architecture; `hybvit presets own-data` lists it)")
     cfg.notes = notes
     for note in notes:
         print(f"adapted to the data: {note}")
+    if is_own_data(cfg.data.spec):
+        print(expectation(cfg.preset, data))
     cfg.validate()
     check_data_fits(cfg, data)
     check_fits_memory(cfg)
@@ -160,6 +159,21 @@ def check_fits_memory(cfg) -> None:
     if need > have:
         raise HybvitError(f"the model has {params:,} parameters: {need / 2 ** 30:.1f} GiB to train, more than "
                           f"{where} ({have / 2 ** 30:.1f} GiB); lower model.dim or model.depth")
+
+
+def expectation(preset: str, data) -> str:
+    """What `preset` gave on the panel dataset most like `data` (same channels, nearest image size, then nearest
+    training-set size), as benchmarks/own_data.py measured it; stored with the preset in presets.json ("expect")."""
+    rows = [r for r in PRESETS.get(preset.split("+")[0], {}).get("expect", []) if r["channels"] == data.channels]
+    if not rows:
+        return (f"expect: {preset} has no measurement on data like yours ({data.image_size}x{data.image_size}x"
+                f"{data.channels}); see docs/results/own-data.md")
+    r = min(rows, key=lambda r: (abs(r["size"] - data.image_size), abs(r["train_images"] - len(data.x_train))))
+    return (f"expect: on {r['dataset']} ({r['train_images']:,} training images, {r['size']}x{r['size']}x"
+            f"{r['channels']}) {r['minutes']:g} minutes of {preset} on {r['machine']} gave test accuracy "
+            f"{r['accuracy']:.3f} (a small CNN in the same time: {r['cnn_accuracy']:.3f}); its samples sat "
+            f"{r['fd_ratio']:.2f} of the way from real images (0) to noise (1) in a classifier's features, and the "
+            f"most common class made {r['largest_class_share']:.0%} of them (docs/results/own-data.md)")
 
 
 def check_data_fits(cfg, data) -> None:
