@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tarfile
@@ -39,6 +38,7 @@ from hybvit.augment import crop_flip
 from hybvit.data import to_float, to_uint8
 from hybvit.datasets import load_data
 from hybvit.evaluate.frechet import frechet_distance
+from hybvit.precision import cpu_model
 from hybvit.sample import load_run, make_grid, save_png
 
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -178,16 +178,6 @@ def score_samples(run_dir: Path, cnn: SmallCNN, data, test_feats: np.ndarray, n:
 
 
 # ----------------------------------------------------------------------------- the panel
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])

@@ -25,7 +25,7 @@ MODES = ("vit", "genvit", "hybvit")
 # must be finite), ("prob", closed_at_1) a probability, ("choice", values) a name, ("device",) a device; bools and
 # free strings (data.spec, checked when the data loads) need no rule. Sizes that allocate memory have upper bounds
 # far above any real use, so a typo cannot ask for terabytes; the model's total size is checked again, against
-# this machine's memory, before it is built (model.check_fits_memory).
+# this machine's memory, before it is built (resolve.check_fits_memory).
 # Options measured and not adopted, removed after commit 5a68881, with the value that meant "off": a config that
 # holds them at that value (a run written before) loads; another value is refused with a one-line error.
 REMOVED = {"model.final_norm": False, "model.conv_out": False, "model.self_cond": False, "train.self_cond_prob": 0.5,

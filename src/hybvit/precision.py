@@ -64,7 +64,7 @@ def cpu_prefers_bf16() -> bool:
     """bf16_pays for this CPU, measured once per machine and cached in $HYBVIT_CACHE/precision.json (keyed by the
     CPU model, thread count and torch version). The probe is bounded: a 256^3 bf16 product that takes over 8x the
     fp32 one (bf16 emulated, as on CPUs without native support) decides "no" before the 1024^3 measurement."""
-    key = f"{_cpu_model()} | {torch.get_num_threads()} threads | torch {torch.__version__}"
+    key = f"{cpu_model()} | {torch.get_num_threads()} threads | torch {torch.__version__}"
     path = Path(os.environ.get("HYBVIT_CACHE", Path.home() / ".cache" / "hybvit")) / "precision.json"
     try:
         cache = json.loads(path.read_text())
@@ -90,7 +90,8 @@ def cpu_prefers_bf16() -> bool:
     return answer
 
 
-def _cpu_model() -> str:
+def cpu_model() -> str:
+    """The CPU's model name (/proc/cpuinfo on Linux), for caches and reports."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):

@@ -95,7 +95,7 @@ def is_own_data(spec: str | None) -> bool:
 
 
 def own_data_patch(image_size: int) -> int:
-    """The patch size for the own-data default: the divisor of the image size whose grid is nearest 8 x 8 tokens
+    """The patch size of the own-data preset: the divisor of the image size whose grid is nearest 8 x 8 tokens
     (28 -> 4, 32 -> 4, 64 -> 8, 96 -> 12), so each token is a few pixels, not a whole stroke; ties go to the
     smaller patch (more tokens)."""
     divisors = [d for d in range(1, image_size + 1) if image_size % d == 0]
