@@ -149,7 +149,11 @@ def features(cnn: SmallCNN, x_uint8: torch.Tensor) -> np.ndarray:
 
 def row_args(row: str) -> list[str]:
     """The flags of a row beyond --data, --minutes and --out."""
-    return {"no-preset": [], "own-data": ["--preset", "own-data"]}[row]
+    return {"no-preset": [], "own-data": ["--preset", "own-data"],
+            # the classification recipe of own-data (crop, label smoothing) on the no-preset model alone
+            "no-preset-recipe": ["--set", "data.crop_padding=4", "--set", "train.label_smoothing=0.1"],
+            # own-data at about the no-preset model's cost per step (D 96, depth 3)
+            "own-data-small": ["--preset", "own-data", "--set", "model.dim=96", "--set", "model.depth=3"]}[row]
 
 
 def train_row(npz: Path, row: str, minutes: float, out: Path, smoke: bool) -> dict:

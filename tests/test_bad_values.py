@@ -14,6 +14,8 @@ def bad_values(key: str, kind: str) -> list[str]:
     if rule is None:
         return {"bool": ["maybe", "2"], "str": []}[kind]
     values = ["abc"] if rule[0] not in ("choice", "device") else ["bogus-value"]
+    if rule[0] == "every":
+        values += ["-3", "5x", "1.5ep", "ep"]
     if rule[0] == "int":
         values += ["nan", "inf", "1e400", "1.5"] + ([str(rule[1] - 1)] if rule[1] is not None else []) \
                   + ([str(rule[2] + 1)] if rule[2] is not None else [])
@@ -54,7 +56,8 @@ def test_bad_config_value(key, value, tmp_path, capsys):
 
 
 TRAIN_FLAGS = [("--epochs", "nan"), ("--epochs", "inf"), ("--epochs", "-1"), ("--minutes", "nan"),
-               ("--minutes", "-5"), ("--steps", "-3"), ("--seed", "-1"), ("--steps", "x")]
+               ("--minutes", "-5"), ("--steps", "-3"), ("--seed", "-1"), ("--steps", "x"), ("--stop-after", "0"),
+               ("--stop-after", "-5"), ("--stop-after", "3x"), ("--stop-after", "1.5ep")]
 SAMPLE_FLAGS = [("--num", "0"), ("--batch-size", "0"), ("--batch-size", "-1"), ("--steps", "0"), ("--eta", "-1"),
                 ("--eta", "nan"), ("--eps-scale", "0"), ("--eps-scale", "nan"), ("--cfg-scale", "-1"),
                 ("--cfg-scale", "inf"), ("--seed", "-2"), ("--device", "bogus"), ("--order", "5"),
@@ -63,7 +66,7 @@ EVALUATE_FLAGS = [("--num-samples", "0"), ("--batch-size", "0"), ("--steps", "0"
                   ("--bpd-images", "0"), ("--bpd-timesteps", "-1"), ("--ood-images", "0"), ("--pgd-images", "0"),
                   ("--pgd-steps", "0"), ("--pgd-step-factor", "0"), ("--speed-samples", "0"), ("--seed", "-1"),
                   ("--device", "tpu"), ("--ece-bins", "x"), ("--pgd-norms", "l3"), ("--pgd-eps-linf", "-1"),
-                  ("--eps-scale", "inf"), ("--metrics", "magic")]
+                  ("--eps-scale", "inf"), ("--metrics", "magic"), ("--samples", "missing.npz")]
 
 
 @pytest.mark.parametrize("flag,value", TRAIN_FLAGS)
@@ -99,3 +102,31 @@ def test_an_output_that_cannot_be_written_is_refused_first(target, tmp_path, cap
              "under-a-file": tmp_path / "file.txt" / "s.npz"}[target]
     argv = ["sample", "--run", str(tmp_path / "no-run"), "--num", "4", "--out", str(where)]
     one_line_error(capsys, argv, ("--out", "folder"))
+
+
+def test_bad_input_to_the_newer_options(tmp_path, capsys):
+    """--samples files, PNG folders, model folders and train.inception_weights: one line, exit 2, nothing written."""
+    import numpy as np
+    np.savez(tmp_path / "float.npz", arr_0=np.zeros((3, 8, 8, 1), np.float32))
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "a.png").write_bytes(b"")
+    (tmp_path / "text.txt").write_text("x")
+    cases = [
+        (["evaluate", "--samples", str(tmp_path / "float.npz"), "--data", "digits", "--metrics", "small-fd", "--out",
+          str(tmp_path / "o1.json")], ("uint8",), tmp_path / "o1.json"),
+        (["evaluate", "--samples", str(tmp_path / "text.txt"), "--data", "digits", "--metrics", "small-fd", "--out",
+          str(tmp_path / "o2.json")], ("FILE.npz",), tmp_path / "o2.json"),
+        (["evaluate", "--samples", str(tmp_path / "empty"), "--data", "digits", "--metrics", "small-fd", "--out",
+          str(tmp_path / "o3.json")], ("--samples",), tmp_path / "o3.json"),
+        (["sample", "--run", str(tmp_path / "no-run"), "--num", "2", "--out", f"{tmp_path / 'full'}/"],
+         ("not empty",), None),
+        (["export", "--run", str(tmp_path / "no-run"), "--out", str(tmp_path / "model")], ("no-run",),
+         tmp_path / "model"),
+        (["train", "--set", f"train.inception_weights={tmp_path / 'none.pth'}", "--out", str(tmp_path / "run")],
+         ("train.inception_weights",), tmp_path / "run"),
+    ]
+    for argv, names, out in cases:
+        one_line_error(capsys, argv, names)
+        assert out is None or not out.exists(), argv
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["float.npz", "full", "text.txt"]
+    assert [p.name for p in (tmp_path / "full").iterdir()] == ["a.png"]

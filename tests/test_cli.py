@@ -42,17 +42,17 @@ def test_train_writes_the_run(trained):
 def test_sample_npz_and_png(trained, tmp_path, capsys):
     rc, out, _ = run_cli(capsys, "sample", "--run", trained, "--num", 5, "--out", tmp_path / "s.npz", "--steps", 3)
     assert rc == 0
-    images = np.load(tmp_path / "s.npz")["images"]
+    images = np.load(tmp_path / "s.npz")["arr_0"]
     assert images.shape == (5, 8, 8, 1) and images.dtype == np.uint8
     rc, *_ = run_cli(capsys, "sample", "--checkpoint", trained / "checkpoints" / "ema.safetensors", "--num", 4,
                      "--out", tmp_path / "s.png", "--sampler", "ddim", "--steps", 2, "--eta", 1.0, "--seed", 3)
     assert rc == 0 and Image.open(tmp_path / "s.png").size == (2 * 33 + 1, 2 * 33 + 1)
     # the same seed gives the same samples
     run_cli(capsys, "sample", "--run", trained, "--num", 5, "--out", tmp_path / "t.npz", "--steps", 3)
-    assert np.array_equal(np.load(tmp_path / "t.npz")["images"], images)
+    assert np.array_equal(np.load(tmp_path / "t.npz")["arr_0"], images)
     # epsilon scaling changes them; a scale <= 0 is refused before anything is written
     run_cli(capsys, "sample", "--run", trained, "--num", 5, "--out", tmp_path / "e.npz", "--steps", 3, "--eps-scale", 1.05)
-    assert not np.array_equal(np.load(tmp_path / "e.npz")["images"], images)
+    assert not np.array_equal(np.load(tmp_path / "e.npz")["arr_0"], images)
     rc, _, err = run_cli(capsys, "sample", "--run", trained, "--num", 5, "--out", tmp_path / "z.npz", "--eps-scale", -1)
     assert rc == 2 and "--eps-scale must be > 0" in err and not (tmp_path / "z.npz").exists()
     # classifier-free guidance needs a class-conditional run
@@ -77,7 +77,9 @@ def test_evaluate(trained, tmp_path, capsys):
     assert m["accuracy"]["test_accuracy"] == (run.predict(data.x_test) == data.y_test).double().mean().item()
     assert m["accuracy"]["num_test_images"] == 360 and "test_accuracy_raw" in m["accuracy"]
     assert m["pixel-fd"]["num_samples"] == 30
-    assert m["pixel-fd"]["value"] == pytest.approx(pixel_frechet_distance(run.sample(30, steps=2), data.x_test))
+    from hybvit.data import to_float, to_uint8                # scored as a saved file holds them: uint8
+    assert m["pixel-fd"]["value"] == pytest.approx(pixel_frechet_distance(to_float(to_uint8(run.sample(30, steps=2))),
+                                                                          data.x_test))
     assert m["small-fd"]["num_samples"] == 30 and m["small-fd"]["value"] > 0 and "random CNN" in m["small-fd"]["features"]
     metrics = json.loads((trained / "metrics.json").read_text())
     assert m["accuracy"]["test_accuracy"] == metrics["test_accuracy"]
@@ -99,16 +101,19 @@ def test_evaluate(trained, tmp_path, capsys):
     # --eta: stochastic DDIM draws other samples, and the report says which sampler ran
     run_cli(capsys, "evaluate", "--run", trained, "--metrics", "pixel-fd", "--out", tmp_path / "eta.json",
             "--num-samples", 30, "--steps", 2, "--eta", 1, "--no-html")
-    eta = json.loads((tmp_path / "eta.json").read_text())["metrics"]["pixel-fd"]
-    assert eta["eta"] == 1 and m["pixel-fd"]["eta"] == 0 and eta["value"] != m["pixel-fd"]["value"]
+    eta_report = json.loads((tmp_path / "eta.json").read_text())
+    eta = eta_report["metrics"]["pixel-fd"]
+    assert eta_report["samples"]["eta"] == 1 and report["samples"]["eta"] == 0 and eta["value"] != m["pixel-fd"]["value"]
     rc, _, err = run_cli(capsys, "evaluate", "--run", trained, "--metrics", "pixel-fd", "--out", tmp_path / "bad.json",
                          "--eta", -1)
     assert rc != 0 and "--eta" in err and not (tmp_path / "bad.json").exists()
     # --eps-scale: other samples, recorded in the report; <= 0 refused with nothing written
     run_cli(capsys, "evaluate", "--run", trained, "--metrics", "pixel-fd", "--out", tmp_path / "es.json",
             "--num-samples", 30, "--steps", 2, "--eps-scale", 1.02, "--no-html")
-    es = json.loads((tmp_path / "es.json").read_text())["metrics"]["pixel-fd"]
-    assert es["eps_scale"] == 1.02 and "eps_scale" not in m["pixel-fd"] and es["value"] != m["pixel-fd"]["value"]
+    es_report = json.loads((tmp_path / "es.json").read_text())
+    es = es_report["metrics"]["pixel-fd"]
+    assert es_report["samples"]["eps_scale"] == 1.02 and "eps_scale" not in report["samples"]
+    assert es["value"] != m["pixel-fd"]["value"]
     rc, _, err = run_cli(capsys, "evaluate", "--run", trained, "--metrics", "pixel-fd", "--out", tmp_path / "bad.json",
                          "--eps-scale", 0)
     assert rc == 2 and "--eps-scale must be > 0" in err and not (tmp_path / "bad.json").exists()
@@ -355,14 +360,14 @@ def test_class_conditional_run_end_to_end(tmp_path, capsys):
     assert main(["train", "--steps", "4", "--out", str(run), "--set", "model.class_cond=true"] + TINY) == 0
     rc, *_ = run_cli(capsys, "sample", "--run", run, "--num", 6, "--steps", 2, "--out", tmp_path / "a.npz",
                      "--cfg-scale", 1.5)
-    assert rc == 0 and np.load(tmp_path / "a.npz")["images"].shape == (6, 8, 8, 1)
+    assert rc == 0 and np.load(tmp_path / "a.npz")["arr_0"].shape == (6, 8, 8, 1)
     rc, *_ = run_cli(capsys, "sample", "--run", run, "--num", 4, "--steps", 2, "--out", tmp_path / "k.npz",
                      "--class", 3, "--guidance-scale", 0)
     assert rc == 0
     rc, *_ = run_cli(capsys, "evaluate", "--run", run, "--metrics", "pixel-fd", "--num-samples", 20, "--steps", 2,
                      "--cfg-scale", 1.5, "--no-html", "--out", tmp_path / "e.json")
-    fd = json.loads((tmp_path / "e.json").read_text())["metrics"]["pixel-fd"]
-    assert rc == 0 and fd["cfg_scale"] == 1.5 and fd["labels"] == "sample i: class i mod K"
+    samples = json.loads((tmp_path / "e.json").read_text())["samples"]
+    assert rc == 0 and samples["cfg_scale"] == 1.5 and samples["labels"] == "sample i: class i mod K"
     cfg = preset_config("digits-hybvit")
     cfg.train.mode, cfg.model.class_cond = "genvit", True
     unlabeled = SimpleNamespace(num_classes=0, name="faces", channels=1, image_size=8)

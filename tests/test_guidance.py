@@ -72,7 +72,7 @@ def test_sample_class_from_the_command_line(hyb_run, tmp_path, capsys):
                "--steps", "10", "--seed", "1", "--out", str(tmp_path / "s.npz")])
     assert rc == 0
     import numpy as np
-    images = np.load(tmp_path / "s.npz")["images"]
+    images = np.load(tmp_path / "s.npz")["arr_0"]
     assert images.shape == (12, 8, 8, 1) and images.dtype == np.uint8
     logits = hyb_run.classify(torch.from_numpy(images).permute(0, 3, 1, 2).contiguous())
     assert (logits.argmax(1) == 7).float().mean() > 0.5

@@ -161,11 +161,11 @@ def test_joint_pass_trains_the_same_model(tiny_cfg, digits, tmp_path):
 
 
 def test_metrics_record_the_precision_that_ran(tiny_cfg, digits, tmp_path):
-    from hybvit.precision import use_bf16
-    for amp in ("fp32", "bf16"):
+    from hybvit.precision import resolve_amp
+    for amp in ("fp32", "bf16", "fp16"):
         metrics = train(tiny_cfg(steps=2, amp=amp), digits, tmp_path / amp, progress=False)
-        assert metrics["amp"] == amp
-    assert use_bf16("auto", torch.device("cuda")) and not use_bf16("fp32", torch.device("cuda"))
+        assert metrics["amp"] == amp and metrics["provenance"]["precision"] == amp
+    assert resolve_amp("fp32", torch.device("cuda")) == "fp32"           # a named precision is kept on any device
 
 
 def test_auto_precision_on_the_cpu_follows_the_measured_matmul_rates():

@@ -1,4 +1,5 @@
-"""Checkpoints: atomic writes, and loading that never unpickles arbitrary objects.
+"""Checkpoints and the other files hybvit reads and writes: atomic writes, and loading that never unpickles
+arbitrary objects and never allocates what a file merely claims.
 
 A run directory holds
   config.json                    the resolved configuration
@@ -12,9 +13,11 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import zipfile
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 from safetensors import safe_open
@@ -30,7 +33,7 @@ def atomic_write(path: Path, write: Callable[[str], None]) -> None:
     os.close(fd)
     try:
         write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())             # mkstemp makes 0600; the file gets the user's usual mode
+        os.chmod(tmp, 0o666 & ~current_umask())             # mkstemp makes 0600; the file gets the user's usual mode
         os.replace(tmp, path)
     except BaseException as e:
         if os.path.exists(tmp):
@@ -41,7 +44,7 @@ def atomic_write(path: Path, write: Callable[[str], None]) -> None:
         raise
 
 
-def _umask() -> int:
+def current_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
@@ -73,6 +76,45 @@ def read_json(path: Path, what: str) -> dict[str, Any]:
     if not isinstance(obj, dict):
         raise HybvitError(f"{what} '{path}' is not a JSON object; the file is damaged: restore it or start a new run")
     return obj
+
+
+def physical_memory() -> int | None:
+    """This machine's RAM in bytes (None where the OS does not say)."""
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def read_npz(path: Path, fix: str) -> dict[str, np.ndarray]:
+    """Every array of an .npz file, read without unpickling and without trusting its headers: each member's .npy
+    header (shape, dtype) is checked against the bytes the archive holds for it (at most 1032x its compressed size,
+    deflate's limit) and against half of this machine's memory before numpy allocates the array. `fix` ends each
+    error: how to write a good file."""
+    limit = physical_memory()
+    try:
+        with zipfile.ZipFile(path) as z:
+            for info in z.infolist():
+                with z.open(info) as f:
+                    version = np.lib.format.read_magic(f)
+                    read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                            else np.lib.format.read_array_header_2_0)
+                    shape, _, dtype = read(f)
+                if dtype.hasobject:
+                    raise HybvitError(f"npz file '{path}' holds Python objects in '{info.filename}' (hybvit never "
+                                      f"unpickles); {fix}")
+                claimed = int(np.prod(shape, dtype=object)) * dtype.itemsize
+                held = info.file_size if info.compress_type == zipfile.ZIP_STORED else min(
+                    info.file_size, 1032 * info.compress_size)
+                if claimed > held or (limit is not None and claimed > limit // 2):
+                    raise HybvitError(f"npz file '{path}': '{info.filename}' claims {shape} {dtype} ({claimed:,} "
+                                      f"bytes), more than the file holds or this machine can load; {fix}")
+        with np.load(path, allow_pickle=False) as f:
+            return {k: f[k] for k in f.files}
+    except HybvitError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any read failure is a bad file
+        raise HybvitError(f"cannot read npz file '{path}' ({type(e).__name__}: {e}); {fix}") from None
 
 
 def plain_state_dict(obj: torch.nn.Module | dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -13,19 +13,22 @@ import torch
 
 from . import checkpoint as ckpt
 from . import distributed
-from .config import OVERLAYS, PRESETS, check_device, preset_config, preset_description, preset_paper_params
-from .data import to_float
+from .config import (OVERLAYS, PRESETS, check_device, parse_every, preset_config, preset_description,
+                     preset_paper_params)
+from .data import to_float, to_uint8
 from .errors import HybvitError
 from .evaluate import EvalOptions, evaluate_run, parse_metrics
 from .evaluate.report import summary_lines
 from .evaluate.robustness import PAPER_EPS
+from .export import export_run
 from .guidance import sample_class
 from .model import OFFICIAL_CIFAR10_PARAMS, ViT
-from .precision import resolve_device, use_bf16
-from .sample import (draw_samples, gather_samples, load_run, load_run_config, make_grid, run_from_weights, save_npz,
-                     save_png)
+from .precision import resolve_amp, resolve_device
+from .sample import (draw_samples, gather_samples, load_run, load_run_config, make_grid, run_from_weights, save_png)
+from .samplefiles import is_folder, write_samples
 from .resolve import resolve_distributed, resolve_train_config
-from .train import train
+from .provenance import record_command
+from .train import every_steps, train
 
 
 # Exit statuses: 0 done, 2 bad input (one line on stderr), 75 stopped by SIGTERM or Ctrl-C after writing a
@@ -44,7 +47,7 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="hybvit", description="ViT / GenViT / HybViT: one ViT that classifies "
                                 "and generates (Yang et al., 2022).")
-    sub = p.add_subparsers(dest="command", metavar="{train,sample,evaluate,presets}", parser_class=_Parser)
+    sub = p.add_subparsers(dest="command", metavar="{train,sample,evaluate,export,presets}", parser_class=_Parser)
 
     t = sub.add_parser("train", help="train a model (default: HybViT on the bundled digits, on the CPU)")
     t.add_argument("--preset", help="a preset name (see `hybvit presets`); default digits-hybvit")
@@ -59,6 +62,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set model.dim=256 --set lr=5e-4 (repeatable)")
+    t.add_argument("--stop-after", metavar="N|Nep",
+                   help="stop after step N (or epoch N: Nep) of the run's full schedule, with a checkpoint; "
+                        "continue later with --resume")
     t.add_argument("--quiet", action="store_true", help="no progress bar")
 
     s = sub.add_parser("sample", help="draw samples from a trained run")
@@ -66,7 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     src.add_argument("--run", help="a run directory")
     src.add_argument("--checkpoint", help="a checkpoint file (.safetensors or last.pt)")
     s.add_argument("--num", type=int, required=True, help="number of samples")
-    s.add_argument("--out", required=True, help="FILE.png (a grid) or FILE.npz (uint8 images (N,H,W,C))")
+    s.add_argument("--out", required=True,
+                   help="FILE.png (a grid), FILE.npz (arr_0: uint8 images (N,H,W,C), arr_1: labels; the ADM "
+                        "evaluation suite's format) or DIR/ (numbered PNGs, as pytorch-fid and clean-fid read)")
     add_sampling_flags(s)
     s.add_argument("--class", dest="label", type=int, metavar="K",
                    help="HybViT only: steer every sample toward class K with the model's own classifier (a "
@@ -79,16 +87,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=int, default=500)
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--device", default="auto")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
 
-    e = sub.add_parser("evaluate", help="evaluate a trained run: JSON, PNG plots and an HTML report")
-    e.add_argument("--run", required=True, help="a run directory")
+    e = sub.add_parser("evaluate", help="evaluate a trained run or existing samples: JSON, PNG plots, HTML report")
+    e.add_argument("--run", help="a run directory (or an exported model folder)")
+    e.add_argument("--samples", metavar="FILE.npz|DIR",
+                   help="score these samples (arr_0 npz, or a folder of PNGs; from any model) instead of drawing "
+                        "them; without --run: fid, is, kid, prc, small-fd, pixel-fd against --data")
     e.add_argument("--metrics", required=True,
-                   help="comma-separated: accuracy, fid, is, small-fd, pixel-fd, bpd, ece, ood, pgd, "
-                        "sample-analysis, speed; or all (everything that applies except fid/is)")
+                   help="comma-separated: accuracy, fid, is, kid, prc, small-fd, pixel-fd, bpd, ece, ood, pgd, "
+                        "sample-analysis, speed; or all (everything that applies except the Inception ones: "
+                        "fid, is, kid, prc)")
     e.add_argument("--data", help="data spec to evaluate on (default: the run's)")
     e.add_argument("--out", required=True, help="FILE.json; FILE.html and FILE-plots/ are written next to it")
     e.add_argument("--num-samples", type=int,
-                   help="generated images for fid/is (default 10000, the paper's) and the FDs (default 1000)")
+                   help="size of the report's one sample set: default 10000 (the paper's) with fid/is/kid/prc, "
+                        "else 1000; with --samples the first N of the file (default all)")
     add_sampling_flags(e)
     e.add_argument("--inception-weights", metavar="PATH",
                    help="local Inception file for fid/is (weights-inception-2015-12-05-6726825d.pth)")
@@ -112,6 +126,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--batch-size", type=int, default=500)
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--device", default="auto")
+    e.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    x = sub.add_parser("export", help="write a run's EMA weights as a model folder to share (config.json, "
+                                      "model.safetensors, README.md model card)")
+    x.add_argument("--run", required=True, help="a run directory")
+    x.add_argument("--out", required=True, help="the model folder to create (new or empty)")
 
     pr = sub.add_parser("presets", help="list the presets and their values")
     pr.add_argument("name", nargs="?", help="show one preset's full configuration")
@@ -165,6 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or (argv[0].startswith("-") and argv[0] not in ("-h", "--help")):
         argv = ["train"] + argv  # `hybvit` and `hybvit --steps 10 ...` mean `hybvit train ...`
+    record_command(argv)                                   # provenance: the command line as typed
     try:
         args = build_parser().parse_args(argv)
     except SystemExit as e:                               # --help (0) or a bad flag (2, one line already printed)
@@ -179,6 +200,10 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_sample(args)
         if args.command == "evaluate":
             return cmd_evaluate(args)
+        if args.command == "export":
+            out = export_run(args.run, args.out)
+            print(f"model folder -> {out} (config.json, model.safetensors, README.md)")
+            return 0
         if args.command == "presets":
             return cmd_presets(args)
     except HybvitError as err:
@@ -206,8 +231,12 @@ def _report(err: HybvitError) -> None:
 # ----------------------------------------------------------------------------- train
 
 def cmd_train(args) -> int:
+    if args.stop_after is not None and parse_every(args.stop_after, "--stop-after") is None:
+        raise HybvitError("--stop-after must be N (steps) or Nep (epochs) with N >= 1")
     ctx = distributed.init()                     # a process group when started by torchrun, else nothing
     cfg, data, out, resume = resolve_train_config(args) if not ctx.distributed else resolve_distributed(args, ctx)
+    stop_after = (every_steps(args.stop_after, cfg, len(data.x_train), "--stop-after")
+                  if args.stop_after is not None else None)
     if ctx.main:
         print(data.describe())
         with torch.device("meta"):
@@ -221,14 +250,15 @@ def cmd_train(args) -> int:
             split = (f", global batch {cfg.train.batch_size} = {ctx.world} process(es) x {cfg.train.grad_accum} "
                      f"micro-batch(es) x {per}")
         where = f"{ctx.world} processes ({device.type})" if ctx.distributed else f"device {device}"
-        where += ", bf16 autocast" if use_bf16(cfg.train.amp, device) else ", fp32"
+        amp = resolve_amp(cfg.train.amp, device)
+        where += f", {amp} autocast" + (" + gradient scaler" if amp == "fp16" else "") if amp != "fp32" else ", fp32"
         print(f"{'resuming' if resume else 'training'} {cfg.train.mode} ({cfg.preset}): {params:,} parameters, "
               f"D {cfg.model.dim}, depth {cfg.model.depth}, patch {cfg.model.patch_size}, {budget}{split}, "
               f"{where}, run dir {out}")
-    metrics = train(cfg, data, out, resume=resume, progress=not args.quiet)
+    metrics = train(cfg, data, out, resume=resume, stop_after=stop_after, progress=not args.quiet)
     if metrics.get("interrupted"):
         distributed.shutdown()
-        return EXIT_STOPPED
+        return 0 if metrics.get("stopped_after") else EXIT_STOPPED
     if ctx.main:
         print(f"done in {metrics['wall_seconds']:.0f} s: {out}/metrics.json" +
               (f", {out}/samples.png" if cfg.train.mode != "vit" and cfg.train.num_samples else ""))
@@ -255,16 +285,39 @@ def cmd_sample(args) -> int:
                          cfg_scale=args.cfg_scale)
     else:
         x = run.sample(args.num, sampler=args.sampler, steps=args.steps, eta=args.eta or 0.0, seed=args.seed,
-                       order=args.order, spacing=args.spacing, batch_size=args.batch_size, progress=True,
+                       order=args.order, spacing=args.spacing, batch_size=args.batch_size, progress=not args.quiet,
                        eps_scale=args.eps_scale, balance_classes=args.balance_classes, cfg_scale=args.cfg_scale)
     dt = time.time() - t0
-    if out.suffix == ".png":
-        save_png(out, make_grid(x))
-    else:
-        save_npz(out, x)
+    _write_samples(to_uint8(x), run, args)
     print(f"{args.num} samples ({args.sampler}{'' if args.sampler == 'ancestral' else f', {args.steps} steps'}) "
           f"in {dt:.1f} s ({args.num / dt:.1f} images/s) -> {out}")
     return 0
+
+
+def sample_file_labels(run, images, label: int | None) -> tuple[torch.Tensor | None, str]:
+    """The labels a sample file records (arr_1) and what they are: the class asked for (--class), the classes a
+    class-conditional denoiser was asked for (sample i: i mod K), or the HybViT head's predictions; none for an
+    unconditional GenViT."""
+    n, K = len(images), run.config.model.num_classes
+    if label is not None:
+        return torch.full((n,), label, dtype=torch.long), f"class {label}, as asked"
+    if run.config.model.class_cond:
+        return torch.arange(n) % K, "the classes the denoiser was asked for (sample i: i mod K)"
+    if run.config.train.mode == "hybvit":
+        return run.classify(images).argmax(1), "the HybViT head's predictions"
+    return None, ""
+
+
+def _write_samples(images: torch.Tensor, run, args) -> None:
+    """To args.out: a grid (.png), an npz with labels, or a folder of PNGs (args.out ends in / or is a folder)."""
+    folder = is_folder(args.out)
+    if not folder and args.out.endswith(".png"):
+        save_png(Path(args.out), make_grid(to_float(images)))
+        return
+    labels, what = (None, "") if folder else sample_file_labels(run, images, args.label)
+    write_samples(args.out, images, labels)
+    if labels is not None:
+        print(f"labels (arr_1): {what}")
 
 
 def check_out(path: str, suffixes: tuple[str, ...], what: str) -> Path:
@@ -290,10 +343,25 @@ def check_common_flags(args) -> None:
     check_device(args.device, "--device")
 
 
+def check_out_folder(path: str) -> Path:
+    """An output folder for PNGs: new or empty, in an existing folder hybvit can write to."""
+    out = Path(path.rstrip("/" + os.sep) or "/")
+    if out.exists() and not out.is_dir():
+        raise HybvitError(f"--out '{path}' is a file; give a folder (ending in /) for PNGs")
+    if out.is_dir() and any(out.iterdir()):
+        raise HybvitError(f"--out folder '{out}' is not empty; give a new or empty folder for the PNGs")
+    if not out.parent.is_dir():
+        raise HybvitError(f"folder '{out.parent}' does not exist; create it first")
+    if not os.access(out.parent, os.W_OK):
+        raise HybvitError(f"cannot write in '{out.parent}' (permission denied); choose another --out")
+    return Path(path)
+
+
 def _check_sample_args(args) -> Path:
     check_sampling_flags(args, args.run)
     check_common_flags(args)
-    out = check_out(args.out, (".png", ".npz"), "a grid, or uint8 images")
+    out = (check_out_folder(args.out) if is_folder(args.out) else
+           check_out(args.out, (".png", ".npz"), "a grid, uint8 images, or DIR/ for PNGs"))
     if args.num < 1:
         raise HybvitError("--num must be >= 1")
     if args.guidance_scale is not None and args.guidance_scale < 0:
@@ -328,15 +396,12 @@ def _sample_distributed(args, ctx) -> int:
     t0 = time.time()
     x = draw_samples(run.model, run.diffusion, args.num, sampler=args.sampler, steps=args.steps, eta=args.eta or 0.0,
                      seed=args.seed, device=run.device, amp=run.config.train.amp, batch_size=args.batch_size,
-                     progress=ctx.main, order=args.order, spacing=args.spacing, shard=(ctx.rank, ctx.world),
+                     progress=ctx.main and not args.quiet, order=args.order, spacing=args.spacing, shard=(ctx.rank, ctx.world),
                      eps_scale=args.eps_scale, cfg_scale=args.cfg_scale)
     images = gather_samples(ctx, x, args.num, args.batch_size)
 
     def write():
-        if out.suffix == ".png":
-            save_png(out, make_grid(to_float(images)))
-        else:
-            save_npz(out, images)
+        _write_samples(images, run, args)
         dt = time.time() - t0
         print(f"{args.num} samples ({args.sampler}{'' if args.sampler == 'ancestral' else f', {args.steps} steps'}) "
               f"on {ctx.world} processes in {dt:.1f} s ({args.num / dt:.1f} images/s) -> {out}")
@@ -355,6 +420,10 @@ def cmd_evaluate(args) -> int:
             raise HybvitError(f"--{name.replace('_', '-')} must be >= 1 (got {value})")
     if args.bpd_timesteps < 0:
         raise HybvitError("--bpd-timesteps must be >= 0 (0 = the full bound)")
+    if args.run is None and args.samples is None:
+        raise HybvitError("give --run DIR, --samples FILE.npz|DIR, or both")
+    if args.samples is not None and not Path(args.samples).exists():
+        raise HybvitError(f"--samples '{args.samples}' does not exist; give FILE.npz or a folder of PNGs")
     check_sampling_flags(args, args.run)
     try:
         bins = [int(b) for b in args.ece_bins.split(",") if b.strip()]
@@ -377,8 +446,8 @@ def cmd_evaluate(args) -> int:
                 raise HybvitError(f"--pgd-eps-{norm} '{text}' must be comma-separated numbers (units of 1/255)") from None
             if not pgd_eps[norm] or min(pgd_eps[norm]) <= 0:
                 raise HybvitError(f"--pgd-eps-{norm} needs positive values (units of 1/255)")
-    mode = load_run_config(args.run).train.mode
-    metrics = parse_metrics(args.metrics, mode)
+    mode = load_run_config(args.run).train.mode if args.run is not None else None
+    metrics = parse_metrics(args.metrics, mode, samples_only=args.run is None)
     opts = EvalOptions(data_spec=args.data, num_samples=args.num_samples, sampler=args.sampler, steps=args.steps,
                        eta=args.eta or 0.0, order=args.order, spacing=args.spacing, eps_scale=args.eps_scale,
                        balance_classes=args.balance_classes, cfg_scale=args.cfg_scale,
@@ -388,8 +457,9 @@ def cmd_evaluate(args) -> int:
                        ood=[o.strip() for o in args.ood.split(",") if o.strip()], ood_images=args.ood_images,
                        pgd_norms=norms, pgd_images=args.pgd_images, pgd_steps=args.pgd_steps,
                        pgd_step_factor=args.pgd_step_factor, pgd_eps=pgd_eps,
-                       speed_samples=args.speed_samples, html=not args.no_html)
-    report = evaluate_run(Path(args.run), metrics, out=out, opts=opts)
+                       speed_samples=args.speed_samples, html=not args.no_html, progress=not args.quiet)
+    report = evaluate_run(Path(args.run) if args.run is not None else None, metrics, out=out, opts=opts,
+                          samples=Path(args.samples) if args.samples is not None else None)
     for line in summary_lines(report):
         print(line)
     print(f"report -> {out}" + ("" if args.no_html else f", {out.with_suffix('.html')}"))

@@ -54,12 +54,13 @@ RULES: dict[str, tuple] = {
     "train.min_lr": ("float", 0, None), "train.grad_clip": ("float", 0, None), "train.ema_decay": ("prob", True),
     "train.label_smoothing": ("prob", False), "train.epochs": ("float", 0, None), "train.steps": ("int", 0, None),
     "train.minutes": ("float", 0, None), "train.seed": ("int", 0, 2 ** 63 - 1),
-    "train.amp": ("choice", ("auto", "bf16", "fp32")), "train.device": ("device",), "train.log_every": ("int", 1, None),
+    "train.amp": ("choice", ("auto", "bf16", "fp16", "fp32")), "train.device": ("device",), "train.log_every": ("int", 1, None),
     "train.ckpt_every": ("int", 1, None), "train.sample_every": ("int", 0, None),
     "train.num_samples": ("int", 0, 1_000_000), "train.sampler": ("choice", ("ancestral", "ddim", "dpm-solver++")),
     "train.sample_steps": ("int", 1, 100_000), "train.fd_samples": ("int", 0, 1_000_000),
     "train.eval_batch_size": ("int", 1, 1 << 20), "train.compile_mode": ("choice", COMPILE_MODES),
-    "train.grad_accum": ("int", 1, 1 << 20),
+    "train.grad_accum": ("int", 1, 1 << 20), "train.eval_every": ("every",), "train.keep_every": ("every",),
+    "train.eval_samples": ("int", 0, 1_000_000), "train.threads": ("int", 0, 4096),
 }
 
 
@@ -68,6 +69,17 @@ def check_device(name: str, what: str = "train.device") -> None:
     if name in ("auto", "cpu", "cuda", "mps") or re.fullmatch(r"cuda:\d+", name):
         return
     raise HybvitError(f"unknown device '{name}' for {what}; use auto, cpu, cuda, cuda:N or mps")
+
+
+def parse_every(text: str, what: str) -> tuple[int, str] | None:
+    """A period or a point in a run: "N" steps or "Nep" epochs -> (N, "steps" | "epochs"); "" or "0" -> None."""
+    text = str(text).strip()
+    if text in ("", "0"):
+        return None
+    number, unit = (text[:-2], "epochs") if text.endswith("ep") else (text, "steps")
+    if not number.isdigit() or int(number) < 1:
+        raise HybvitError(f"{what} '{text}' must be N (steps) or Nep (epochs) with N >= 1, e.g. 250 or 5ep")
+    return int(number), unit
 
 
 def check_value(key: str, value: Any, default: Any = None) -> None:
@@ -83,6 +95,8 @@ def check_value(key: str, value: Any, default: Any = None) -> None:
         raise HybvitError(f"unknown {key} '{value}'; use one of {', '.join(rule[1])}")
     if kind == "device":
         check_device(value, key)
+    if kind == "every":
+        parse_every(value, key)
     if kind == "prob" and not (0 <= value <= 1 if rule[1] else 0 <= value < 1):
         raise HybvitError(f"{key} is a probability in [0, {'1]' if rule[1] else '1)'} (got {value}){hint}")
     if kind in ("int", "float"):
@@ -199,7 +213,8 @@ class TrainConfig:
     steps: int = 0
     minutes: float = 0.0
     seed: int = 0
-    amp: str = "auto"                 # auto (bf16 on CUDA, and on a CPU where bf16 matmuls measure >1.2x fp32) | bf16 | fp32
+    amp: str = "auto"                 # auto (bf16 on GPUs with native bf16, fp16 + gradient scaler on older ones, bf16
+                                      # on a CPU where bf16 matmuls measure >1.2x fp32) | bf16 | fp16 | fp32
     device: str = "auto"              # auto | cpu | cuda | cuda:N
     log_every: int = 10
     ckpt_every: int = 500             # steps between checkpoints (and at the end)
@@ -208,12 +223,19 @@ class TrainConfig:
     sampler: str = "ddim"             # ancestral | ddim | dpm-solver++ (order 2, logSNR steps): samples.png, FD
     sample_steps: int = 50
     fd_samples: int = 0               # >0: at the end, pixel-space Frechet distance of this many samples
+    eval_every: str = ""              # "N" steps or "Nep" epochs: test accuracy (raw, EMA) and a sample metric
+                                      # while training, to TensorBoard and log.jsonl ("" = only at the end)
+    eval_samples: int = 1000          # samples for that metric: small-fd, or FID with train.inception_weights
+    inception_weights: str = ""       # the Inception file: eval_every measures FID instead of small-fd
+    keep_every: str = ""              # "N" steps or "Nep" epochs: keep checkpoints/ema-<step>.safetensors
     eval_batch_size: int = 500
     compile: bool = False
     compile_mode: str = "default"     # torch.compile mode: default | reduce-overhead (CUDA graphs) | max-autotune
                                       # | max-autotune-no-cudagraphs
     grad_accum: int = 1               # micro-batches per step: batch_size (the global batch, over all processes)
                                       # is split into processes x grad_accum pieces; the same update as one batch
+    threads: int = 0                  # CPU threads: 0 = all, dropping to one while other work slows the steps
+                                      # more than 2x (threads.py); N = exactly N
     joint_pass: bool = False          # hybvit: CE and diffusion batches through one forward pass (bigger matmuls;
                                       # measured no gain on the CPU; for launch-bound GPUs)
 

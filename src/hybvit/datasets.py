@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
+from .checkpoint import read_npz
 from .config import MAX_SIDE, RULES
 from .data import ImageData
 from .errors import HybvitError
@@ -101,12 +102,7 @@ def load_digits() -> ImageData:
 
 
 def load_npz(path: Path) -> ImageData:
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            arrays = {k: f[k] for k in f.files}
-    except Exception as e:  # noqa: BLE001 - any read failure is a bad file
-        raise HybvitError(f"cannot read npz file '{path}' ({type(e).__name__}: {e}); "
-                          f"save it with numpy.savez(path, x_train=..., y_train=..., x_test=..., y_test=...)")
+    arrays = read_npz(path, "save it with numpy.savez(path, x_train=..., y_train=..., x_test=..., y_test=...)")
     missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in arrays]
     if missing:
         raise HybvitError(f"npz file '{path}' lacks the arrays {', '.join(missing)} (it has "

@@ -1,8 +1,11 @@
-"""Where a run computes and in what precision: the device choice and the bf16 autocast policy.
+"""Where a run computes and in what precision: the device choice and the autocast policy.
 
   resolve_device("auto")          CUDA when available, then Apple's MPS, else the CPU
-  use_bf16("auto", device)        bf16 on CUDA; on a CPU only where bf16 matmuls measure clearly faster than fp32
+  resolve_amp("auto", device)     "bf16" on GPUs that run it natively (compute capability >= 8.0: A100, H100, RTX 30
+                                  and later), "fp16" (autocast + a gradient scaler) on older GPUs (V100, T4), and on a
+                                  CPU "bf16" only where bf16 matmuls measure clearly faster than fp32, else "fp32"
   with autocast(amp, device): ... the forward passes of training, sampling and evaluation
+  enable_tf32(device)             fp32 matmuls and convolutions in TF32 on GPUs that have it (Ampere and later)
 """
 from __future__ import annotations
 
@@ -101,19 +104,49 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def cuda_amp(capability: tuple[int, int]) -> str:
+    """amp "auto" on a GPU of this compute capability: bf16 where the tensor cores run it natively (>= 8.0), else
+    fp16 with a gradient scaler (Volta 7.0, Turing 7.5: bf16 there is emulated and slow; before Volta, no fp16
+    tensor cores either, but fp16 still halves the memory traffic)."""
+    return "bf16" if tuple(capability) >= (8, 0) else "fp16"
+
+
+def resolve_amp(cfg_amp: str, device: torch.device) -> str:
+    """The precision that runs: "bf16", "fp16" or "fp32". amp "auto": cuda_amp on a GPU, bf16 on a CPU where bf16
+    matmuls measure clearly faster than fp32 (cpu_prefers_bf16, cached per machine), fp32 otherwise (MPS included).
+    A new run records the answer in its config (resolve.py), so --resume and sampling keep the precision the run
+    was trained in. Under torchrun, train() takes rank 0's answer."""
+    if cfg_amp != "auto":
+        return cfg_amp
+    if device.type == "cuda":
+        return cuda_amp(torch.cuda.get_device_capability(device))
+    return "bf16" if device.type == "cpu" and cpu_prefers_bf16() else "fp32"
+
+
 def use_bf16(cfg_amp: str, device: torch.device) -> bool:
-    """amp "auto": bf16 on CUDA, and on a CPU where bf16 matmuls measure clearly faster than fp32 (cpu_prefers_bf16,
-    cached per machine); fp32 otherwise. A new run records the answer in its config (resolve.py), so --resume and
-    sampling keep the precision the run was trained in. Under torchrun, train() takes rank 0's answer."""
-    if cfg_amp == "auto":
-        if device.type == "cuda":
-            return True
-        return device.type == "cpu" and cpu_prefers_bf16()
-    return cfg_amp == "bf16"
+    return resolve_amp(cfg_amp, device) == "bf16"
 
 
 def autocast(cfg_amp: str, device: torch.device):
-    """bf16 autocast where use_bf16 says so, else nothing (fp32)."""
-    if use_bf16(cfg_amp, device):
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    """bf16 or fp16 autocast where resolve_amp says so, else nothing (fp32)."""
+    amp = resolve_amp(cfg_amp, device)
+    if amp == "fp32":
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+
+
+def grad_scaler(amp: str, device: torch.device):
+    """A gradient scaler for fp16 training (small gradients would underflow to 0 in fp16), None otherwise."""
+    if amp != "fp16":
+        return None
+    return torch.amp.GradScaler(device.type)
+
+
+def enable_tf32(device: torch.device) -> bool:
+    """Let fp32 matmuls and convolutions use TF32 tensor cores (10-bit mantissa inputs, fp32 accumulation; PyTorch
+    leaves this off for matmuls) on GPUs that have them (compute capability >= 8.0). Returns whether it did."""
+    if device.type != "cuda" or torch.cuda.get_device_capability(device) < (8, 0):
+        return False
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    return True

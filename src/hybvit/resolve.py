@@ -14,7 +14,7 @@ from .config import DEFAULT_PRESET, OWN_DATA_PRESET, PRESETS, Config, check_rang
 from .datasets import load_data
 from .errors import HybvitError
 from .model import ViT
-from .precision import resolve_device, use_bf16
+from .precision import resolve_amp, resolve_device
 from .train import check_batch_split
 
 
@@ -52,6 +52,10 @@ def resolve_train_config(args):
     for section in Config.SECTIONS:             # every value in range before any data is read or probe is run
         check_ranges(section, getattr(cfg, section))
     cfg.train.validate()
+    weights = cfg.train.inception_weights
+    if weights and not Path(weights).is_file():                  # needed at the first evaluation, not hours later
+        raise HybvitError(f"train.inception_weights '{weights}' is not a file; download the Inception weights "
+                          f"(see `hybvit evaluate --help`) or leave it empty for small-fd")
 
     data = load_data(cfg.data.spec, cfg.data.image_size)
     if args.resume:
@@ -78,7 +82,7 @@ def resolve_train_config(args):
     check_data_fits(cfg, data)
     check_fits_memory(cfg)
     if cfg.train.amp == "auto":                   # decided once and recorded: --resume keeps the run's precision
-        cfg.train.amp = "bf16" if use_bf16("auto", resolve_device(cfg.train.device)) else "fp32"
+        cfg.train.amp = resolve_amp("auto", resolve_device(cfg.train.device))
         cfg.notes.append(f"amp auto -> {cfg.train.amp} on this machine (recorded so a resume keeps it)")
     out = Path(args.out) if args.out else Path("runs") / f"{cfg.preset}-{time.strftime('%Y%m%d-%H%M%S')}"
     if (out / "checkpoints" / "last.pt").exists():

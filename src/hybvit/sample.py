@@ -1,4 +1,4 @@
-"""Loading a trained run and drawing samples from it; grids as PNG, samples as npz.
+"""Loading a trained run and drawing samples from it; grids as PNG (sample files: samplefiles.py).
 
   run = load_run("runs/digits")                    # EMA weights, config, diffusion
   x = run.sample(16, sampler="ddim", steps=50)    # float (16, C, H, W) in [-1, 1]
@@ -10,7 +10,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 from tqdm.auto import tqdm
@@ -22,7 +21,7 @@ from .data import to_float, to_uint8
 from .diffusion import GaussianDiffusion
 from .errors import HybvitError
 from .model import ViT
-from .precision import autocast, resolve_device
+from .precision import autocast, enable_tf32, resolve_device
 
 
 def eps_function(model: ViT, diffusion: GaussianDiffusion, amp: str = "auto", device="cpu",
@@ -79,24 +78,31 @@ def draw_samples(model: ViT, diffusion: GaussianDiffusion, n: int, sampler: str 
     model.eval()
 
     rank, world = shard
+    mine = [k for k in range(-(-n // batch_size)) if k % world == rank]
+    per_batch = diffusion.T if sampler == "ancestral" else steps
+    bar = tqdm(total=len(mine) * per_batch, desc=f"sampling {n} images", unit="step", leave=False,
+               mininterval=1.0, disable=None) if progress else None          # disable=None: only on a terminal
+
+    def advance(it):                                        # one bar over every batch: an ETA for the whole job
+        for i in it:
+            yield i
+            bar.update(1)
     out = []
-    for k, start in enumerate(range(0, n, batch_size)):
-        if k % world != rank:
-            continue
+    for k in mine:
+        start = k * batch_size
         b = min(batch_size, n - start)
         g = torch.Generator().manual_seed(seed + k)
-        bar = None
-        if progress:
-            bar = lambda it: tqdm(it, desc=f"sampling {start + b}/{n}", leave=False, mininterval=1.0)  # noqa: E731
         labels = sample_labels(cfg, start, b, label, device)
         eps_model = eps_function(model, diffusion, amp, device, eps_scale=eps_scale, labels=labels,
                                  cfg_scale=cfg_scale)
         if guide is not None:
             eps_model = guide(eps_model)
         x = diffusion.sample(eps_model, (b, cfg.channels, cfg.image_size, cfg.image_size), sampler=sampler,
-                             steps=steps, eta=eta, generator=g, device=device, progress=bar, order=order,
-                             spacing=spacing)
+                             steps=steps, eta=eta, generator=g, device=device, progress=advance if bar else None,
+                             order=order, spacing=spacing)
         out.append(x.float().clamp(-1, 1).cpu())
+    if bar is not None:
+        bar.close()
     model.train(was_training)
     return torch.cat(out) if out else torch.empty(0, cfg.channels, cfg.image_size, cfg.image_size)
 
@@ -197,16 +203,6 @@ def save_png(path: Path, grid: torch.Tensor) -> None:
     ckpt.atomic_write(Path(path), lambda tmp: Image.fromarray(arr).save(tmp, format="PNG"))
 
 
-def save_npz(path: Path, x: torch.Tensor) -> None:
-    """Samples as uint8 (N, H, W, C), rounded (not truncated) from [-1, 1] (uint8 images are kept as they are)."""
-    images = (x if x.dtype == torch.uint8 else to_uint8(x)).permute(0, 2, 3, 1).numpy()
-
-    def w(tmp: str) -> None:
-        with open(tmp, "wb") as f:
-            np.savez(f, images=images)
-    ckpt.atomic_write(Path(path), w)
-
-
 @dataclass
 class Run:
     """A trained model ready to use: EMA weights, its configuration and its diffusion."""
@@ -275,19 +271,20 @@ def load_run_config(run_dir: str | Path) -> Config:
 
 def load_run(run_dir: str | Path | None = None, checkpoint: str | Path | None = None,
              device: str = "auto") -> Run:
-    """Load the EMA weights of a run directory (or of one checkpoint file: .safetensors or last.pt)."""
+    """Load the EMA weights of a run directory, of a model folder written by `hybvit export`, or of one checkpoint
+    file (.safetensors or last.pt)."""
     if (run_dir is None) == (checkpoint is None):
         raise HybvitError("give exactly one of --run DIR or --checkpoint PATH")
     if run_dir is not None:
         run_dir = Path(run_dir)
         if not run_dir.is_dir():
             raise HybvitError(f"run directory '{run_dir}' does not exist; give the --out folder of a training run")
-        path = run_dir / "checkpoints" / "ema.safetensors"
-        if not path.exists():
-            path = run_dir / "checkpoints" / "last.pt"
-        if not path.exists():
-            raise HybvitError(f"'{run_dir}' has no checkpoints/ema.safetensors or checkpoints/last.pt; "
-                              f"it is not a (finished or checkpointed) hybvit run")
+        candidates = [run_dir / "model.safetensors",                  # a model folder of `hybvit export`
+                      run_dir / "checkpoints" / "ema.safetensors", run_dir / "checkpoints" / "last.pt"]
+        path = next((p for p in candidates if p.exists()), None)
+        if path is None:
+            raise HybvitError(f"'{run_dir}' has no checkpoints/ema.safetensors, checkpoints/last.pt or "
+                              f"model.safetensors; it is not a (finished or checkpointed) hybvit run or model folder")
     else:
         path = Path(checkpoint)
     weights, cfg_dict = ckpt.load_weights(path)
@@ -300,6 +297,7 @@ def run_from_weights(weights: dict[str, torch.Tensor], cfg_dict: dict, device: s
     cfg = Config.from_dict(cfg_dict)
     cfg.validate()
     dev = resolve_device(device)
+    enable_tf32(dev)
     check_weights_fit(cfg, weights, path)                      # before the model is built at the config's size
     model = ViT(cfg.model)
     model.load_state_dict(weights)
@@ -308,4 +306,4 @@ def run_from_weights(weights: dict[str, torch.Tensor], cfg_dict: dict, device: s
 
 
 __all__ = ["Run", "load_run", "load_run_config", "run_from_weights", "draw_samples", "classify_batches",
-           "gather_samples", "make_grid", "save_png", "save_npz"]
+           "gather_samples", "make_grid", "save_png"]

@@ -16,6 +16,7 @@ and save_checkpoint.
 from __future__ import annotations
 
 import contextlib
+import json
 import signal
 import time
 from dataclasses import dataclass
@@ -29,16 +30,18 @@ from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
 from . import distributed
-from .config import Config
+from .config import Config, parse_every
 from .data import Batches, ImageData
 from .diffusion import GaussianDiffusion
 from .errors import HybvitError
-from .evaluate.end_of_run import finish, log_samples
+from .evaluate.end_of_run import PeriodicEval, finish, log_samples
 from .model import ViT
 from .objective import Objective, batch_inputs, shard
 from .optim import EMA, build_optimizer, lr_at
-from .precision import autocast, resolve_device, use_bf16
+from .precision import autocast, enable_tf32, grad_scaler, resolve_amp, resolve_device
+from .provenance import provenance
 from .sample import check_weights_fit
+from .threads import ThreadGovernor
 
 
 # ----------------------------------------------------------------------------- the budget in steps
@@ -85,7 +88,7 @@ class Trainer:
     cfg: Config
     ctx: distributed.Context
     device: torch.device
-    amp: str                               # the precision that runs: "bf16" or "fp32"
+    amp: str                               # the precision that runs: "bf16", "fp16" or "fp32"
     model: ViT
     ema: EMA | None                        # rank 0 alone keeps (and saves) the EMA
     optimizer: Any
@@ -96,6 +99,7 @@ class Trainer:
     ce_batches: Batches | None
     diff_batches: Batches | None
     graphs: bool                           # CUDA graphs (compile_mode reduce-overhead): mark each replay
+    scaler: Any = None                     # the gradient scaler of fp16 training (precision.grad_scaler)
     start_step: int = 0
     prior_wall: float = 0.0
     prior_images: int = 0
@@ -111,7 +115,8 @@ def setup(cfg: Config, data: ImageData, resume_from: Path | None = None) -> Trai
     ctx = distributed.context()
     device = distributed.device_for(resolve_device(t.device), ctx)
     check_batch_split(cfg, len(data.x_train), ctx.world)
-    amp = distributed.broadcast(ctx, "bf16" if use_bf16(t.amp, device) else "fp32")   # one precision on every rank
+    amp = distributed.broadcast(ctx, resolve_amp(t.amp, device))        # one precision on every rank
+    enable_tf32(device)                                                  # fp32 matmuls in TF32 where GPUs have it
     torch.manual_seed(t.seed)
     model = ViT(cfg.model).to(device)
     ema = EMA(model, t.ema_decay, t.ema_warmup) if ctx.main else None
@@ -139,7 +144,8 @@ def setup(cfg: Config, data: ImageData, resume_from: Path | None = None) -> Trai
                  y_train=data.y_train.to(device),
                  ce_batches=Batches(n, t.batch_size, t.seed, stream=0) if t.mode != "genvit" else None,
                  diff_batches=Batches(n, t.batch_size, t.seed, stream=1) if t.mode != "vit" else None,
-                 graphs=t.compile and device.type == "cuda" and t.compile_mode == "reduce-overhead")
+                 graphs=t.compile and device.type == "cuda" and t.compile_mode == "reduce-overhead",
+                 scaler=grad_scaler(amp, device))
     if resume_from is not None:
         _load(tr, resume_from)
     return tr
@@ -151,7 +157,7 @@ def _load(tr: Trainer, last_pt: Path) -> None:
     ctx = tr.ctx
     state = distributed.all_ok(ctx, lambda: ckpt.load_training_state(last_pt), only_main=True)
     shared = distributed.broadcast(ctx, None if not ctx.main else
-                                   {k: state[k] for k in ("model", "optimizer", "rng", "step") if k in state}
+                                   {k: state[k] for k in ("model", "optimizer", "rng", "step", "scaler") if k in state}
                                    | {k: state.get(k, 0) for k in ("wall_seconds", "images_seen")})
     check_weights_fit(tr.cfg, ckpt.plain_state_dict(shared["model"]), last_pt)
     tr.model.load_state_dict(ckpt.plain_state_dict(shared["model"]))
@@ -163,6 +169,8 @@ def _load(tr: Trainer, last_pt: Path) -> None:
     except (KeyError, ValueError) as e:
         raise HybvitError(f"the checkpoint's optimizer state does not fit train.optimizer={tr.cfg.train.optimizer} "
                           f"({type(e).__name__}: {e}); resume with the optimizer the run was trained with") from None
+    if tr.scaler is not None and isinstance(shared.get("scaler"), dict):
+        tr.scaler.load_state_dict(shared["scaler"])
     torch.set_rng_state(shared["rng"]["torch"])
     tr.start_step = int(shared["step"])
     tr.prior_wall = float(shared["wall_seconds"])
@@ -190,11 +198,18 @@ def train_step(tr: Trainer, step: int, lr: float) -> torch.Tensor:
             with autocast(tr.amp, tr.device):
                 loss, s = tr.objective(shard(ce_inputs, piece, parts), shard(diff_inputs, piece, parts))
             # mean over the local piece, / A here, averaged over K ranks by DDP: the global batch mean
-            (loss / accum if accum > 1 else loss).backward()
+            loss = loss / accum if accum > 1 else loss
+            (tr.scaler.scale(loss) if tr.scaler is not None else loss).backward()
         stats = stats + (s / accum if accum > 1 else s)
+    if tr.scaler is not None:                 # fp16: true gradients for the clip; a step with inf/nan is skipped
+        tr.scaler.unscale_(tr.optimizer)
     if t.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(tr.model.parameters(), t.grad_clip)
-    tr.optimizer.step()
+    if tr.scaler is not None:
+        tr.scaler.step(tr.optimizer)
+        tr.scaler.update()
+    else:
+        tr.optimizer.step()
     if tr.ema is not None:
         tr.ema.update(tr.model, step)
     return stats
@@ -234,16 +249,26 @@ class Budget:
             self.first, self.recheck = (step, now), step + max(5, (self.total - step) // 10)
         return True
 
+    def pause(self, seconds: float) -> None:
+        """Time spent evaluating (train.eval_every) is not training time: move the deadline and the rate's origin."""
+        if self.deadline is not None:
+            self.deadline += seconds
+        if self.first is not None:
+            self.first = (self.first[0], self.first[1] + seconds)
+
     def past_deadline(self) -> bool:
         return self.deadline is not None and time.time() >= self.deadline
 
 
 class Logger:
     """Running loss sums (kept on the device, read once per check: every step on the CPU, every log_every steps on
-    a GPU, as each read is a host synchronisation), the progress bar and TensorBoard (rank 0)."""
+    a GPU, as each read is a host synchronisation), the progress bar, and the scalars (rank 0): TensorBoard and
+    log.jsonl, one JSON object per logged step ({"step": 10, "loss/total": ..., ...}), which needs no TensorBoard
+    to read."""
 
-    def __init__(self, tr: Trainer, writer, total: int | None, progress: bool):
+    def __init__(self, tr: Trainer, writer, total: int | None, progress: bool, jsonl: Path | None = None):
         self.tr, self.writer = tr, writer
+        self.jsonl = open(jsonl, "a") if jsonl is not None and writer is not None else None
         self.sums = torch.zeros(5, device=tr.device, dtype=torch.float64)
         self.n_summed, self.run_images = 0, 0
         self.check_every = 1 if tr.device.type == "cpu" else tr.cfg.train.log_every
@@ -283,8 +308,7 @@ class Logger:
                 scalars["loss/ce"], scalars["train/accuracy"] = ce, acc
             if mode != "vit":
                 scalars["loss/diffusion"] = diff
-            for k, v in scalars.items():
-                self.writer.add_scalar(k, v, step)
+            self.scalars(scalars, step)
         if self.bar is not None:
             post = {"loss": f"{loss:.4f}"}
             if mode != "genvit":
@@ -295,6 +319,21 @@ class Logger:
             self.bar.set_postfix(post, refresh=False)
         self.sums.zero_()
         self.n_summed = 0
+
+    def scalars(self, values: dict[str, float], step: int) -> None:
+        """Log scalars of one step to TensorBoard and log.jsonl (rank 0; nothing on the other ranks)."""
+        if self.writer is None:
+            return
+        for k, v in values.items():
+            self.writer.add_scalar(k, v, step)
+        if self.jsonl is not None:
+            self.jsonl.write(json.dumps({"step": step, **{k: float(v) for k, v in values.items()}}) + "\n")
+            self.jsonl.flush()
+
+    def write(self, line: str) -> None:
+        """A line of text above the progress bar (rank 0)."""
+        if self.tr.ctx.main:
+            (self.bar.write if self.bar is not None else print)(line)
 
     def diverged(self, what: str, last_pt: Path) -> HybvitError:
         """Close the outputs and build the error for a NaN/inf; the last checkpoint on disk stays as it is.
@@ -312,6 +351,32 @@ class Logger:
             self.bar = None
         if self.writer is not None:
             self.writer.close()
+        if self.jsonl is not None:
+            self.jsonl.close()
+            self.jsonl = None
+
+
+def trim_log(path: Path, step: int) -> None:
+    """Keep the lines of log.jsonl up to `step`: a resumed run logs the steps after its checkpoint again."""
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if int(json.loads(line)["step"]) <= step:
+                keep.append(line)
+        except (ValueError, KeyError, TypeError):
+            pass                                      # a line a kill cut short
+    ckpt.atomic_write(path, lambda tmp: Path(tmp).write_text("".join(k + "\n" for k in keep)))
+
+
+def every_steps(text: str, cfg: Config, n_train: int, what: str) -> int:
+    """train.eval_every / keep_every / --stop-after as steps ("N" or "Nep"); 0 = off."""
+    every = parse_every(text, what)
+    if every is None:
+        return 0
+    n, unit = every
+    return n if unit == "steps" else n * steps_per_epoch(cfg, n_train)
 
 
 def save_checkpoint(tr: Trainer, out_dir: Path, step: int, images_seen: int, wall: float, total_steps: int,
@@ -328,6 +393,8 @@ def save_checkpoint(tr: Trainer, out_dir: Path, step: int, images_seen: int, wal
                  "wall_seconds": wall, "model": ckpt.plain_state_dict(tr.model),
                  "ema": ckpt.plain_state_dict(tr.ema.model), "optimizer": tr.optimizer.state_dict(),
                  "rng": {"torch": torch.get_rng_state()}, "processes": tr.ctx.world}
+        if tr.scaler is not None:
+            state["scaler"] = tr.scaler.state_dict()
         ckpt.save_training_state(last_pt, state)
         ckpt.save_weights(out_dir / "checkpoints" / "ema.safetensors", state["ema"], tr.cfg.to_dict())
     distributed.all_ok(tr.ctx, write, only_main=True)
@@ -367,8 +434,8 @@ def train(cfg: Config, data: ImageData, out_dir: Path, resume: bool = False, sto
           progress: bool = True) -> dict[str, Any]:
     """Train according to cfg on data, writing the run into out_dir. Returns the metrics written.
 
-    stop_after: stop (with a checkpoint, as Ctrl-C does) once this many steps are done in total; the run can
-    then be continued with resume=True.
+    stop_after: stop (with a checkpoint) once this many steps are done in total, on the run's full schedule; the
+    run can then be continued with resume=True (`hybvit train --stop-after N`).
 
     Inside a process group (torchrun; see distributed.py) every rank calls this: DistributedDataParallel over the
     ranks, the global batch train.batch_size split between them, and rank 0 alone writing the run (the other ranks
@@ -385,24 +452,35 @@ def _run(cfg: Config, data: ImageData, out_dir: Path, resume: bool, stop_after: 
     last_pt = out_dir / "checkpoints" / "last.pt"
     tr = setup(cfg, data, last_pt if resume else None)
     ctx = tr.ctx
+    if stop_after is not None and stop_after <= tr.start_step:
+        raise HybvitError(f"--stop-after {stop_after}: the run is already at step {tr.start_step}; give a later step")
+    eval_every = every_steps(t.eval_every, cfg, len(data.x_train), "train.eval_every")
+    keep_every = every_steps(t.keep_every, cfg, len(data.x_train), "train.keep_every")
 
     def open_run():
         out_dir.mkdir(parents=True, exist_ok=True)
         ckpt.remove_stale_temporaries(out_dir)                # left by a killed write
         ckpt.write_json(out_dir / "config.json", cfg.to_dict())
+        trim_log(out_dir / "log.jsonl", tr.start_step)
         return SummaryWriter(str(out_dir / "tb"))
     writer = distributed.all_ok(ctx, open_run, only_main=True)            # None on the other ranks
     budget = Budget(cfg, len(data.x_train), ctx, tr.start_step)
-    log = Logger(tr, writer, budget.total, progress)
+    log = Logger(tr, writer, budget.total, progress, out_dir / "log.jsonl")
+    evaluator = PeriodicEval(cfg, data, tr.diffusion, tr.device, tr.amp) if eval_every and ctx.main else None
     step, images_seen = tr.start_step, tr.prior_images
     if not resume:                                   # a run can be resumed from the moment its directory exists
         save_checkpoint(tr, out_dir, step, images_seen, 0.0, budget.steps, log)
     t0 = time.time()
+    eval_seconds = 0.0
+    if tr.device.type == "cpu" and t.threads:
+        torch.set_num_threads(t.threads)
+    governor = ThreadGovernor(tr.device.type == "cpu" and not ctx.distributed and not t.threads)
     tr.model.train()
     while step < budget.steps:
         lr = budget.lr(step)
         log.add(train_step(tr, step, lr))
         step += 1
+        governor.check(step)
         images_seen += tr.images_per_step
         elapsed = time.time() - t0
         if budget.update(step, elapsed):
@@ -424,32 +502,55 @@ def _run(cfg: Config, data: ImageData, out_dir: Path, resume: bool, stop_after: 
             distributed.all_ok(ctx, lambda s=step: log_samples(writer, tr.ema.model, tr.diffusion, cfg, tr.device,
                                                                s, n=min(64, t.num_samples), amp=tr.amp),
                                only_main=True)
-        interrupted = stop_now or (stop_after is not None and step >= stop_after)
+        if eval_every and step % eval_every == 0:        # evaluation time is not training time
+            t_eval = time.time()
+            distributed.all_ok(ctx, lambda s=step: evaluator.run(tr.model, tr.ema.model, s, log), only_main=True)
+            paused = time.time() - t_eval
+            t0, eval_seconds = t0 + paused, eval_seconds + paused
+            budget.pause(paused)
+        asked = stop_after is not None and step >= stop_after
+        interrupted = stop_now or asked
         if step % t.ckpt_every == 0 or interrupted:
             save_checkpoint(tr, out_dir, step, images_seen, tr.prior_wall + time.time() - t0, budget.steps, log)
+        if keep_every and step % keep_every == 0:
+            distributed.all_ok(ctx, lambda s=step: ckpt.save_weights(
+                out_dir / "checkpoints" / f"ema-{s:07d}.safetensors", ckpt.plain_state_dict(tr.ema.model),
+                cfg.to_dict()), only_main=True)
         if interrupted:
+            governor.close()
             log.close()
             if ctx.main:
-                print(f"stopped at step {step}; checkpoint written to {last_pt}; continue with "
+                why = (f"after step {step} of {budget.steps} as asked (--stop-after)" if asked and not stop_now
+                       else f"at step {step}")
+                print(f"stopped {why}; checkpoint written to {last_pt}; continue with "
                       f"`hybvit train --resume {out_dir}`" + (" (any number of processes)" if ctx.distributed
                                                                else ""))
-            return {"steps": step, "interrupted": True}
+            return {"steps": step, "interrupted": True, "stopped_after": asked and not stop_now}
+    governor.close()
     if log.bar is not None:
         log.bar.close()
     train_seconds = time.time() - t0
     save_checkpoint(tr, out_dir, step, images_seen, tr.prior_wall + train_seconds, step, log)
 
     def finish_run() -> dict[str, Any]:                      # rank 0; the other ranks wait in all_ok
-        metrics = finish(cfg, data, tr.model, tr.ema.model, tr.diffusion, out_dir, writer, tr.device, tr.amp)
-        metrics.update(steps=step, images_seen=images_seen, wall_seconds=round(tr.prior_wall + time.time() - t0, 2),
-                       train_seconds=round(tr.prior_wall + train_seconds, 2),
-                       images_per_second=round(log.run_images / max(train_seconds, 1e-9), 1),
+        ips = round(log.run_images / max(train_seconds, 1e-9), 1)
+        metrics = finish(cfg, data, tr.model, tr.ema.model, tr.diffusion, out_dir, writer, tr.device, tr.amp,
+                         log=lambda values: log.scalars(values, step), progress=progress,
+                         train_images_per_second=ips, train_seconds=tr.prior_wall + train_seconds)
+        metrics.update(steps=step, images_seen=images_seen,
+                       wall_seconds=round(tr.prior_wall + time.time() - t0 + eval_seconds, 2),
+                       train_seconds=round(tr.prior_wall + train_seconds, 2), images_per_second=ips,
                        train_gflops_per_second=round(log.flops_per_step * (step - tr.start_step)
                                                      / max(train_seconds, 1e-9) / 1e9, 2),
                        params=tr.model.num_params(), mode=t.mode, preset=cfg.preset, data=cfg.data.spec,
-                       device=str(tr.device), amp=tr.amp, processes=ctx.world, grad_accum=t.grad_accum)
+                       device=str(tr.device), amp=tr.amp, processes=ctx.world, grad_accum=t.grad_accum,
+                       provenance=provenance(tr.device, ctx.world, tr.amp))
+        if eval_seconds:
+            metrics["eval_seconds"] = round(eval_seconds, 2)
+        if governor.switches:                                # (step, threads) where a shared CPU changed them
+            metrics["cpu_thread_switches"] = governor.switches
         ckpt.write_json(out_dir / "metrics.json", metrics)
-        writer.close()
+        log.close()
         return metrics
     metrics = distributed.all_ok(ctx, finish_run, only_main=True)
     return metrics if ctx.main else {"steps": step, "rank": ctx.rank}

@@ -1,9 +1,12 @@
 """`hybvit evaluate`: one module per metric family; this file checks the request, dispatches, and writes the report.
 
     hybvit evaluate --run DIR --metrics accuracy,fid,bpd,ece,ood,pgd --out report.json
+    hybvit evaluate --samples s.npz --data cifar10 --metrics fid,kid,prc --out report.json   # any model's samples
 
 writes report.json, report-plots/ (PNG files) and report.html (self-contained: config, training curves, sample
-grids, every metric and plot). The same checkpoint and seed give the same numbers every time.
+grids, every metric and plot). Every sample metric of one report uses one sample set: read from --samples, or drawn
+once with every sampling flag; the report's "samples" entry says which. The same checkpoint and seed give the same
+numbers every time.
 """
 from __future__ import annotations
 
@@ -23,11 +26,15 @@ from ..datasets import load_data
 from ..errors import HybvitError
 from ..likelihood import bits_per_dim
 from ..model import ViT
+from ..precision import resolve_device
+from ..provenance import provenance
 from ..sample import check_weights_fit, eps_function, load_run
+from ..samplefiles import read_samples
 from .accuracy import evaluate_accuracy
 from .bpd import evaluate_bpd
 from .calibration import evaluate_ece
-from .fid import InceptionFeatures, SmallFeatures, extract, frechet_to_reference, inception_score, reference_stats, stats
+from .fid import (InceptionFeatures, SmallFeatures, extract, frechet_to_reference, inception_score,
+                  kernel_inception_distance, precision_recall, reference_features, reference_stats, stats)
 from .frechet import pixel_frechet_distance
 from .ood import evaluate_ood
 from .report import training_curves, write_html
@@ -35,9 +42,12 @@ from .robustness import evaluate_pgd
 from .sample_analysis import analyse_samples
 from .speed import sampling_speed, training_speed
 
-METRICS = ("accuracy", "fid", "is", "small-fd", "pixel-fd", "bpd", "ece", "ood", "pgd", "sample-analysis", "speed")
+METRICS = ("accuracy", "fid", "is", "kid", "prc", "small-fd", "pixel-fd", "bpd", "ece", "ood", "pgd",
+           "sample-analysis", "speed")
+SAMPLE_METRICS = ("fid", "is", "kid", "prc", "small-fd", "pixel-fd", "sample-analysis")   # of one sample set
+INCEPTION_METRICS = ("fid", "is", "kid", "prc")          # Inception features: a GPU, and weights to load
 _NEEDS_CLASSIFIER = {"accuracy", "ece", "ood", "pgd", "sample-analysis"}
-_NEEDS_GENERATOR = {"fid", "is", "small-fd", "pixel-fd", "bpd", "sample-analysis"}
+_NEEDS_GENERATOR = {"fid", "is", "kid", "prc", "small-fd", "pixel-fd", "bpd", "sample-analysis"}
 
 
 @dataclass
@@ -71,15 +81,19 @@ class EvalOptions:
     pgd_eps: dict[str, list[float]] | None = None   # per norm, in /255; None = the paper's Table 12 lists
     speed_samples: int = 32
     html: bool = True
+    progress: bool = True                # progress bars (on a terminal)
 
 
-def parse_metrics(text: str, mode: str | None = None) -> list[str]:
-    """'a,b,c' -> a list of known metric names; 'all' -> every metric that applies to `mode`."""
+def parse_metrics(text: str, mode: str | None = None, samples_only: bool = False) -> list[str]:
+    """'a,b,c' -> a list of known metric names; 'all' -> every metric that applies to `mode` (samples_only: to a
+    sample file without a run)."""
     names = [m.strip() for m in text.split(",") if m.strip()]
     if names == ["all"]:
+        if samples_only:
+            return ["small-fd", "pixel-fd"]
         if mode is None:
             return list(METRICS)
-        return [m for m in METRICS if _applies(m, mode) and m not in ("fid", "is")]
+        return [m for m in METRICS if _applies(m, mode) and m not in INCEPTION_METRICS]
     unknown = [m for m in names if m not in METRICS]
     if unknown or not names:
         raise HybvitError(f"unknown metric(s) {', '.join(unknown) or '(none given)'}; choose from "
@@ -95,41 +109,65 @@ def _applies(metric: str, mode: str) -> bool:
     return True
 
 
-def evaluate_run(run_dir: Path, metrics: list[str], out: Path | None = None, opts: EvalOptions | None = None,
-                 **kw) -> dict[str, Any]:
-    """Compute `metrics` for the run in run_dir. With `out` (a .json path) also writes the plots and HTML report;
-    nothing is left behind when a metric fails."""
-
+def evaluate_run(run_dir: Path | None, metrics: list[str], out: Path | None = None, opts: EvalOptions | None = None,
+                 samples: Path | None = None, **kw) -> dict[str, Any]:
+    """Compute `metrics` for the run in run_dir and/or the sample file or folder `samples` (then the sample metrics
+    score those images, from any model). With `out` (a .json path) also writes the plots and HTML report; nothing is
+    left behind when a metric fails."""
     opts = opts or EvalOptions(**kw)
-    run = load_run(run_dir, device=opts.device)
-    cfg = run.config
+    if run_dir is None and samples is None:
+        raise HybvitError("give --run DIR, --samples FILE.npz|DIR, or both")
+    run = load_run(run_dir, device=opts.device) if run_dir is not None else None
+    cfg = run.config if run is not None else None
+    device = run.device if run is not None else resolve_device(opts.device)
     for m in metrics:
-        if not _applies(m, cfg.train.mode):
+        if samples is not None and m in SAMPLE_METRICS and m != "sample-analysis":
+            continue                                       # scores the file: no model needed
+        if run is None:
+            raise HybvitError(f"metric '{m}' needs a model: add --run DIR (with --samples alone: "
+                              f"{', '.join(s for s in SAMPLE_METRICS if s != 'sample-analysis')})")
+        if not _applies(m, cfg.train.mode) and not (m == "sample-analysis" and samples is not None
+                                                     and cfg.train.mode != "genvit"):
             need = "a classifier" if m in _NEEDS_CLASSIFIER else "a generative model"
             raise HybvitError(f"metric '{m}' needs {need}; this run was trained in {cfg.train.mode} mode")
-    data = load_data(opts.data_spec or cfg.data.spec, cfg.data.image_size)
-    if (data.channels, data.image_size) != (cfg.model.channels, cfg.model.image_size):
-        raise HybvitError(f"data '{data.name}' is {data.image_size}x{data.image_size}x{data.channels} but the model "
-                          f"takes {cfg.model.image_size}x{cfg.model.image_size}x{cfg.model.channels}; use matching --data")
-    if set(metrics) & _NEEDS_CLASSIFIER and data.num_classes != cfg.model.num_classes:
-        raise HybvitError(f"data has {data.num_classes} classes but the model {cfg.model.num_classes}; "
-                          f"evaluate on the data the run was trained on")
+    spec = opts.data_spec or (cfg.data.spec if cfg is not None else None)
+    if spec is None and set(metrics) != {"is"}:
+        raise HybvitError("--samples without --run needs --data SPEC: the dataset the samples are compared with "
+                          "(e.g. cifar10, npz:PATH)")
+    data = load_data(spec, cfg.data.image_size if cfg is not None else 0) if spec is not None else None
+    if cfg is not None and data is not None:
+        if (data.channels, data.image_size) != (cfg.model.channels, cfg.model.image_size):
+            raise HybvitError(f"data '{data.name}' is {data.image_size}x{data.image_size}x{data.channels} but the "
+                              f"model takes {cfg.model.image_size}x{cfg.model.image_size}x{cfg.model.channels}; "
+                              f"use matching --data")
+        if set(metrics) & _NEEDS_CLASSIFIER and data.num_classes != cfg.model.num_classes:
+            raise HybvitError(f"data has {data.num_classes} classes but the model {cfg.model.num_classes}; "
+                              f"evaluate on the data the run was trained on")
+    sample_set = None
+    if set(metrics) & set(SAMPLE_METRICS):
+        sample_set = SampleSet.make(run, samples, opts, metrics, data, device)
 
     work = None
     if out is not None:
         out = Path(out)
         out.parent.mkdir(parents=True, exist_ok=True)
         work = Path(tempfile.mkdtemp(prefix=".hybvit-eval-", dir=out.parent))
-    report: dict[str, Any] = {"run": str(run_dir), "data": data.name, "mode": cfg.train.mode, "preset": cfg.preset,
-                              "seed": opts.seed, "device": str(run.device), "metrics": {}, "seconds": {}}
+    report: dict[str, Any] = {"run": str(run_dir) if run_dir is not None else None,
+                              "data": data.name if data is not None else None,
+                              "mode": cfg.train.mode if cfg is not None else None,
+                              "preset": cfg.preset if cfg is not None else None, "seed": opts.seed,
+                              "device": str(device),
+                              "samples": sample_set.info if sample_set is not None else None,
+                              "metrics": {}, "seconds": {},
+                              "provenance": provenance(device, 1, cfg.train.amp if cfg is not None else None)}
     try:
         for name in metrics:
             t0 = time.time()
             print(f"evaluating {name} ...", flush=True)
-            report["metrics"][name] = _metric(name, run, Path(run_dir), data, opts, work)
+            report["metrics"][name] = _metric(name, run, run_dir and Path(run_dir), data, opts, work, sample_set)
             report["seconds"][name] = round(time.time() - t0, 2)
         if out is not None:
-            _finish(report, Path(run_dir), run, out, work, opts)
+            _finish(report, run_dir and Path(run_dir), run, out, work, opts)
     except BaseException:
         if work is not None:
             shutil.rmtree(work, ignore_errors=True)
@@ -137,45 +175,81 @@ def evaluate_run(run_dir: Path, metrics: list[str], out: Path | None = None, opt
     return report
 
 
-def _metric(name: str, run, run_dir: Path, data, opts: EvalOptions, work: Path | None) -> dict[str, Any]:
-    cfg = run.config
+class SampleSet:
+    """The one set of images every sample metric of a report scores (uint8 (N, C, H, W)), with what it is (info),
+    and its features per extractor, computed once and shared (FID, IS, KID and precision/recall use the same
+    Inception features)."""
+
+    def __init__(self, images: torch.Tensor, info: dict[str, Any], device, progress: bool):
+        self.images, self.info, self.device, self.progress = images, info, device, progress
+        self._features: dict[str, Any] = {}
+
+    @classmethod
+    def make(cls, run, samples: Path | None, opts: EvalOptions, metrics: list[str], data, device) -> "SampleSet":
+        if samples is not None:
+            x, _ = read_samples(samples)
+            if opts.num_samples is not None:
+                if opts.num_samples > len(x):
+                    raise HybvitError(f"--num-samples {opts.num_samples}, but '{samples}' holds {len(x)} images")
+                x = x[:opts.num_samples]
+            info = {"source": str(samples), "num_samples": len(x)}
+        else:
+            n = opts.num_samples or (10_000 if set(metrics) & set(INCEPTION_METRICS) else 1000)
+            x = to_uint8(run.sample(n, progress=opts.progress, **_sampling(opts)))
+            info = {"source": "drawn by this evaluation", "num_samples": n, **_sampler_info(run, opts)}
+        if run is not None and x.shape[1:] != (run.config.model.channels, run.config.model.image_size,
+                                               run.config.model.image_size) and "sample-analysis" in metrics:
+            raise HybvitError(f"samples are {tuple(x.shape[1:])} (C,H,W) but the run's classifier takes "
+                              f"{(run.config.model.channels, run.config.model.image_size, run.config.model.image_size)}")
+        if data is not None and "pixel-fd" in metrics and x.shape[1:] != data.x_test.shape[1:]:
+            raise HybvitError(f"pixel-fd compares pixels: the samples are {tuple(x.shape[1:])} (C,H,W) but "
+                              f"'{data.name}' is {tuple(data.x_test.shape[1:])}; give matching --data")
+        return cls(x, info, device, opts.progress)
+
+    def features(self, extractor) -> Any:
+        if extractor.name not in self._features:
+            self._features[extractor.name] = extract(extractor, self.images, self.device,
+                                                     want_logits=extractor.name == "inception", progress=self.progress)
+        return self._features[extractor.name]
+
+
+def _metric(name: str, run, run_dir: Path | None, data, opts: EvalOptions, work: Path | None,
+            sample_set: SampleSet | None) -> dict[str, Any]:
     n_gen = opts.num_samples
     if name == "accuracy":
         raw = None
         last = run_dir / "checkpoints" / "last.pt"
         if last.exists():
             weights = load_training_state(last)["model"]
-            check_weights_fit(cfg, weights, last)
-            raw = ViT(cfg.model)
+            check_weights_fit(run.config, weights, last)
+            raw = ViT(run.config.model)
             raw.load_state_dict(weights)
             raw.to(run.device).eval()
         return evaluate_accuracy(run, data, raw, opts.batch_size)
-    if name in ("fid", "is", "small-fd"):
-        return _fid_family(name, run, data, opts, n_gen or (10_000 if name != "small-fd" else 1000), work)
+    if name in ("fid", "is", "kid", "prc", "small-fd"):
+        return _feature_metric(name, sample_set, data, opts)
     if name == "pixel-fd":
-        n = n_gen or 1000
-        x = run.sample(n, **_sampling(opts))
-        return {"value": pixel_frechet_distance(x, data.x_test), "num_samples": n, "reference": "test set",
-                "features": "raw pixels in [-1, 1]", **_sampler_info(run, opts)}
+        return {"value": pixel_frechet_distance(to_float(sample_set.images), data.x_test),
+                "num_samples": len(sample_set.images), "reference": "test set", "features": "raw pixels in [-1, 1]"}
     if name == "bpd":
         return evaluate_bpd(run, data.x_test, num_images=opts.bpd_images, timesteps=opts.bpd_timesteps or None,
-                            batch_size=opts.batch_size, seed=opts.seed, progress=True)
+                            batch_size=opts.batch_size, seed=opts.seed, progress=opts.progress)
     if name == "ece":
         return evaluate_ece(run, data, n_bins_list=tuple(opts.ece_bins), out_dir=work)
     if name == "ood":
         extra = None
-        if opts.ood_bpd and cfg.train.mode == "hybvit":
+        if opts.ood_bpd and run.config.train.mode == "hybvit":
             extra = {"bits_per_dim (negated)": _bpd_score(run, opts)}
         return evaluate_ood(run, data, opts.ood, num_images=opts.ood_images, seed=opts.seed, extra_scores=extra,
-                            out_dir=work)
+                            out_dir=work, progress=opts.progress)
     if name == "pgd":
         return evaluate_pgd(run, data, norms=tuple(opts.pgd_norms), eps=opts.pgd_eps, num_images=opts.pgd_images,
                             steps=opts.pgd_steps, seed=opts.seed, batch_size=min(opts.batch_size, 250), out_dir=work,
-                            step_size_factor=opts.pgd_step_factor)
+                            step_size_factor=opts.pgd_step_factor, progress=opts.progress)
     if name == "sample-analysis":
-        return analyse_samples(run, data, num_samples=n_gen or 1000, sampler=opts.sampler, steps=opts.steps,
-                               seed=opts.seed, batch_size=opts.batch_size, out_dir=work)
+        return analyse_samples(run, data, sample_set.images, batch_size=opts.batch_size, out_dir=work)
     if name == "speed":
+        cfg = run.config
         samplers = [("dpm-solver++", 10), ("dpm-solver++", 20), ("ddim", 20), ("ddim", 50)]
         if cfg.train.mode == "vit":
             return {"training": training_speed(run_dir, cfg, len(data.x_train))}
@@ -224,31 +298,43 @@ def _bpd_score(run, opts: EvalOptions):
     return score
 
 
-def _fid_family(name: str, run, data, opts: EvalOptions, n: int, work: Path | None) -> dict[str, Any]:
+def _feature_metric(name: str, sample_set: SampleSet, data, opts: EvalOptions) -> dict[str, Any]:
+    """fid, is, kid, prc (Inception features) and small-fd (the fixed random CNN) of the report's sample set."""
     extractor = SmallFeatures() if name == "small-fd" else InceptionFeatures(opts.inception_weights)
-    x = to_uint8(run.sample(n, progress=True, **_sampling(opts)))
-    feats = extract(extractor, x, run.device, want_logits=(name == "is"))
+    feats = sample_set.features(extractor)
+    n = len(sample_set.images)
     if name == "is":
         mean, std = inception_score(feats[1])
-        return {"value": mean, "std": std, "splits": 10, "num_samples": n, **_sampler_info(run, opts)}
+        return {"value": mean, "std": std, "splits": 10, "num_samples": n}
+    pool = feats[0] if isinstance(feats, tuple) else feats
+    ref_images = data.x_train if opts.fid_reference == "train" else data.x_test
+    which = "training set" if opts.fid_reference == "train" else "test set"
+    if name in ("kid", "prc"):                 # the features themselves: as many reference images as samples
+        x_ref = ref_images[:n]
+        ref_feats, cache = reference_features(extractor, data, x_ref, sample_set.device, progress=opts.progress)
+        result = (kernel_inception_distance(pool, ref_feats, seed=opts.seed) if name == "kid"
+                  else precision_recall(pool, ref_feats))
+        return {**result, "features": "Inception pool3 (2048-d)", "num_samples": n,
+                "reference": f"{which} (first {len(x_ref)} images)", "reference_cache": cache}
     if opts.fid_reference == "train":
-        ref = reference_stats(extractor, data, run.device)
+        ref = reference_stats(extractor, data, sample_set.device, progress=opts.progress)
         ref_name = f"training set ({ref['num_images']} images)"
     else:
-        mu, sigma = stats(extract(extractor, data.x_test, run.device))
+        mu, sigma = stats(extract(extractor, data.x_test, sample_set.device, progress=opts.progress))
         ref, ref_name = {"mu": mu, "sigma": sigma, "cache": None}, f"test set ({len(data.x_test)} images)"
-    value = frechet_to_reference(feats, ref)
+    value = frechet_to_reference(pool, ref)
     label = "FID (Inception pool3, 2048-d)" if name == "fid" else "small-feature FD (fixed random CNN, 512-d)"
     return {"value": value, "features": label, "num_samples": n, "reference": ref_name,
-            "reference_cache": ref.get("cache"), **_sampler_info(run, opts)}
+            "reference_cache": ref.get("cache")}
 
 
-def _finish(report: dict[str, Any], run_dir: Path, run, out: Path, work: Path, opts: EvalOptions) -> None:
-    """Training curves, then move the plots next to the JSON and write JSON + HTML (atomically)."""
-    try:
-        report["training_curves"] = training_curves(run_dir, work)
-    except HybvitError as e:
-        report["training_curves"] = {"note": str(e)}
+def _finish(report: dict[str, Any], run_dir: Path | None, run, out: Path, work: Path, opts: EvalOptions) -> None:
+    """Training curves (with a run), then move the plots next to the JSON and write JSON + HTML (atomically)."""
+    if run_dir is not None:
+        try:
+            report["training_curves"] = training_curves(run_dir, work)
+        except HybvitError as e:
+            report["training_curves"] = {"note": str(e)}
     plots_dir = out.with_name(out.stem + "-plots")
     if plots_dir.exists():
         shutil.rmtree(plots_dir)
@@ -256,7 +342,7 @@ def _finish(report: dict[str, Any], run_dir: Path, run, out: Path, work: Path, o
     report["plots_dir"] = plots_dir.name
     write_json(out, report)
     if opts.html:
-        write_html(out.with_suffix(".html"), report, run_dir, run.config, plots_dir)
+        write_html(out.with_suffix(".html"), report, run_dir, run.config if run is not None else None, plots_dir)
 
 
-__all__ = ["METRICS", "EvalOptions", "evaluate_run", "parse_metrics"]
+__all__ = ["METRICS", "SAMPLE_METRICS", "EvalOptions", "evaluate_run", "parse_metrics"]

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from ..errors import HybvitError
 from .frechet import frechet_distance_from_stats
@@ -114,11 +115,16 @@ def _no_weights_message() -> str:
 
 
 def extract(extractor: torch.nn.Module, images_uint8: torch.Tensor, device, batch_size: int = 250,
-            want_logits: bool = False):
-    """Features (N, D) float64 numpy (and the logits when asked, for IS) of uint8 images, in batches."""
+            want_logits: bool = False, progress: bool = False):
+    """Features (N, D) float64 numpy (and the logits when asked, for IS) of uint8 images, in batches; a progress
+    bar (on a terminal) when asked."""
     extractor = extractor.to(device)
     feats, logits = [], []
-    for i in range(0, len(images_uint8), batch_size):
+    starts = range(0, len(images_uint8), batch_size)
+    if progress:
+        starts = tqdm(starts, desc=f"{extractor.name} features of {len(images_uint8)} images", unit="batch",
+                      leave=False, mininterval=1.0, disable=None)
+    for i in starts:
         out = extractor(images_uint8[i:i + batch_size].to(device))
         if isinstance(out, tuple):
             out, lg = out
@@ -132,18 +138,24 @@ def stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return features.mean(0), np.cov(features, rowvar=False)
 
 
-def reference_stats(extractor: torch.nn.Module, data, device, num_images: int = 0, batch_size: int = 250,
-                    use_cache: bool = True) -> dict[str, Any]:
-    """Mean and covariance of the training images' features (all of them, or the first num_images), cached on disk
-    under a key made of the dataset, its content, the extractor and the count."""
-    x = data.x_train if not num_images else data.x_train[:num_images]
+def _cache_path(kind: str, extractor: torch.nn.Module, data, x: torch.Tensor) -> Path:
+    """Where statistics or features of images x of a dataset are cached: a key made of the dataset, its content,
+    the extractor and the count."""
     digest = hashlib.sha1(x[:: max(1, len(x) // 512)].numpy().tobytes()).hexdigest()[:12]
     name = f"{data.name.replace(':', '_').replace('/', '_')}-{extractor.name}-{len(x)}-{digest}.npz"
-    path = cache_dir() / "fid-stats" / name
+    return cache_dir() / kind / name
+
+
+def reference_stats(extractor: torch.nn.Module, data, device, num_images: int = 0, batch_size: int = 250,
+                    use_cache: bool = True, progress: bool = False) -> dict[str, Any]:
+    """Mean and covariance of the training images' features (all of them, or the first num_images), cached on
+    disk (see _cache_path)."""
+    x = data.x_train if not num_images else data.x_train[:num_images]
+    path = _cache_path("fid-stats", extractor, data, x)
     if use_cache and path.exists():
         with np.load(path) as z:
             return {"mu": z["mu"], "sigma": z["sigma"], "num_images": int(z["n"]), "cache": str(path), "cached": True}
-    mu, sigma = stats(extract(extractor, x, device, batch_size))
+    mu, sigma = stats(extract(extractor, x, device, batch_size, progress=progress))
     if use_cache:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp.npz")
@@ -151,6 +163,45 @@ def reference_stats(extractor: torch.nn.Module, data, device, num_images: int = 
         os.replace(tmp, path)
     return {"mu": mu, "sigma": sigma, "num_images": len(x), "cache": str(path) if use_cache else None,
             "cached": False}
+
+
+def reference_features(extractor: torch.nn.Module, data, x: torch.Tensor, device, progress: bool = False
+                       ) -> tuple[np.ndarray, str]:
+    """Features (float32) of reference images x (of `data`, for KID and precision/recall, which need the features
+    themselves), cached on disk like the statistics; returns them and the cache file."""
+    path = _cache_path("features", extractor, data, x)
+    if path.exists():
+        with np.load(path) as z:
+            return z["features"], str(path)
+    out = extract(extractor, x, device, progress=progress)
+    feats = (out[0] if isinstance(out, tuple) else out).astype(np.float32)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")
+    np.savez(tmp, features=feats)
+    os.replace(tmp, path)
+    return feats, str(path)
+
+
+def kernel_inception_distance(generated: np.ndarray, reference: np.ndarray, seed: int = 0) -> dict[str, float]:
+    """KID (Binkowski et al., 2018): the unbiased MMD^2 with the cubic polynomial kernel, mean and std over 100
+    random subsets of min(1000, N) features each, computed by torch-fidelity."""
+    from torch_fidelity.metric_kid import kid_features_to_metric
+    size = min(1000, len(generated), len(reference))
+    r = kid_features_to_metric(torch.from_numpy(np.asarray(generated, np.float64)),
+                               torch.from_numpy(np.asarray(reference, np.float64)),
+                               kid_subsets=100, kid_subset_size=size, rng_seed=seed, verbose=False)
+    return {"value": r["kernel_inception_distance_mean"], "std": r["kernel_inception_distance_std"],
+            "subsets": 100, "subset_size": size}
+
+
+def precision_recall(generated: np.ndarray, reference: np.ndarray, k: int = 3) -> dict[str, float]:
+    """Improved precision and recall (Kynkaanniemi et al., 2019) with k-nearest-neighbour balls (k = 3), computed
+    by torch-fidelity on the features given (here Inception pool3, as the ADM evaluation suite uses)."""
+    from torch_fidelity.metric_prc import prc_features_to_metric
+    r = prc_features_to_metric(torch.from_numpy(np.asarray(generated, np.float32)),
+                               torch.from_numpy(np.asarray(reference, np.float32)),
+                               prc_neighborhood=k, prc_batch_size=10000, save_cpu_ram=False, verbose=False)
+    return {"precision": r["precision"], "recall": r["recall"], "f_score": r["f_score"], "neighbourhood": k}
 
 
 def frechet_to_reference(features: np.ndarray, ref: dict[str, Any]) -> float:

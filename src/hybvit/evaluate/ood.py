@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
+from tqdm.auto import tqdm
 
 from ..data import ImageData
 from ..datasets import load_data
@@ -145,7 +146,7 @@ def ood_images(data: ImageData, spec: str, num_images: int, generator: torch.Gen
 
 def evaluate_ood(run, data: ImageData, ood: Sequence[str], num_images: int = 1000, seed: int = 0,
                  extra_scores: dict[str, Callable[[torch.Tensor], torch.Tensor]] | None = None,
-                 out_dir: str | Path | None = None, batch_size: int = 500) -> dict[str, Any]:
+                 out_dir: str | Path | None = None, batch_size: int = 500, progress: bool = False) -> dict[str, Any]:
     """AUROC of each score for in-distribution = the first num_images test images of `data` against each OOD
     set in `ood` ("interp", "noise" or a data spec for hybvit.data.load_data), as Table 3 / Table 11.
 
@@ -174,8 +175,12 @@ def evaluate_ood(run, data: ImageData, ood: Sequence[str], num_images: int = 100
             s[name] = v
         return s
 
+    sets = list(dict.fromkeys(ood))
+    bar = tqdm(total=1 + len(sets), unit="set", desc="OOD scores", leave=False, disable=None) if progress else None
     x_in = data.x_test[:num_images]
     s_in = scores_of(x_in, "in-distribution")
+    if bar is not None:
+        bar.update(1)
     names = list(s_in)
     result: dict[str, Any] = {"in_distribution": {"data": data.name, "num_images": len(x_in)}, "seed": seed,
                               "scores": names, "sets": {}}
@@ -188,6 +193,10 @@ def evaluate_ood(run, data: ImageData, ood: Sequence[str], num_images: int = 100
         all_scores[spec] = s_out
         result["sets"][spec] = {"num_images": len(x_out),
                                 "auroc": {k: auroc(s_in[k], s_out[k]) for k in names}}
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
 
     if out_dir is not None:
         out_dir = Path(out_dir)

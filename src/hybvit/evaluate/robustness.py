@@ -19,6 +19,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
 from ..data import ImageData
 from ..errors import HybvitError
@@ -109,7 +110,8 @@ def _correct(model_fn: ModelFn, x: torch.Tensor, y: torch.Tensor) -> int:
 
 def robust_accuracy_curve(model_fn: ModelFn, x01: torch.Tensor, y: torch.Tensor, eps_list: Sequence[float],
                           norm: str = "linf", steps: int = 50, step_size_factor: float = 2.5,
-                          generator: torch.Generator | None = None, batch_size: int = 250) -> list[dict[str, float]]:
+                          generator: torch.Generator | None = None, batch_size: int = 250,
+                          bar=None) -> list[dict[str, float]]:
     """Accuracy of model_fn on PGD adversarial examples for each eps (in [0, 1] image units), as one row of
     Table 12 / one line of Fig. 7. The step size is step_size_factor * eps / steps (default 2.5 * eps / steps).
     eps = 0 is the clean accuracy (no attack, no random start) and is always included, first.
@@ -126,6 +128,8 @@ def robust_accuracy_curve(model_fn: ModelFn, x01: torch.Tensor, y: torch.Tensor,
             if eps > 0:
                 xb = pgd(model_fn, xb, yb, eps, norm, steps, step_size_factor * eps / max(steps, 1), generator)
             correct += _correct(model_fn, xb, yb)
+            if bar is not None:
+                bar.update(len(xb))
         curve.append({"eps": eps, "accuracy": correct / len(x01)})
     return curve
 
@@ -133,7 +137,7 @@ def robust_accuracy_curve(model_fn: ModelFn, x01: torch.Tensor, y: torch.Tensor,
 def evaluate_pgd(run, data: ImageData, norms: Sequence[str] = NORMS,
                  eps: Mapping[str, Sequence[float]] | Sequence[float] | None = None, num_images: int = 1000,
                  steps: int = 50, seed: int = 0, batch_size: int = 250, out_dir: str | Path | None = None,
-                 step_size_factor: float = 2.5) -> dict[str, Any]:
+                 step_size_factor: float = 2.5, progress: bool = False) -> dict[str, Any]:
     """Robust accuracy of a run's EMA classifier under PGD (Sec. 5.2.3, Fig. 7; App. C.4, Table 12) on the first
     num_images test images: the model sees 2 * x01 - 1 (its [-1, 1] input) under the run's autocast setting.
 
@@ -158,6 +162,9 @@ def evaluate_pgd(run, data: ImageData, norms: Sequence[str] = NORMS,
     out: dict[str, Any] = {"num_images": len(x01), "steps": steps,
                            "step_size": f"{step_size_factor:g} * eps / steps", "random_start": True,
                            "seed": seed, "norms": {}}
+    lists = {n: (PAPER_EPS[n] if eps is None else eps.get(n, []) if isinstance(eps, Mapping) else eps) for n in norms}
+    bar = tqdm(total=len(x01) * sum(len({0.0, *map(float, v)}) for v in lists.values()), unit="img",
+               desc=f"PGD-{steps}", leave=False, mininterval=1.0, disable=None) if progress else None
     for norm in norms:
         if eps is None:
             budgets = PAPER_EPS[norm]
@@ -171,9 +178,11 @@ def evaluate_pgd(run, data: ImageData, norms: Sequence[str] = NORMS,
             raise HybvitError("PGD eps values must be >= 0 (in units of 1/255)")
         g = torch.Generator().manual_seed(seed)
         curve = robust_accuracy_curve(model_fn, x01, y, [float(e) / 255 for e in budgets], norm, steps,
-                                      step_size_factor, g, batch_size)
+                                      step_size_factor, g, batch_size, bar)
         out["norms"][norm] = {"eps_255": [round(c["eps"] * 255, 6) for c in curve],
                               "accuracy": [c["accuracy"] for c in curve]}
+    if bar is not None:
+        bar.close()
     if out_dir is not None:
         out["plots"] = {}
         label = f"{run.config.train.mode} ({data.name})"

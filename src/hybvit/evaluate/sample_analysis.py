@@ -1,9 +1,9 @@
 """`sample-analysis`: what the model's own classifier thinks of the model's own samples (the paper's Figures 10-11).
 
-Draw N samples, classify them with the HybViT head (EMA weights), and per predicted class rank them by two scores:
-logsumexp of the logits (an unnormalised log p(x) under the JEM view) and max_y p(y|x) (confidence). The best and
-worst samples per class go into grids (one row per class), and histograms compare the scores of samples with those
-of real test images.
+Classify the report's N samples with the HybViT head (EMA weights), and per predicted class rank them by two
+scores: logsumexp of the logits (an unnormalised log p(x) under the JEM view) and max_y p(y|x) (confidence). The
+best and worst samples per class go into grids (one row per class), and histograms compare the scores of samples
+with those of real test images.
 """
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from ..data import ImageData, to_uint8
+from ..data import ImageData, to_float
 from ..sample import make_grid, save_png
 from .plots import histograms
 
@@ -27,12 +27,12 @@ def _grid_rows(x: torch.Tensor, order_by_class: list[torch.Tensor], k: int, C: i
     return torch.cat(rows)
 
 
-def analyse_samples(run, data: ImageData, num_samples: int = 1000, sampler: str = "ddim", steps: int = 50,
-                    seed: int = 0, per_class: int = 8, batch_size: int = 500,
+def analyse_samples(run, data: ImageData, samples: torch.Tensor, per_class: int = 8, batch_size: int = 500,
                     out_dir: Path | None = None) -> dict[str, Any]:
-    x = run.sample(num_samples, sampler=sampler, steps=steps, seed=seed, batch_size=batch_size)   # (N, C, H, W)
-    x = x.clamp(-1, 1)
-    logits = run.classify(to_uint8(x), batch_size=batch_size)                                   # (N, K)
+    """samples: uint8 (N, C, H, W), the report's one sample set (drawn by `evaluate` or read with --samples)."""
+    x = to_float(samples)                                                                        # (N, C, H, W)
+    num_samples = len(x)
+    logits = run.classify(samples, batch_size=batch_size)                                       # (N, K)
     test_logits = run.classify(data.x_test[:num_samples], batch_size=batch_size)
     K = logits.shape[1]
     probs = logits.softmax(1)
@@ -40,8 +40,7 @@ def analyse_samples(run, data: ImageData, num_samples: int = 1000, sampler: str 
     lse = logits.logsumexp(1)
     scores = {"logsumexp": lse, "max_softmax": conf}
     out: dict[str, Any] = {
-        "num_samples": num_samples, "sampler": sampler,
-        "steps": steps if sampler != "ancestral" else run.diffusion.T,
+        "num_samples": num_samples,
         "predicted_class_counts": torch.bincount(pred, minlength=K).tolist(),
         "mean_max_softmax": {"samples": float(conf.mean()), "test": float(test_logits.softmax(1).max(1).values.mean())},
         "mean_logsumexp": {"samples": float(lse.mean()), "test": float(test_logits.logsumexp(1).mean())},
