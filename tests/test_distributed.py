@@ -144,6 +144,7 @@ def two_ranks(cfgs, tmp_path_factory):
     """One group of 2 ranks runs every 2-process scenario in turn; returns the run root and both ranks' results."""
     root = tmp_path_factory.mktemp("ddp")
     adamw, sgd = cfgs["adamw"].to_dict(), cfgs["sgd"].to_dict()
+    sgd["train"].update(eval_every="2", eval_samples=8, keep_every="2")   # rank 0 evaluates while rank 1 waits
     nan = Config.from_dict(adamw)
     nan.train.alpha, nan.train.ckpt_every = 1e39, 1          # alpha * L_simple overflows fp32: an inf loss
     ckpt2 = Config.from_dict(adamw)
@@ -199,6 +200,11 @@ def test_two_processes_train_what_one_process_trains(two_ranks, one_rank):
     assert results[1]["adamw"]["ok"] == {"steps": STEPS, "rank": 1}               # rank 1 writes nothing
     assert_same_training(weights(root / "adamw"), weights(one_rank / "adamw-accum1"))
     assert_same_training(weights(root / "sgd"), weights(one_rank / "sgd-accum1"), elementwise=True)
+    # evaluation while training and snapshots under two processes: by rank 0, without changing the training
+    rows = [json.loads(line) for line in (root / "sgd" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "eval/small_fd" in r] == [2, 4]
+    assert sorted(p.name for p in (root / "sgd" / "checkpoints").glob("ema-*")) == \
+        ["ema-0000002.safetensors", "ema-0000004.safetensors"]
     # the checkpoint holds the bare model: single-process tools load it
     assert not any(k.startswith("module.") for k in weights(root / "adamw")["model"])
     assert load_run(root / "adamw", device="cpu").sample(2, steps=2).shape == (2, 1, 8, 8)
