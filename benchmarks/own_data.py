@@ -3,8 +3,9 @@
 For each dataset, at one wall-clock budget per training run, on this machine, one process at a time:
   * a small CNN trained for the same wall time: the accuracy to beat, and the feature space of the sample metric;
   * hybvit rows, each in a fresh process: `no-preset` (what `hybvit train --data npz:PATH` does: the digits preset
-    adapted to the data, its patch chosen to keep 16 tokens) and `own-data` (`--preset own-data`: the -plus
-    architecture with a patch for a grid of about 8x8 tokens and the crop / label smoothing recipe);
+    adapted to the data, its patch chosen to keep 16 tokens, with a 16-channel convolutional stem), `own-data`
+    (`--preset own-data`: the -plus architecture with a patch for a grid of about 8x8 tokens and the crop / label
+    smoothing recipe), and the measured alternatives in row_args (`--rows no-preset,no-preset-linear,...`);
   * for each hybvit row: test accuracy, and 1000 DDIM-50 samples of the EMA weights scored by a Frechet distance
     in the CNN's penultimate features against the test set (with real-vs-real and noise-vs-real on the same scale)
     and by the CNN's class shares (the largest share, against 1/K for balanced samples).
@@ -153,7 +154,9 @@ def row_args(row: str) -> list[str]:
             # the classification recipe of own-data (crop, label smoothing) on the no-preset model alone
             "no-preset-recipe": ["--set", "data.crop_padding=4", "--set", "train.label_smoothing=0.1"],
             # own-data at about the no-preset model's cost per step (D 96, depth 3)
-            "own-data-small": ["--preset", "own-data", "--set", "model.dim=96", "--set", "model.depth=3"]}[row]
+            "own-data-small": ["--preset", "own-data", "--set", "model.dim=96", "--set", "model.depth=3"],
+            # the no-preset model as it was before its convolutional stem: the linear patch embedding
+            "no-preset-linear": ["--set", "model.conv_stem=0"]}[row]
 
 
 def train_row(npz: Path, row: str, minutes: float, out: Path, smoke: bool) -> dict:

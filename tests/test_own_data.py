@@ -55,7 +55,34 @@ def test_own_data_preset_is_sized_from_the_data_and_recorded(tmp_path, size, cha
     cfg = json.loads((tmp_path / "d" / "config.json").read_text())
     tokens = (size // cfg["model"]["patch_size"]) ** 2
     assert cfg["preset"] == "digits-hybvit" and tokens == 16 and cfg["model"]["time_cond"] == "token-scalar"
-    assert "expect: on " in capsys.readouterr().out
+    assert cfg["model"]["conv_stem"] == 16 and any(n.startswith("conv stem 16") for n in cfg["notes"])
+    out = capsys.readouterr().out
+    assert "expect: on " in out and "adapted to the data: conv stem 16" in out
+    # a named preset, or --set model.conv_stem=0, keeps the linear patch embedding
+    assert main(["train", "--data", f"npz:{data}", "--steps", "1", "--out", str(tmp_path / "n"), "--quiet",
+                 *tiny[:-2], "--set", "model.conv_stem=0"]) == 0
+    assert json.loads((tmp_path / "n" / "config.json").read_text())["model"]["conv_stem"] == 0
+
+
+def test_conv_stem_feeds_both_heads():
+    """model.conv_stem: (B, C, H, W) -> two 3x3 convolutions -> patches; the classifier and the denoiser both train
+    it, and the output keeps the image's shape."""
+    import torch
+    from hybvit.config import preset_config
+    from hybvit.model import ViT
+    cfg = preset_config("digits-hybvit").model
+    cfg.dim, cfg.depth, cfg.heads, cfg.conv_stem = 32, 2, 2, 8
+    model = ViT(cfg)
+    assert model.patch_embed.in_features == 2 * 2 * 8
+    x, t = torch.randn(3, 1, 8, 8), torch.tensor([1, 10, 500])
+    assert model.denoise(x, t).shape == x.shape and model.classify(x).shape == (3, 10)
+    for loss in (model.classify(x).sum(), model.denoise(x, t).pow(2).sum()):
+        model.zero_grad()
+        loss.backward()
+        assert model.stem[2].weight.grad.abs().sum() > 0
+    plain = preset_config("digits-hybvit").model
+    plain.dim, plain.depth, plain.heads = 32, 2, 2
+    assert model.flops_per_image() > ViT(plain).flops_per_image()
 
 
 def test_the_default_run_keeps_the_digits_preset():

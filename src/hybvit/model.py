@@ -175,7 +175,11 @@ class ViT(nn.Module):
         self.num_tokens = N + 1
         time_hidden = cfg.time_hidden or 4 * (N + 1)
 
-        self.patch_embed = nn.Linear(P * P * C, D)                    # E in Eq. 17
+        if cfg.conv_stem:                                             # (B, C, H, W) -> (B, S, H, W)
+            S = cfg.conv_stem
+            self.stem = nn.Sequential(nn.Conv2d(C, S, 3, padding=1), nn.GELU(), nn.Conv2d(S, S, 3, padding=1),
+                                      nn.GELU())
+        self.patch_embed = nn.Linear(P * P * (cfg.conv_stem or C), D)  # E in Eq. 17
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D))           # x_class
         self.pos_embed = nn.Parameter(torch.zeros(1, N + 1, D))       # E_pos
         self.time_mlp = nn.Sequential(                                # A = MLP_t(t)
@@ -257,7 +261,7 @@ class ViT(nn.Module):
         so the last block computes that token alone (~8 % fewer FLOPs for a classification pass, same values);
         returns (h_cls (cls_rows, D), h_L of the other rows (B - cls_rows, N+1, D) or None).
         A: the time features of t when the caller has them already (time_features(t))."""
-        h = self.patch_embed(self.patchify(x))                        # (B, N, D)
+        h = self.patch_embed(self.patchify(self.stem(x) if self.cfg.conv_stem else x))   # (B, N, D)
         h = torch.cat([self.cls_token.expand(h.shape[0], -1, -1), h], dim=1) + self.pos_embed  # (B, N+1, D)
         if A is None and t is not None:
             A = self.time_features(t)                                 # (B - n_plain, time_hidden)
@@ -323,7 +327,10 @@ class ViT(nn.Module):
         L += int(cfg.time_token)
         per_block = 2 * L * (3 * D * D + D * D + 2 * D * hidden) + 2 * 2 * L * L * D
         skips = (cfg.depth // 2) * 2 * L * 2 * D * D if cfg.long_skips else 0
-        return float(cfg.depth * per_block + skips + 2 * (L - 1) * PPC * D * 2)
+        stem = 2 * cfg.image_size ** 2 * 9 * cfg.conv_stem * (cfg.channels + cfg.conv_stem) if cfg.conv_stem else 0
+        if cfg.conv_stem:
+            PPC = cfg.patch_size ** 2 * (cfg.conv_stem + cfg.channels) / 2    # embedding from S, output to C
+        return float(cfg.depth * per_block + skips + 2 * (L - 1) * PPC * D * 2 + stem)
 
 
 # Parameter count of the paper's official code at its CIFAR-10 configuration (REFERENCE-NOTES).

@@ -43,8 +43,8 @@ def _version(dist: str) -> str | None:
 def git_state() -> tuple[str | None, bool | None]:
     """(commit, dirty) of the checkout hybvit runs from (an editable install), or (None, None) outside one."""
     src = Path(__file__).resolve().parent
-    root = next((p for p in (src, *src.parents) if (p / ".git").exists()), None)
-    if root is None:
+    root = src.parent.parent                      # <checkout>/src/hybvit: only hybvit's own checkout counts, not
+    if not (root / ".git").exists() or not (root / "pyproject.toml").exists():   # a repo around a site-packages
         return None, None
     try:
         commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True,

@@ -166,14 +166,19 @@ def gather_samples(ctx, x: torch.Tensor, n: int, batch_size: int) -> torch.Tenso
 
 
 @torch.no_grad()
-def classify_batches(model: ViT, images: torch.Tensor, batch_size: int = 500, amp: str = "auto") -> torch.Tensor:
+def classify_batches(model: ViT, images: torch.Tensor, batch_size: int = 500, amp: str = "auto",
+                     progress: str | None = None) -> torch.Tensor:
     """Logits (N, classes) as float32 on the CPU for images (N, C, H, W), uint8 in [0, 255] or float in [-1, 1],
-    classified batch_size at a time on the model's device in eval mode (its mode is restored after)."""
+    classified batch_size at a time on the model's device in eval mode (its mode is restored after); progress: the
+    label of a progress bar (on a terminal), None for none."""
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     out = []
-    for i in range(0, len(images), batch_size):
+    starts = range(0, len(images), batch_size)
+    if progress is not None:
+        starts = tqdm(starts, desc=progress, unit="batch", leave=False, mininterval=1.0, disable=None)
+    for i in starts:
         xb = images[i:i + batch_size].to(device)
         xb = to_float(xb) if xb.dtype == torch.uint8 else xb.float()
         with autocast(amp, device):

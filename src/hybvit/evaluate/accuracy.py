@@ -10,11 +10,12 @@ from ..model import ViT
 from ..sample import classify_batches
 
 
-def accuracy(model: ViT, x: torch.Tensor, y: torch.Tensor, batch_size: int = 500, amp: str = "auto") -> float:
-    """Top-1 accuracy of model.classify on uint8 images x (N, C, H, W) with labels y (N,)."""
+def accuracy(model: ViT, x: torch.Tensor, y: torch.Tensor, batch_size: int = 500, amp: str = "auto",
+             progress: str | None = None) -> float:
+    """Top-1 accuracy of model.classify on uint8 images x (N, C, H, W) with labels y (N,); progress: a bar's label."""
     if len(x) == 0:
         return 0.0
-    return (classify_batches(model, x, batch_size, amp).argmax(1) == y).sum().item() / len(x)
+    return (classify_batches(model, x, batch_size, amp, progress).argmax(1) == y).sum().item() / len(x)
 
 
 def evaluate_accuracy(run, data: ImageData, raw_model=None, batch_size: int = 500) -> dict[str, Any]:

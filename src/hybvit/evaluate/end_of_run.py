@@ -89,8 +89,9 @@ def finish(cfg: Config, data: ImageData, model: ViT, ema_model: ViT, diffusion: 
     t = cfg.train
     metrics: dict[str, Any] = {}
     if t.mode in ("vit", "hybvit"):
-        metrics["test_accuracy"] = accuracy(ema_model, data.x_test, data.y_test, t.eval_batch_size, amp)
-        metrics["test_accuracy_raw"] = accuracy(model, data.x_test, data.y_test, t.eval_batch_size, amp)
+        bar = (lambda which: f"test accuracy ({which})") if progress else (lambda which: None)   # noqa: E731
+        metrics["test_accuracy"] = accuracy(ema_model, data.x_test, data.y_test, t.eval_batch_size, amp, bar("EMA"))
+        metrics["test_accuracy_raw"] = accuracy(model, data.x_test, data.y_test, t.eval_batch_size, amp, bar("raw"))
         if log is not None:
             log({"test/accuracy": metrics["test_accuracy"], "test/accuracy_raw": metrics["test_accuracy_raw"]})
         print(f"test accuracy: {metrics['test_accuracy']:.4f} (EMA), {metrics['test_accuracy_raw']:.4f} (raw)")
