@@ -18,14 +18,7 @@ from hybvit.precision import autocast, cuda_amp, grad_scaler
 from hybvit.sample import load_run
 from hybvit.samplefiles import read_samples, write_samples
 
-TINY = ["--set", "model.dim=32", "--set", "model.depth=2", "--set", "model.heads=2", "--set", "batch_size=32",
-        "--set", "num_samples=4", "--set", "sample_steps=3", "--set", "fd_samples=0", "--quiet"]
-
-
-def cli(capsys, *args):
-    rc = main([str(a) for a in args])
-    out, err = capsys.readouterr()
-    return rc, out, err
+from test_cli import TINY, run_cli as cli                  # the tiny model flags and the in-process CLI
 
 
 @pytest.fixture(scope="module")
