@@ -234,3 +234,13 @@ def test_gpu_precision_policy_and_fp16_training_on_the_cpu(tmp_path, capsys):
     sa, sb = (load_training_state(d / "checkpoints" / "last.pt") for d in (a, b))
     assert all(torch.equal(sa["model"][k], sb["model"][k]) for k in sa["model"])
     assert json.loads((a / "metrics.json").read_text())["amp"] == "fp16"
+
+
+def test_end_of_run_sampling_fits_the_run():
+    """evaluate.end_of_run.fits: all samples while they cost at most max(60 s, a quarter of the training time),
+    estimated as steps forward passes a third the cost of a training image each; else as many as fit."""
+    from hybvit.evaluate.end_of_run import fits
+    assert fits(1000, 50, 950.0, 270.0) == 1000              # the default digits run: ~18 s of sampling
+    assert fits(100, 100, 48.8, 16.0) == 87                  # 3 steps of cifar10-hybvit on a CPU: 60 s of room
+    assert fits(100, 100, 48.8, 16.0 * 400) == 100           # the same after a long run
+    assert fits(100, 100, None, None) == 100                 # no training figures: all

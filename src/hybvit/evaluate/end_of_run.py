@@ -97,9 +97,8 @@ def finish(cfg: Config, data: ImageData, model: ViT, ema_model: ViT, diffusion: 
         print(f"test accuracy: {metrics['test_accuracy']:.4f} (EMA), {metrics['test_accuracy_raw']:.4f} (raw)")
     steps = diffusion.T if t.sampler == "ancestral" else t.sample_steps
     n_fd, n_png = t.fd_samples, t.num_samples
-    if t.mode in ("genvit", "hybvit") and max(n_fd, n_png) > fits(max(n_fd, n_png), steps, train_images_per_second,
-                                                                   train_seconds):
-        room = fits(max(n_fd, n_png), steps, train_images_per_second, train_seconds)
+    room = fits(max(n_fd, n_png), steps, train_images_per_second, train_seconds)
+    if t.mode in ("genvit", "hybvit") and max(n_fd, n_png) > room:
         notes = []
         if n_fd:
             notes.append(f"pixel-FD of {n_fd} samples skipped")
