@@ -156,7 +156,9 @@ def row_args(row: str) -> list[str]:
             # own-data at about the no-preset model's cost per step (D 96, depth 3)
             "own-data-small": ["--preset", "own-data", "--set", "model.dim=96", "--set", "model.depth=3"],
             # the no-preset model as it was before its convolutional stem: the linear patch embedding
-            "no-preset-linear": ["--set", "model.conv_stem=0"]}[row]
+            "no-preset-linear": ["--set", "model.conv_stem=0"],
+            # the no-preset model with a convolutional output head to match its stem
+            "no-preset-conv-head": ["--set", "model.conv_head=16"]}[row]
 
 
 def train_row(npz: Path, row: str, minutes: float, out: Path, smoke: bool) -> dict:
