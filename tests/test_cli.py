@@ -211,7 +211,8 @@ def test_adapts_model_to_other_data(tmp_path, capsys):
     p = tmp_path / "d.npz"
     np.savez(p, x_train=rng.integers(0, 256, (40, 16, 16, 3), dtype=np.uint8), y_train=np.arange(40) % 3,
              x_test=rng.integers(0, 256, (9, 16, 16, 3), dtype=np.uint8), y_test=np.arange(9) % 3)
-    rc, out, _ = run_cli(capsys, "train", "--data", f"npz:{p}", "--steps", 2, "--out", tmp_path / "r", *TINY)
+    rc, out, _ = run_cli(capsys, "train", "--data", f"npz:{p}", "--steps", 2, "--out", tmp_path / "r", *TINY,
+                         "--set", "model.dim=64")
     assert rc == 0                                     # no preset: the digits preset keeps its 16 tokens
     assert "patch size 2 -> 4" in out and "classes 10 -> 3" in out and "channels 1 -> 3" in out
     assert "expect: on cifar32" in out                 # the panel's measurement nearest this data

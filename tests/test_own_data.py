@@ -51,10 +51,13 @@ def test_own_data_preset_is_sized_from_the_data_and_recorded(tmp_path, size, cha
     cfg = json.loads((tmp_path / "p" / "config.json").read_text())
     assert cfg["model"]["patch_size"] == 2 and cfg["data"]["crop_padding"] == 1
     assert main(["train", "--data", f"npz:{data}", "--steps", "1", "--out", str(tmp_path / "d"), "--quiet",
-                 *tiny[:-2]]) == 0
+                 *tiny[:-2], "--set", "model.dim=64"]) == 0
     cfg = json.loads((tmp_path / "d" / "config.json").read_text())
     tokens = (size // cfg["model"]["patch_size"]) ** 2
-    assert cfg["preset"] == "digits-hybvit" and tokens == 16 and cfg["model"]["time_cond"] == "token-scalar"
+    # 16 tokens where a patch fits the 64-wide token (7x7x1 = 49 values); 8x8x3 = 192 does not, so 4x4 patches
+    assert cfg["preset"] == "digits-hybvit" and tokens == (16 if channels == 1 else 64)
+    assert cfg["model"]["time_cond"] == "token-scalar"
+    assert (channels == 3) == any("patch 8 would give each 64-wide token 192 values" in n for n in cfg["notes"])
     assert cfg["model"]["conv_stem"] == 16 and any(n.startswith("conv stem 16") for n in cfg["notes"])
     out = capsys.readouterr().out
     assert "expect: on " in out and "adapted to the data: conv stem 16" in out
@@ -83,6 +86,45 @@ def test_conv_stem_feeds_both_heads():
     plain = preset_config("digits-hybvit").model
     plain.dim, plain.depth, plain.heads = 32, 2, 2
     assert model.flops_per_image() > ViT(plain).flops_per_image()
+
+
+@pytest.mark.parametrize("flags,minutes", [(["--minutes", "15"], "15"), (["--minutes", "40"], "15"),
+                                           (["--minutes", "4"], "5"), (["--steps", "3"], "5")])
+def test_the_expectation_follows_the_budget(tmp_path, flags, minutes):
+    """The printed expectation is the panel row measured at the budget nearest the run's --minutes (on a log
+    scale), on the dataset nearest the data; a budget in steps gets the shortest measured one."""
+    from hybvit.cli import build_parser
+    from hybvit.config import PRESETS
+    from hybvit.resolve import expectation, resolve_train_config
+    data_path = npz(tmp_path / "mine.npz", 28, 1, n=40)
+    cfg, data, _, _ = resolve_train_config(build_parser().parse_args(
+        ["train", "--data", f"npz:{data_path}", "--out", str(tmp_path / "r"), *flags]))
+    line = expectation(cfg, data)
+    assert f" {minutes} minutes of digits-hybvit" in line and "28x28x1" in line
+    rows = [r for r in PRESETS["digits-hybvit"]["expect"] if r.get("conv_stem") == 16 and r["channels"] == 1
+            and f"{r['minutes']:g}" == minutes]
+    assert rows and any(f"test accuracy {r['accuracy']:.3f}" in line for r in rows)
+
+
+def test_a_token_narrower_than_its_patch_cannot_carry_the_noise():
+    """With P*P*C > D the map from x_t to the predicted noise passes a D-dimensional bottleneck: its Jacobian on a
+    patch has rank at most D, so it cannot even express eps = x_t (what the denoiser must predict at high noise).
+    narrow_tokens says so; a wide enough token has a full-rank Jacobian."""
+    import torch
+    from hybvit.config import ModelConfig
+    from hybvit.model import ViT
+    from hybvit.resolve import narrow_tokens
+    torch.manual_seed(0)
+    for dim, narrow in ((32, True), (64, False)):
+        cfg = ModelConfig(image_size=4, channels=3, patch_size=4, num_classes=2, dim=dim, depth=1, heads=2)
+        model = ViT(cfg)
+        t = torch.tensor([500])
+        jac = torch.autograd.functional.jacobian(lambda x: model.denoise(x, t).flatten(), torch.randn(1, 3, 4, 4))
+        rank = torch.linalg.matrix_rank(jac.reshape(48, 48)).item()
+        assert (rank <= dim) and (rank == 48) != narrow, (dim, rank)
+        assert bool(narrow_tokens(cfg)) == narrow
+    assert "48 values, more than the token's width 32" in narrow_tokens(ModelConfig(
+        image_size=4, channels=3, patch_size=4, num_classes=2, dim=32, depth=1, heads=2))
 
 
 def test_the_default_run_keeps_the_digits_preset():

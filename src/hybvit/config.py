@@ -37,7 +37,7 @@ MAX_SIDE = 4096                      # image side in pixels
 RULES: dict[str, tuple] = {
     "model.image_size": ("int", 1, MAX_SIDE), "model.channels": ("int", 1, 4), "model.patch_size": ("int", 1, MAX_SIDE),
     "model.num_classes": ("int", 1, 100_000), "model.dim": ("int", 1, 16_384), "model.depth": ("int", 1, 512),
-    "model.heads": ("int", 1, 1024), "model.conv_stem": ("int", 0, 1024), "model.conv_head": ("int", 0, 1024), "model.mlp_ratio": ("float", 1e-3, 64), "model.time_hidden": ("int", 0, 65_536),
+    "model.heads": ("int", 1, 1024), "model.conv_stem": ("int", 0, 1024), "model.mlp_ratio": ("float", 1e-3, 64), "model.time_hidden": ("int", 0, 65_536),
     "model.time_cond": ("choice", ("token-scalar", "adaln", "none")), "model.dropout": ("prob", False),
     "diffusion.timesteps": ("int", 2, 100_000), "diffusion.schedule": ("choice", ("cosine", "linear")),
     "diffusion.loss": ("choice", ("l1", "l2")), "diffusion.prediction": ("choice", ("eps", "v")),
@@ -139,8 +139,6 @@ class ModelConfig:
                                       # training uses for a train.label_dropout share of the diffusion images
     conv_stem: int = 0                # >0: two 3x3 convolutions (this many channels, GELU) at full resolution
                                       # before the patch embedding, a CNN's locality prior; 0 = the paper's
-    conv_head: int = 0                # >0: the denoiser's output layer gives this many channels per pixel, then
-                                      # two 3x3 convolutions (GELU) map them to the image; 0 = the paper's linear
     augment_cond: bool = False        # the denoiser is told which geometric transform (data.diffusion_augment) each
                                       # training image got (an embedding joins the time features, as EDM's
                                       # augmentation labels); sampling asks for none, so nothing leaks

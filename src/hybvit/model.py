@@ -196,11 +196,7 @@ class ViT(nn.Module):
         if cfg.long_skips:                                            # U-ViT: block i -> block depth-1-i
             self.skip_proj = nn.ModuleList([nn.Linear(2 * D, D) for _ in range(cfg.depth // 2)])
         self.head = nn.Sequential(nn.LayerNorm(D), nn.Linear(D, cfg.num_classes))  # Eq. 20 + linear
-        self.out = nn.Linear(D, P * P * (cfg.conv_head or C))         # f_r: token -> patch pixels
-        if cfg.conv_head:                                             # (B, S, H, W) -> (B, C, H, W)
-            S = cfg.conv_head
-            self.out_conv = nn.Sequential(nn.GELU(), nn.Conv2d(S, S, 3, padding=1), nn.GELU(),
-                                          nn.Conv2d(S, C, 3, padding=1))
+        self.out = nn.Linear(D, P * P * C)                            # f_r: token -> patch pixels
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
@@ -224,7 +220,7 @@ class ViT(nn.Module):
         if self.cfg.augment_cond:                                     # no effect until trained
             nn.init.zeros_(self.augment_embed.weight)
         if self.cfg.zero_init_out:
-            nn.init.zeros_(self.out_conv[-1].weight if self.cfg.conv_head else self.out.weight)
+            nn.init.zeros_(self.out.weight)
 
     # -- patches ---------------------------------------------------------------------------------------------
     def patchify(self, x: torch.Tensor) -> torch.Tensor:
@@ -235,10 +231,9 @@ class ViT(nn.Module):
         return x.reshape(B, G * G, P * P * C)
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, N, P*P*C) -> (B, C, H, W); the inverse of patchify (C: the image's channels, or conv_head's)."""
+        """(B, N, P*P*C) -> (B, C, H, W); the inverse of patchify."""
         B = x.shape[0]
-        P, G = self.cfg.patch_size, self.grid
-        C = x.shape[-1] // (P * P)
+        P, G, C = self.cfg.patch_size, self.grid, self.cfg.channels
         x = x.reshape(B, G, G, P, P, C).permute(0, 5, 1, 3, 2, 4)    # (B, C, G, P, G, P)
         return x.reshape(B, C, G * P, G * P)
 
@@ -294,8 +289,7 @@ class ViT(nn.Module):
 
     def output(self, h: torch.Tensor) -> torch.Tensor:
         """The denoiser's output layer: patch tokens h (B, N, D) -> (B, C, H, W)."""
-        x = self.unpatchify(self.out(h))                              # (B, C or S, H, W)
-        return self.out_conv(x) if self.cfg.conv_head else x
+        return self.unpatchify(self.out(h))
 
     def denoise(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None,
                 aug: torch.Tensor | None = None) -> torch.Tensor:
@@ -329,14 +323,14 @@ class ViT(nn.Module):
     def flops_per_image(self) -> float:
         """Forward FLOPs per image (2 per multiply-add) of the transformer trunk, patch embedding and heads."""
         cfg, L = self.cfg, self.num_tokens
-        D, hidden = cfg.dim, int(cfg.dim * cfg.mlp_ratio)
+        D, hidden, PPC = cfg.dim, int(cfg.dim * cfg.mlp_ratio), cfg.patch_size ** 2 * cfg.channels
         L += int(cfg.time_token)
         per_block = 2 * L * (3 * D * D + D * D + 2 * D * hidden) + 2 * 2 * L * L * D
         skips = (cfg.depth // 2) * 2 * L * 2 * D * D if cfg.long_skips else 0
         stem = 2 * cfg.image_size ** 2 * 9 * cfg.conv_stem * (cfg.channels + cfg.conv_stem) if cfg.conv_stem else 0
-        head = 2 * cfg.image_size ** 2 * 9 * cfg.conv_head * (cfg.conv_head + cfg.channels) if cfg.conv_head else 0
-        embed, out = cfg.patch_size ** 2 * (cfg.conv_stem or cfg.channels), cfg.patch_size ** 2 * (cfg.conv_head or cfg.channels)
-        return float(cfg.depth * per_block + skips + 2 * (L - 1) * (embed + out) * D + stem + head)
+        if cfg.conv_stem:
+            PPC = cfg.patch_size ** 2 * (cfg.conv_stem + cfg.channels) / 2    # embedding from S, output to C
+        return float(cfg.depth * per_block + skips + 2 * (L - 1) * PPC * D * 2 + stem)
 
 
 # Parameter count of the paper's official code at its CIFAR-10 configuration (REFERENCE-NOTES).

@@ -2,6 +2,7 @@
 to the data, checked against the data before anything is trained or written."""
 from __future__ import annotations
 
+import math
 import os
 import time
 from pathlib import Path
@@ -78,6 +79,8 @@ def resolve_train_config(args):
         print(f"adapted to the data: {note}")
     if is_own_data(cfg.data.spec):
         print(expectation(cfg, data))
+    if narrow_tokens(cfg.model) and cfg.train.mode != "vit":
+        print(f"warning: {narrow_tokens(cfg.model)}")
     cfg.validate()
     check_data_fits(cfg, data)
     check_fits_memory(cfg)
@@ -104,6 +107,18 @@ def own_data_patch(image_size: int) -> int:
     smaller patch (more tokens)."""
     divisors = [d for d in range(1, image_size + 1) if image_size % d == 0]
     return min(divisors, key=lambda d: (abs(image_size / d - 8), d))
+
+
+def narrow_tokens(m) -> str:
+    """Why the denoiser cannot carry the noise when a patch has more values (P*P*C) than the token's width D: the
+    patch embedding and the output layer then pass the noise through a D-dimensional bottleneck, and the part of
+    it outside that subspace is never predicted (nor removed while sampling). '' when the token is wide enough."""
+    values = m.patch_size ** 2 * m.channels
+    if values <= m.dim:
+        return ""
+    return (f"a {m.patch_size}x{m.patch_size}x{m.channels} patch has {values} values, more than the token's width "
+            f"{m.dim}: the denoiser cannot predict all of its noise; use a smaller model.patch_size or a larger "
+            f"model.dim")
 
 
 OWN_DATA_STEM = 16        # conv-stem channels for a user's dataset with no preset named (docs/results/own-data.md)
@@ -134,11 +149,17 @@ def adapt_model_to_data(cfg, data, preset_named: bool, explicit: set[str]) -> li
                          f"{best}x{best}-pixel tokens")
             m.patch_size = best
         elif not (preset_named or given("model.patch_size")):
+            # the preset's number of tokens, with patches no wider than the token (narrow_tokens)
             divisors = [d for d in range(1, data.image_size + 1) if data.image_size % d == 0]
-            best = min(divisors, key=lambda d: (abs((data.image_size // d) ** 2 - tokens), -d))
-            if best != m.patch_size:
-                notes.append(f"patch size {m.patch_size} -> {best} ({(data.image_size // best) ** 2} tokens, "
-                             f"the preset had {tokens})")
+            nearest = lambda ds: min(ds, key=lambda d: (abs((data.image_size // d) ** 2 - tokens), -d))  # noqa: E731
+            best = nearest([d for d in divisors if d * d * m.channels <= m.dim] or [1])
+            too_wide = nearest(divisors)
+            why = (f"; patch {too_wide} would give each {m.dim}-wide token {too_wide ** 2 * m.channels} values, "
+                   f"more than its denoiser can carry" if too_wide != best else "")
+            if best != m.patch_size or why:
+                change = f"{m.patch_size} -> {best}" if best != m.patch_size else f"{best} kept"
+                notes.append(f"patch size {change} ({(data.image_size // best) ** 2} tokens, the preset had "
+                             f"{tokens}{why})")
                 m.patch_size = best
         if own and not given("data.crop_padding"):
             cfg.data.crop_padding = max(1, round(data.image_size / 8))
@@ -148,7 +169,8 @@ def adapt_model_to_data(cfg, data, preset_named: bool, explicit: set[str]) -> li
     if not (preset_named or given("model.conv_stem")) and is_own_data(data.name) and not m.conv_stem:
         m.conv_stem = OWN_DATA_STEM
         notes.append(f"conv stem {OWN_DATA_STEM}: two 3x3 convolutions before the patch embedding (on the own-data "
-                     f"panel at 5 CPU-minutes it lowered the feature FD on every dataset: docs/results/own-data.md)")
+                     f"panel at 5 CPU-minutes it lowered the feature FD by 23-28 % wherever the model generated "
+                     f"anything: docs/results/own-data.md)")
     return notes
 
 
@@ -175,15 +197,19 @@ def check_fits_memory(cfg) -> None:
 
 def expectation(cfg, data) -> str:
     """What cfg's preset (with its conv stem or without) gave on the panel dataset most like `data` (same channels,
-    nearest image size, then nearest training-set size), as benchmarks/own_data.py measured it; stored with the
-    preset in presets.json ("expect")."""
+    nearest image size, then nearest training-set size) at the budget nearest the run's --minutes (the shortest
+    measured one for a budget in steps or epochs), as benchmarks/own_data.py measured it; stored with the preset in
+    presets.json ("expect")."""
     preset = cfg.preset
     rows = [r for r in PRESETS.get(preset.split("+")[0], {}).get("expect", [])
-            if r["channels"] == data.channels and r.get("conv_stem", 0) == cfg.model.conv_stem]
+            if r["channels"] == data.channels and r.get("conv_stem", 0) == cfg.model.conv_stem
+            and r.get("patch", cfg.model.patch_size) == cfg.model.patch_size]
     if not rows:
         return (f"expect: {preset} has no measurement on data like yours ({data.image_size}x{data.image_size}x"
                 f"{data.channels}); see docs/results/own-data.md")
-    r = min(rows, key=lambda r: (abs(r["size"] - data.image_size), abs(r["train_images"] - len(data.x_train))))
+    budget = cfg.train.minutes or min(r["minutes"] for r in rows)
+    r = min(rows, key=lambda r: (abs(math.log(r["minutes"] / budget)), abs(r["size"] - data.image_size),
+                                 abs(r["train_images"] - len(data.x_train))))
     return (f"expect: on {r['dataset']} ({r['train_images']:,} training images, {r['size']}x{r['size']}x"
             f"{r['channels']}) {r['minutes']:g} minutes of {preset} on {r['machine']} gave test accuracy "
             f"{r['accuracy']:.3f} (a small CNN in the same time: {r['cnn_accuracy']:.3f}); its samples sat "
