@@ -79,8 +79,9 @@ def resolve_train_config(args):
         print(f"adapted to the data: {note}")
     if is_own_data(cfg.data.spec):
         print(expectation(cfg, data))
-    if narrow_tokens(cfg.model) and cfg.train.mode != "vit":
-        print(f"warning: {narrow_tokens(cfg.model)}")
+    warning = narrow_tokens(cfg.model)
+    if warning and cfg.train.mode != "vit":
+        print(f"warning: {warning}")
     cfg.validate()
     check_data_fits(cfg, data)
     check_fits_memory(cfg)
