@@ -1,15 +1,19 @@
 """What `hybvit train --data npz:YOURS` gives on data nobody tuned for: a panel of datasets made offline.
 
 For each dataset, at one wall-clock budget per training run, on this machine, one process at a time:
-  * a small CNN trained for the same wall time: the accuracy to beat, and the feature space of the sample metric;
+  * a small CNN trained for the same wall time: the accuracy to beat;
+  * a judge: the same CNN trained for a fixed number of steps (JUDGE_STEPS, not wall time), whose penultimate
+    features are the space of the sample metric, so FDs compare across budgets and invocations. Judges and bars
+    are kept in --judges (default ~/.cache/hybvit/own-data-judges), keyed by the dataset's contents (and, for the
+    wall-time bar, the machine), and reused: a 15-minute panel need not retrain its 15-minute CNN;
   * hybvit rows, each in a fresh process: `no-preset` (what `hybvit train --data npz:PATH` does: the digits preset
     adapted to the data, its patch chosen to keep 16 tokens where a patch's values fit the token, with a
     16-channel convolutional stem), `own-data`
     (`--preset own-data`: the -plus architecture with a patch for a grid of about 8x8 tokens and the crop / label
     smoothing recipe), and the measured alternatives in row_args (`--rows no-preset,no-preset-linear,...`);
   * for each hybvit row: test accuracy, and 1000 DDIM-50 samples of the EMA weights scored by a Frechet distance
-    in the CNN's penultimate features against the test set (with real-vs-real and noise-vs-real on the same scale)
-    and by the CNN's class shares (the largest share, against 1/K for balanced samples).
+    against the test set (with real-vs-real and noise-vs-real on the same scale)
+    and by the judge's class shares (the largest share, against 1/K for balanced samples).
 
     python benchmarks/own_data.py --cifar ../shared/data/cifar10-jpg.tar.gz --minutes 10 --out docs/results/own-data
     python benchmarks/own_data.py --smoke --out /tmp/own-smoke       # seconds: every path, tiny budgets
@@ -21,6 +25,7 @@ own 360, and 2,000 CIFAR-10 test images (200 per class). Writes OUT.json, OUT.md
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import subprocess
@@ -115,8 +120,9 @@ class SmallCNN(nn.Module):
         return self.head(self.body(x))
 
 
-def train_cnn(data, minutes: float, seed: int = 0) -> tuple[SmallCNN, dict]:
-    """Adam 1e-3, batch 128, random crop (an eighth of the image, as the own-data default) for `minutes`."""
+def train_cnn(data, minutes: float | None = None, max_steps: int | None = None, seed: int = 0) -> tuple[SmallCNN, dict]:
+    """Adam 1e-3, batch 128, random crop (an eighth of the image, as the own-data default) for `minutes` of wall
+    time or for `max_steps` steps."""
     torch.manual_seed(seed)
     cnn = SmallCNN(data.channels, data.num_classes)
     opt = torch.optim.Adam(cnn.parameters(), lr=1e-3)
@@ -124,7 +130,7 @@ def train_cnn(data, minutes: float, seed: int = 0) -> tuple[SmallCNN, dict]:
     pad = max(1, round(data.image_size / 8))
     t0, steps = time.time(), 0
     cnn.train()
-    while time.time() - t0 < 60 * minutes:
+    while (steps < max_steps) if max_steps is not None else (time.time() - t0 < 60 * minutes):
         idx = torch.randint(0, len(data.x_train), (min(128, len(data.x_train)),), generator=g)
         x = to_float(crop_flip(data.x_train[idx], pad, False, g))
         loss = F.cross_entropy(cnn(x), data.y_train[idx])
@@ -135,6 +141,40 @@ def train_cnn(data, minutes: float, seed: int = 0) -> tuple[SmallCNN, dict]:
     cnn.eval()
     acc = (predict(cnn, data.x_test) == data.y_test).double().mean().item()
     return cnn, {"test_accuracy": round(acc, 4), "steps": steps, "seconds": round(time.time() - t0, 1)}
+
+
+JUDGE_STEPS = 2000          # about 25 epochs of a 10,000-image set; 5-8 CPU-minutes
+
+
+def fingerprint(data) -> str:
+    """A digest of the dataset's arrays: a cached judge or bar is reused only for the same images and labels."""
+    h = hashlib.sha256()
+    for t in (data.x_train, data.y_train, data.x_test, data.y_test):
+        h.update(t.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def cached_cnn(data, name: str, cache: Path | None, minutes: float | None, max_steps: int | None,
+               machine: str) -> tuple[SmallCNN, dict]:
+    """The judge (max_steps) or the wall-time bar (minutes) for this dataset: loaded from cache when its record
+    matches the data (and, for a wall-time bar, this machine), else trained and stored there. The weights are
+    loaded with weights_only=True: a cache file is data, never code."""
+    stem = f"{name}-judge-{max_steps}steps" if max_steps is not None else f"{name}-bar-{minutes:g}min"
+    want = {"data": fingerprint(data), **({} if max_steps is not None else {"machine": machine})}
+    if cache is not None and (cache / f"{stem}.json").exists() and (cache / f"{stem}.pt").exists():
+        info = json.loads((cache / f"{stem}.json").read_text())
+        if all(info.get(k) == v for k, v in want.items()):
+            cnn = SmallCNN(data.channels, data.num_classes)
+            cnn.load_state_dict(torch.load(cache / f"{stem}.pt", map_location="cpu", weights_only=True))
+            print(f"   {stem}: reused from {cache} (trained {info['date']})", flush=True)
+            return cnn.eval(), {**info, "reused": True}
+    cnn, info = train_cnn(data, minutes=minutes, max_steps=max_steps)
+    info.update(want, machine=machine, date=time.strftime("%Y-%m-%d"))
+    if cache is not None:
+        cache.mkdir(parents=True, exist_ok=True)
+        torch.save(cnn.state_dict(), cache / f"{stem}.pt")
+        (cache / f"{stem}.json").write_text(json.dumps(info, indent=1) + "\n")
+    return cnn, {**info, "reused": False}
 
 
 @torch.no_grad()
@@ -198,10 +238,15 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=1000)
     ap.add_argument("--smoke", action="store_true", help="tiny models, budgets and subsets: checks every path")
     ap.add_argument("--out", type=Path, required=True, help="OUT: writes OUT.json, OUT.md, OUT-<set>-<row>.png")
+    ap.add_argument("--judges", default=str(Path.home() / ".cache" / "hybvit" / "own-data-judges"),
+                    help="folder that keeps each dataset's judge and wall-time CNN for reuse ('none': keep nothing)")
     args = ap.parse_args()
     minutes, n_samples, steps = (0.05, 40, 3) if args.smoke else (args.minutes, args.samples, 50)
+    judge_steps = 20 if args.smoke else JUDGE_STEPS
+    cache = None if args.judges == "none" else Path(args.judges)
+    machine = f"{cpu_model()}, {os.cpu_count()} cores"
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    result = {"machine": f"{cpu_model()}, {os.cpu_count()} cores", "torch": torch.__version__,
+    result = {"machine": machine, "torch": torch.__version__,
               "date": time.strftime("%Y-%m-%d"), "minutes": minutes, "samples": n_samples, "sample_steps": steps,
               "command": "python benchmarks/own_data.py " + " ".join(sys.argv[1:]),
               "datasets": {}}
@@ -214,13 +259,14 @@ def main() -> None:
                 continue
             data = load_data(f"npz:{panel[name]}")
             print(f"== {data.describe()}", flush=True)
-            cnn, cnn_row = train_cnn(data, minutes)
+            _, cnn_row = cached_cnn(data, name, cache, minutes, None, machine)
+            cnn, judge_row = cached_cnn(data, name, cache, None, judge_steps, machine)
             test_feats = features(cnn, data.x_test)
             g = torch.Generator().manual_seed(1)
             real = data.x_train[torch.randperm(len(data.x_train), generator=g)[:len(data.x_test)]]
             noise = torch.randint(0, 256, (n_samples, *data.x_test.shape[1:]), generator=g, dtype=torch.uint8)
             entry = {"images": [len(data.x_train), len(data.x_test)], "size": data.image_size,
-                     "channels": data.channels, "cnn": cnn_row,
+                     "channels": data.channels, "cnn": cnn_row, "judge": judge_row,
                      "scale": {"real_vs_real_fd": round(frechet_distance(features(cnn, real), test_feats), 2),
                                "noise_vs_real_fd": round(frechet_distance(features(cnn, noise), test_feats), 2)},
                      "rows": {}}
@@ -239,14 +285,16 @@ def main() -> None:
 
 def table(result: dict) -> str:
     lines = [f"{result['minutes']:g} minutes per training run; {result['machine']}, torch {result['torch']}, "
-             f"{result['date']}; {result['samples']} DDIM-{result['sample_steps']} samples per row.", "",
+             f"{result['date']}; {result['samples']} DDIM-{result['sample_steps']} samples per row, scored in the "
+             f"features of a judge CNN trained for a fixed number of steps (its test accuracy in brackets).", "",
              f"`{result['command']}`", "",
-             "| dataset | train / test | row | patch | steps | test acc | CNN acc | feature FD | real / noise FD "
+             "| dataset | train / test | row | patch | steps | test acc | CNN acc | feature FD (judge acc) | real / noise FD "
              "| largest class share (balanced: 1/K) |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for name, e in result["datasets"].items():
         for row, r in e["rows"].items():
             lines.append(f"| {name} | {e['images'][0]} / {e['images'][1]} | {row} | {r['patch']} | {r['steps']} | "
-                         f"{r['test_accuracy']:.3f} | {e['cnn']['test_accuracy']:.3f} | {r['feature_fd']:.2f} | "
+                         f"{r['test_accuracy']:.3f} | {e['cnn']['test_accuracy']:.3f} | {r['feature_fd']:.2f} "
+                         f"({e['judge']['test_accuracy']:.3f}) | "
                          f"{e['scale']['real_vs_real_fd']:.2f} / {e['scale']['noise_vs_real_fd']:.1f} | "
                          f"{r['largest_class_share']:.2f} |")
     return "\n".join(lines) + "\n"

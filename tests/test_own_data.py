@@ -102,8 +102,23 @@ def test_the_expectation_follows_the_budget(tmp_path, flags, minutes):
     line = expectation(cfg, data)
     assert f" {minutes} minutes of digits-hybvit" in line and "28x28x1" in line
     rows = [r for r in PRESETS["digits-hybvit"]["expect"] if r.get("conv_stem") == 16 and r["channels"] == 1
-            and f"{r['minutes']:g}" == minutes]
-    assert rows and any(f"test accuracy {r['accuracy']:.3f}" in line for r in rows)
+            and f"{r['minutes']:g}" == minutes and r.get("crop", 0) == cfg.data.crop_padding == 0]
+    assert rows and any(f"test accuracy {r['accuracy']:.3f}" in line for r in rows) and "measured with" not in line
+
+
+def test_the_expectation_says_when_its_row_lacked_the_recipe(tmp_path):
+    """A row measured with another crop padding than this run's is printed only with that said."""
+    from hybvit.cli import build_parser
+    from hybvit.resolve import expectation, resolve_train_config
+    data_path = npz(tmp_path / "mine.npz", 28, 1, n=40)
+    args = ["train", "--data", f"npz:{data_path}", "--out", str(tmp_path / "r"), "--minutes", "5"]
+    cfg, data, _, _ = resolve_train_config(build_parser().parse_args(args))
+    cfg.data.crop_padding = 2                 # no panel row has it
+    assert "where this run has 2 (docs" in expectation(cfg, data)
+    cfg, data, _, _ = resolve_train_config(build_parser().parse_args([*args, "--set", "data.crop_padding=4",
+                                                                      "--set", "train.label_smoothing=0.1"]))
+    line = expectation(cfg, data)             # the panel's recipe rows describe the run with the recipe
+    assert "measured with" not in line and "few-gray28" in line
 
 
 def test_a_token_narrower_than_its_patch_cannot_carry_the_noise():
@@ -137,14 +152,19 @@ def test_the_default_run_keeps_the_digits_preset():
 
 def test_own_data_panel_smoke(tmp_path):
     """benchmarks/own_data.py --smoke: every step of the panel on digits28 (tiny models, seconds)."""
-    out = tmp_path / "panel"
-    subprocess.run([sys.executable, str(ROOT / "benchmarks" / "own_data.py"), "--smoke", "--out", str(out)],
-                   check=True, capture_output=True)
+    out, judges = tmp_path / "panel", tmp_path / "judges"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "own_data.py"), "--smoke", "--judges", str(judges), "--out"]
+    subprocess.run([*cmd, str(out)], check=True, capture_output=True)
     result = json.loads(Path(f"{out}.json").read_text())
     entry = result["datasets"]["digits28"]
+    assert not entry["judge"]["reused"] and not entry["cnn"]["reused"]
     assert entry["rows"]["no-preset"]["patch"] == 7 and entry["rows"]["own-data"]["patch"] == 4
     assert entry["scale"]["real_vs_real_fd"] < entry["scale"]["noise_vs_real_fd"]
     for row in entry["rows"].values():
         assert np.isfinite(row["feature_fd"]) and sum(row["class_shares"]) == pytest.approx(1, abs=0.01)
         assert max(row["class_shares"]) == row["largest_class_share"]
     assert Path(f"{out}-digits28-own-data.png").exists() and "| digits28 |" in Path(f"{out}.md").read_text()
+    # a second invocation scores in the same judge's features: the same scale, without retraining it
+    subprocess.run([*cmd, str(tmp_path / "again"), "--rows", "no-preset"], check=True, capture_output=True)
+    again = json.loads((tmp_path / "again.json").read_text())["datasets"]["digits28"]
+    assert again["judge"]["reused"] and again["cnn"]["reused"] and again["scale"] == entry["scale"]
