@@ -8,7 +8,7 @@ For each dataset, at one wall-clock budget per training run, on this machine, on
     wall-time bar, the machine), and reused: a 15-minute panel need not retrain its 15-minute CNN;
   * hybvit rows, each in a fresh process: `no-preset` (what `hybvit train --data npz:PATH` does: the digits preset
     adapted to the data, its patch chosen to keep 16 tokens where a patch's values fit the token, with a
-    16-channel convolutional stem), `own-data`
+    16-channel convolutional stem, and a crop and label smoothing kept in runs of 30+ epochs), `own-data`
     (`--preset own-data`: the -plus architecture with a patch for a grid of about 8x8 tokens and the crop / label
     smoothing recipe), and the measured alternatives in row_args (`--rows no-preset,no-preset-linear,...`);
   * for each hybvit row: test accuracy, and 1000 DDIM-50 samples of the EMA weights scored by a Frechet distance
@@ -192,8 +192,9 @@ def features(cnn: SmallCNN, x_uint8: torch.Tensor) -> np.ndarray:
 def row_args(row: str) -> list[str]:
     """The flags of a row beyond --data, --minutes and --out."""
     return {"no-preset": [], "own-data": ["--preset", "own-data"],
-            # the classification recipe of own-data (crop, label smoothing) on the no-preset model alone
+            # the no-preset model with the crop and label smoothing forced on, and forced off, whatever the epochs
             "no-preset-recipe": ["--set", "data.crop_padding=4", "--set", "train.label_smoothing=0.1"],
+            "no-preset-no-recipe": ["--set", "data.crop_padding=0", "--set", "train.label_smoothing=0"],
             # own-data at about the no-preset model's cost per step (D 96, depth 3)
             "own-data-small": ["--preset", "own-data", "--set", "model.dim=96", "--set", "model.depth=3"],
             # the no-preset model as it was before its convolutional stem: the linear patch embedding

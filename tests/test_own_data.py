@@ -59,6 +59,10 @@ def test_own_data_preset_is_sized_from_the_data_and_recorded(tmp_path, size, cha
     assert cfg["model"]["time_cond"] == "token-scalar"
     assert (channels == 3) == any("patch 8 would give each 64-wide token 192 values" in n for n in cfg["notes"])
     assert cfg["model"]["conv_stem"] == 16 and any(n.startswith("conv stem 16") for n in cfg["notes"])
+    # the crop and label smoothing were chosen, then dropped: one step sees the data once, not 30 times
+    assert any("4-pixel padding" in n and "at least 30 times" in n for n in cfg["notes"])
+    assert (cfg["data"]["crop_padding"], cfg["train"]["label_smoothing"], cfg["train"]["recipe_min_epochs"]) == (0, 0, 0)
+    assert "classification recipe off: the run sees its data 1 times" in cfg["notes"][-1]
     out = capsys.readouterr().out
     assert "expect: on " in out and "adapted to the data: conv stem 16" in out
     # a named preset, or --set model.conv_stem=0, keeps the linear patch embedding
@@ -101,9 +105,32 @@ def test_the_expectation_follows_the_budget(tmp_path, flags, minutes):
         ["train", "--data", f"npz:{data_path}", "--out", str(tmp_path / "r"), *flags]))
     line = expectation(cfg, data)
     assert f" {minutes} minutes of digits-hybvit" in line and "28x28x1" in line
+    # the rows where the recipe rule (kept from 30 epochs) gives what was measured: with the recipe at 54 epochs
+    # and beyond, without it at 19
     rows = [r for r in PRESETS["digits-hybvit"]["expect"] if r.get("conv_stem") == 16 and r["channels"] == 1
-            and f"{r['minutes']:g}" == minutes and r.get("crop", 0) == cfg.data.crop_padding == 0]
+            and f"{r['minutes']:g}" == minutes and "epochs" in r and (r.get("crop") == 4) == (r["epochs"] >= 30)]
     assert rows and any(f"test accuracy {r['accuracy']:.3f}" in line for r in rows) and "measured with" not in line
+
+
+def test_the_recipe_is_kept_only_for_runs_that_see_their_data_often(tmp_path):
+    """train.recipe_min_epochs: decided once the run's length is known, recorded in config.json (and so kept on
+    resume); a budget in minutes decides at its first estimate."""
+    data = npz(tmp_path / "mine.npz", 28, 1, n=40)           # 40 images: one step is one epoch
+    tiny = ["--set", "model.dim=32", "--set", "model.depth=1", "--set", "model.heads=2", "--set", "num_samples=0",
+            "--set", "fd_samples=0", "--quiet"]
+    assert main(["train", "--data", f"npz:{data}", "--steps", "31", "--out", str(tmp_path / "long"), *tiny,
+                 "--stop-after", "5"]) == 0
+    cfg = json.loads((tmp_path / "long" / "config.json").read_text())
+    assert (cfg["data"]["crop_padding"], cfg["train"]["label_smoothing"], cfg["train"]["recipe_min_epochs"]) == (4, 0.1, 0)
+    assert cfg["notes"][-1].startswith("classification recipe kept: the run sees its data 31 times")
+    assert main(["train", "--resume", str(tmp_path / "long"), "--quiet"]) == 0            # decided once
+    cfg = json.loads((tmp_path / "long" / "config.json").read_text())
+    assert sum(n.startswith("classification recipe") for n in cfg["notes"]) == 1 and cfg["data"]["crop_padding"] == 4
+    assert main(["train", "--data", f"npz:{data}", "--minutes", "0.02", "--out", str(tmp_path / "wall"), *tiny]) == 0
+    cfg = json.loads((tmp_path / "wall" / "config.json").read_text())
+    assert cfg["train"]["recipe_min_epochs"] == 0 and cfg["notes"][-1].startswith("classification recipe ")
+    kept = "kept" in cfg["notes"][-1]
+    assert (cfg["data"]["crop_padding"], cfg["train"]["label_smoothing"]) == ((4, 0.1) if kept else (0, 0))
 
 
 def test_the_expectation_says_when_its_row_lacked_the_recipe(tmp_path):
@@ -113,7 +140,7 @@ def test_the_expectation_says_when_its_row_lacked_the_recipe(tmp_path):
     data_path = npz(tmp_path / "mine.npz", 28, 1, n=40)
     args = ["train", "--data", f"npz:{data_path}", "--out", str(tmp_path / "r"), "--minutes", "5"]
     cfg, data, _, _ = resolve_train_config(build_parser().parse_args(args))
-    cfg.data.crop_padding = 2                 # no panel row has it
+    cfg.data.crop_padding, cfg.train.recipe_min_epochs = 2, 0             # no panel row has it
     assert "where this run has 2 (docs" in expectation(cfg, data)
     cfg, data, _, _ = resolve_train_config(build_parser().parse_args([*args, "--set", "data.crop_padding=4",
                                                                       "--set", "train.label_smoothing=0.1"]))

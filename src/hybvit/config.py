@@ -52,7 +52,7 @@ RULES: dict[str, tuple] = {
     "train.lr": ("float", 1e-12, None), "train.weight_decay": ("float", 0, None), "train.momentum": ("prob", False),
     "train.warmup_epochs": ("float", 0, None), "train.warmup_max_frac": ("prob", True),
     "train.min_lr": ("float", 0, None), "train.grad_clip": ("float", 0, None), "train.ema_decay": ("prob", True),
-    "train.label_smoothing": ("prob", False), "train.epochs": ("float", 0, None), "train.steps": ("int", 0, None),
+    "train.label_smoothing": ("prob", False), "train.recipe_min_epochs": ("float", 0, None), "train.epochs": ("float", 0, None), "train.steps": ("int", 0, None),
     "train.minutes": ("float", 0, None), "train.seed": ("int", 0, 2 ** 63 - 1),
     "train.amp": ("choice", ("auto", "bf16", "fp16", "fp32")), "train.device": ("device",), "train.log_every": ("int", 1, None),
     "train.ckpt_every": ("int", 1, None), "train.sample_every": ("int", 0, None),
@@ -211,6 +211,9 @@ class TrainConfig:
     ema_decay: float = 0.999
     ema_warmup: bool = False          # decay min(ema_decay, (1+s)/(10+s)): helps short runs
     label_smoothing: float = 0.0
+    recipe_min_epochs: float = 0.0    # >0: keep data.crop_padding and label_smoothing only if the run sees its
+                                      # data at least this many times; decided once the run's length in steps is
+                                      # known, then recorded in config.json (your data with no preset: 30)
     epochs: float = 0.0               # budget: exactly one of epochs / steps / minutes is used
     steps: int = 0
     minutes: float = 0.0

@@ -62,6 +62,27 @@ def planned_steps(cfg: Config, n_train: int) -> int | None:
     raise HybvitError("no training budget: give --epochs, --steps or --minutes")
 
 
+def decide_recipe(tr: "Trainer", total: int, n_train: int) -> str | None:
+    """train.recipe_min_epochs > 0: keep the classification recipe (random crop, label smoothing) only if the run
+    sees its data at least that many times; on shorter runs it costs accuracy (docs/results/own-data.md). Decided
+    once, when the run's length in steps is first known (up front, or at the first estimate of a wall-clock budget),
+    and recorded in the config (recipe_min_epochs becomes 0), so a resumed run keeps the decision. Returns the note,
+    or None when there is nothing to decide."""
+    cfg, t = tr.cfg, tr.cfg.train
+    if t.recipe_min_epochs <= 0 or tr.ce_batches is None:
+        return None
+    epochs = total / steps_per_epoch(cfg, n_train)
+    keep = epochs >= t.recipe_min_epochs
+    if not keep:
+        cfg.data.crop_padding, t.label_smoothing = 0, 0.0
+        getattr(tr.objective, "module", tr.objective).label_smoothing = 0.0        # DDP wraps the objective
+    note = (f"classification recipe {'kept' if keep else 'off'}: the run sees its data {epochs:.0f} times, "
+            f"{'at least' if keep else 'fewer than'} train.recipe_min_epochs={t.recipe_min_epochs:g}")
+    t.recipe_min_epochs = 0.0
+    cfg.notes = [*cfg.notes, note]
+    return note
+
+
 def warmup_steps(cfg: Config, n_train: int, total: int) -> int:
     w = cfg.train.warmup_epochs * steps_per_epoch(cfg, n_train)
     return max(1, int(min(w, cfg.train.warmup_max_frac * total)))
@@ -466,6 +487,14 @@ def _run(cfg: Config, data: ImageData, out_dir: Path, resume: bool, stop_after: 
     writer = distributed.all_ok(ctx, open_run, only_main=True)            # None on the other ranks
     budget = Budget(cfg, len(data.x_train), ctx, tr.start_step)
     log = Logger(tr, writer, budget.total, progress, out_dir / "log.jsonl")
+
+    def recipe(total: int) -> None:                 # rank 0 records it in config.json and says so
+        note = decide_recipe(tr, total, len(data.x_train))
+        if note is not None and ctx.main:
+            ckpt.write_json(out_dir / "config.json", cfg.to_dict())
+            log.write(note)
+    if budget.total is not None:
+        recipe(budget.total)
     evaluator = PeriodicEval(cfg, data, tr.diffusion, tr.device, tr.amp) if eval_every and ctx.main else None
     step, images_seen = tr.start_step, tr.prior_images
     if not resume:                                   # a run can be resumed from the moment its directory exists
@@ -485,6 +514,7 @@ def _run(cfg: Config, data: ImageData, out_dir: Path, resume: bool, stop_after: 
         elapsed = time.time() - t0
         if budget.update(step, elapsed):
             log.set_total(budget.total)
+            recipe(budget.total)
         # Ctrl-C / SIGTERM (on any rank) and the deadline. With several processes they are agreed over the CPU
         # control group at each check, so all ranks stop after the same step, whichever got the signal.
         stop_now, past_deadline = stop.stop, budget.past_deadline()
