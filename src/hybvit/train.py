@@ -76,7 +76,8 @@ def decide_recipe(tr: "Trainer", total: int, n_train: int) -> str | None:
     if not keep:
         cfg.data.crop_padding, t.label_smoothing = 0, 0.0
         getattr(tr.objective, "module", tr.objective).label_smoothing = 0.0        # DDP wraps the objective
-    note = (f"classification recipe {'kept' if keep else 'off'}: the run sees its data {epochs:.0f} times, "
+    note = (f"classification recipe {'kept' if keep else 'off'}: the run sees its data {epochs:.0f} "
+            f"time{'' if round(epochs) == 1 else 's'}, "
             f"{'at least' if keep else 'fewer than'} train.recipe_min_epochs={t.recipe_min_epochs:g}")
     t.recipe_min_epochs = 0.0
     cfg.notes = [*cfg.notes, note]
