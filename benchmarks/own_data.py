@@ -46,6 +46,7 @@ from hybvit.data import to_float, to_uint8
 from hybvit.datasets import load_data
 from hybvit.evaluate.frechet import frechet_distance
 from hybvit.precision import cpu_model
+from hybvit.resolve import own_data_crop
 from hybvit.sample import load_run, make_grid, save_png
 
 CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
@@ -127,7 +128,7 @@ def train_cnn(data, minutes: float | None = None, max_steps: int | None = None, 
     cnn = SmallCNN(data.channels, data.num_classes)
     opt = torch.optim.Adam(cnn.parameters(), lr=1e-3)
     g = torch.Generator().manual_seed(seed)
-    pad = max(1, round(data.image_size / 8))
+    pad = own_data_crop(data.image_size)
     t0, steps = time.time(), 0
     cnn.train()
     while (steps < max_steps) if max_steps is not None else (time.time() - t0 < 60 * minutes):

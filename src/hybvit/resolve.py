@@ -128,6 +128,11 @@ OWN_DATA_RECIPE_EPOCHS = 30   # when the run sees its data this many times: betw
                               # and the 54 where it gained (the same page)
 
 
+def own_data_crop(image_size: int) -> int:
+    """The random-crop padding of the own-data recipes: an eighth of the image (4 pixels at 28 and 32)."""
+    return max(1, round(image_size / 8))
+
+
 def adapt_model_to_data(cfg, data, preset_named: bool, explicit: set[str]) -> list[str]:
     """Fit channels, classes and image size to the data. The own-data preset also takes its patch size from the
     image size (own_data_patch) and its crop padding (an eighth of the image); another preset, when none was
@@ -167,14 +172,14 @@ def adapt_model_to_data(cfg, data, preset_named: bool, explicit: set[str]) -> li
                              f"{tokens}{why})")
                 m.patch_size = best
         if own and not given("data.crop_padding"):
-            cfg.data.crop_padding = max(1, round(data.image_size / 8))
+            cfg.data.crop_padding = own_data_crop(data.image_size)
             notes.append(f"classification batch: random crop with {cfg.data.crop_padding}-pixel padding (an eighth "
                          f"of the image), label smoothing {cfg.train.label_smoothing:g}, no flips (unknown data may "
                          f"not be mirror-symmetric; add --set data.hflip=true if it is)")
     recipe_keys = ("data.crop_padding", "train.label_smoothing", "train.recipe_min_epochs")
     if (not preset_named and is_own_data(data.name) and cfg.train.mode != "genvit"
             and not any(given(k) for k in recipe_keys)):
-        cfg.data.crop_padding = max(1, round(data.image_size / 8))
+        cfg.data.crop_padding = own_data_crop(data.image_size)
         cfg.train.label_smoothing, cfg.train.recipe_min_epochs = OWN_DATA_SMOOTHING, OWN_DATA_RECIPE_EPOCHS
         notes.append(f"classification batch: random crop with {cfg.data.crop_padding}-pixel padding (an eighth of "
                      f"the image) and label smoothing {OWN_DATA_SMOOTHING:g}, no flips, kept if the run sees its "
