@@ -37,23 +37,6 @@ def test_lr_schedule():
     assert lr_at(100, 100, 10, 1.0, 0.1) == pytest.approx(0.1)
 
 
-def test_a_minutes_budget_is_estimated_without_the_first_steps_start_up(tiny_cfg, monkeypatch):
-    """Step 1 takes 5 s (start-up), every later step 0.1 s: the estimate at step 10 must be made from the 0.1 s."""
-    from hybvit import train as train_module
-    clock = [1000.0]
-    monkeypatch.setattr(train_module.time, "time", lambda: clock[0])
-    cfg = tiny_cfg(steps=0, minutes=1.0)                       # 60 s
-    budget = train_module.Budget(cfg, 1000, train_module.distributed.SINGLE, 0)
-    elapsed = 0.0
-    for step in range(1, 11):
-        dt = 5.0 if step == 1 else 0.1
-        clock[0] += dt
-        elapsed += dt
-        changed = budget.update(step, elapsed)
-    assert changed and budget.total is not None
-    assert abs(budget.total - (10 + 541)) <= 1                 # 54.1 s left at 0.1 s a step (not 54.1 / 0.59: 101)
-
-
 @pytest.mark.parametrize("mode", ["vit", "genvit", "hybvit"])
 def test_tiny_overfit_loss_falls(mode, tiny_cfg, digits, tmp_path):
     cfg = tiny_cfg(mode=mode, steps=80, log_every=10, warmup_epochs=0, ema_warmup=True, lr=3e-3)

@@ -125,7 +125,7 @@ def narrow_tokens(m) -> str:
 OWN_DATA_STEM = 16        # conv-stem channels for a user's dataset with no preset named (docs/results/own-data.md)
 OWN_DATA_SMOOTHING = 0.1  # and its classification recipe (a crop of an eighth of the image, label smoothing), kept
 OWN_DATA_RECIPE_EPOCHS = 30   # when the run sees its data this many times: between the 19 where it cost accuracy
-                              # and the 54 where it gained (the same page)
+                              # and the 37 where it gained (the same page)
 
 
 def own_data_crop(image_size: int) -> int:
@@ -184,7 +184,7 @@ def adapt_model_to_data(cfg, data, preset_named: bool, explicit: set[str]) -> li
         notes.append(f"classification batch: random crop with {cfg.data.crop_padding}-pixel padding (an eighth of "
                      f"the image) and label smoothing {OWN_DATA_SMOOTHING:g}, no flips, kept if the run sees its "
                      f"data at least {OWN_DATA_RECIPE_EPOCHS} times (on the own-data panel they cost 0.046 test "
-                     f"accuracy at 19 epochs and gained 0.110 at 54: docs/results/own-data.md)")
+                     f"accuracy at 19 epochs and gained 0.088 at 37 and 0.110 at 54: docs/results/own-data.md)")
     if not (preset_named or given("model.conv_stem")) and is_own_data(data.name) and not m.conv_stem:
         m.conv_stem = OWN_DATA_STEM
         notes.append(f"conv stem {OWN_DATA_STEM}: two 3x3 convolutions before the patch embedding (on the own-data "
@@ -226,17 +226,17 @@ def expectation(cfg, data) -> str:
     if not rows:
         return (f"expect: {preset} has no measurement on data like yours ({data.image_size}x{data.image_size}x"
                 f"{data.channels}); see docs/results/own-data.md")
-    # rows with this run's classification recipe (crop padding) first; otherwise say that the row lacked it. A
-    # recipe kept only for long runs (recipe_min_epochs) matches the rows where the rule gives what was measured.
+    # at the nearest budget, rows with this run's classification recipe (crop padding) first; otherwise say that
+    # the row lacked it. A recipe kept only for long runs (recipe_min_epochs) matches the rows where the rule gives
+    # what was measured.
     if cfg.train.recipe_min_epochs > 0:
         recipe = lambda r: "epochs" in r and r.get("crop", 0) == (                          # noqa: E731
             cfg.data.crop_padding if r["epochs"] >= cfg.train.recipe_min_epochs else 0)
     else:
         recipe = lambda r: r.get("crop", 0) == cfg.data.crop_padding      # noqa: E731
-    rows = [r for r in rows if recipe(r)] or rows
     budget = cfg.train.minutes or min(r["minutes"] for r in rows)
-    r = min(rows, key=lambda r: (abs(math.log(r["minutes"] / budget)), abs(r["size"] - data.image_size),
-                                 abs(r["train_images"] - len(data.x_train))))
+    r = min(rows, key=lambda r: (abs(math.log(r["minutes"] / budget)), not recipe(r),
+                                 abs(r["size"] - data.image_size), abs(r["train_images"] - len(data.x_train))))
     unlike = "" if recipe(r) else (f", measured with random-crop padding {r.get('crop', 0)} where this run has "
                                    f"{cfg.data.crop_padding}")
     return (f"expect: on {r['dataset']} ({r['train_images']:,} training images, {r['size']}x{r['size']}x"

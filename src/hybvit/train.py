@@ -241,9 +241,8 @@ def train_step(tr: Trainer, step: int, lr: float) -> torch.Tensor:
 
 class Budget:
     """The run's length in steps. A step or epoch budget is known up front; a wall-clock budget (train.minutes) is
-    estimated after 10 steps from the rate of steps 2-10 (the LR schedule needs a total; the first step carries
-    one-off costs), then once more at ~10 % of the run from the rate since step 10, when start-up costs no longer
-    distort it. All ranks agree on each estimate."""
+    estimated after 10 steps (the LR schedule needs a total), then once more at ~10 % of the run from the rate
+    since step 10, when start-up costs no longer distort it. All ranks agree on each estimate."""
 
     def __init__(self, cfg: Config, n_train: int, ctx, start_step: int):
         self.cfg, self.n_train, self.ctx, self.start = cfg, n_train, ctx, start_step
@@ -251,7 +250,6 @@ class Budget:
         self.deadline = time.time() + 60 * cfg.train.minutes if cfg.train.minutes else None
         self.first: tuple[int, float] | None = None                  # (step, time) of the first estimate
         self.recheck = -1                                            # the step of the re-estimate
-        self.after_first_step = 0.0                                  # training seconds when step 1 ended
 
     @property
     def steps(self) -> int:
@@ -263,13 +261,10 @@ class Budget:
 
     def update(self, step: int, elapsed: float) -> bool:
         """After each step: (re-)estimate a wall-clock budget; True when the total changed."""
-        if step - self.start == 1:
-            self.after_first_step = elapsed
         if self.deadline is None or not ((step - self.start == 10 and self.first is None) or step == self.recheck):
             return False
         now = time.time()
-        per_step = max(1e-9, (elapsed - self.after_first_step) / 9 if self.first is None
-                    else (now - self.first[1]) / (step - self.first[0]))
+        per_step = elapsed / 10 if self.first is None else (now - self.first[1]) / (step - self.first[0])
         est = step + max(1, int((self.deadline - now) / per_step))
         self.total = int(distributed.agree(self.ctx, [est], "min")[0])   # all ranks stop together
         if self.first is None:                  # re-estimate at ~10 % of the run (a step every rank reaches)
