@@ -93,7 +93,8 @@ def test_conv_stem_feeds_both_heads():
 
 
 @pytest.mark.parametrize("flags,minutes", [(["--minutes", "15"], "15"), (["--minutes", "40"], "15"),
-                                           (["--minutes", "11"], "10"), (["--minutes", "4"], "5"),
+                                           (["--minutes", "11"], "10"), (["--minutes", "7"], "7"),
+                                           (["--minutes", "4"], "5"),
                                            (["--steps", "3"], "5")])
 def test_the_expectation_follows_the_budget(tmp_path, flags, minutes):
     """The printed expectation is the panel row measured at the budget nearest the run's --minutes (on a log
