@@ -10,7 +10,8 @@ For each dataset, at one wall-clock budget per training run, on this machine, on
     adapted to the data, its patch chosen to keep 16 tokens where a patch's values fit the token, with a
     16-channel convolutional stem, and a crop and label smoothing kept in runs of 30+ epochs), `own-data`
     (`--preset own-data`: the -plus architecture with a patch for a grid of about 8x8 tokens and the crop / label
-    smoothing recipe), and the measured alternatives in row_args (`--rows no-preset,no-preset-linear,...`);
+    smoothing recipe), and the measured alternatives in row_args (`--rows no-preset,no-preset-linear,...`), among
+    them `classifier-only`: the no-preset model trained as a plain ViT classifier, with no samples to score;
   * for each hybvit row: test accuracy, and 1000 DDIM-50 samples of the EMA weights scored by a Frechet distance
     against the test set (with real-vs-real and noise-vs-real on the same scale)
     and by the judge's class shares (the largest share, against 1/K for balanced samples).
@@ -201,7 +202,10 @@ def row_args(row: str) -> list[str]:
             # the no-preset model as it was before its convolutional stem: the linear patch embedding
             "no-preset-linear": ["--set", "model.conv_stem=0"],
             # a token narrower than its patch's pixels (P*P*C > D) cannot carry the noise: two ways to widen it
-            "no-preset-patch4": ["--set", "model.patch_size=4"], "no-preset-dim256": ["--set", "model.dim=256"]}[row]
+            "no-preset-patch4": ["--set", "model.patch_size=4"], "no-preset-dim256": ["--set", "model.dim=256"],
+            # the same model trained as a plain ViT classifier (no diffusion loss, no samples): what the
+            # architecture classifies in the budget when it has the whole budget for the one task
+            "classifier-only": ["--set", "train.mode=vit"]}[row]
 
 
 def train_row(npz: Path, row: str, minutes: float, out: Path, smoke: bool) -> dict:
@@ -213,7 +217,11 @@ def train_row(npz: Path, row: str, minutes: float, out: Path, smoke: bool) -> di
     subprocess.run(cmd, check=True)
     metrics = json.loads((out / "metrics.json").read_text())
     config = json.loads((out / "config.json").read_text())
+    with np.load(npz) as arrays:
+        n_train = len(arrays["y_train"])
     return {"command": " ".join(["hybvit train --data npz:PATH --minutes", f"{minutes:g}", *row_args(row)]),
+            "mode": config["train"]["mode"], "epochs": round(metrics["steps"] * config["train"]["batch_size"]
+                                                             / n_train, 1),
             "test_accuracy": round(metrics["test_accuracy"], 4), "steps": metrics["steps"],
             "params": metrics["params"], "patch": config["model"]["patch_size"], "dim": config["model"]["dim"],
             "wall_seconds": round(time.time() - t0, 1)}
@@ -275,8 +283,9 @@ def main() -> None:
             for row in args.rows.split(","):
                 run_dir = work / f"{name}-{row}"
                 r = train_row(panel[name], row, minutes, run_dir, args.smoke)
-                r.update(score_samples(run_dir, cnn, data, test_feats, n_samples,
-                                       Path(f"{args.out}-{name}-{row}.png"), steps))
+                if r["mode"] != "vit":      # a classifier alone has no samples to score
+                    r.update(score_samples(run_dir, cnn, data, test_feats, n_samples,
+                                           Path(f"{args.out}-{name}-{row}.png"), steps))
                 entry["rows"][row] = r
                 print(f"   {row}: {r}", flush=True)
             result["datasets"][name] = entry
@@ -290,15 +299,17 @@ def table(result: dict) -> str:
              f"{result['date']}; {result['samples']} DDIM-{result['sample_steps']} samples per row, scored in the "
              f"features of a judge CNN trained for a fixed number of steps (its test accuracy in brackets).", "",
              f"`{result['command']}`", "",
-             "| dataset | train / test | row | patch | steps | test acc | CNN acc | feature FD (judge acc) | real / noise FD "
-             "| largest class share (balanced: 1/K) |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| dataset | train / test | row | patch | steps | epochs | test acc | CNN acc | feature FD (judge acc) "
+             "| real / noise FD | largest class share (balanced: 1/K) |", "|---|---|---|" + "---:|" * 8]
     for name, e in result["datasets"].items():
         for row, r in e["rows"].items():
+            scored = "feature_fd" in r                # a classifier-only row has no samples
+            fd = f"{r['feature_fd']:.2f} ({e['judge']['test_accuracy']:.3f})" if scored else "no samples"
+            share = f"{r['largest_class_share']:.2f}" if scored else "-"
+            scale = f"{e['scale']['real_vs_real_fd']:.2f} / {e['scale']['noise_vs_real_fd']:.1f}"
             lines.append(f"| {name} | {e['images'][0]} / {e['images'][1]} | {row} | {r['patch']} | {r['steps']} | "
-                         f"{r['test_accuracy']:.3f} | {e['cnn']['test_accuracy']:.3f} | {r['feature_fd']:.2f} "
-                         f"({e['judge']['test_accuracy']:.3f}) | "
-                         f"{e['scale']['real_vs_real_fd']:.2f} / {e['scale']['noise_vs_real_fd']:.1f} | "
-                         f"{r['largest_class_share']:.2f} |")
+                         f"{r.get('epochs', '-')} | {r['test_accuracy']:.3f} | {e['cnn']['test_accuracy']:.3f} | "
+                         f"{fd} | {scale} | {share} |")
     return "\n".join(lines) + "\n"
 
 

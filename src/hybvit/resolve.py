@@ -215,17 +215,17 @@ def check_fits_memory(cfg) -> None:
 
 
 def expectation(cfg, data) -> str:
-    """What cfg's preset (with its conv stem or without, its patch, preferably its crop padding) gave on the panel
-    dataset most like `data` (same channels, nearest image size, then nearest training-set size) at the budget
-    nearest the run's --minutes (the shortest measured one for a budget in steps or epochs), as
+    """What cfg's preset (in its mode, with its conv stem or without, its patch, preferably its crop padding) gave
+    on the panel dataset most like `data` (same channels, nearest image size, then nearest training-set size) at the
+    budget nearest the run's --minutes (the shortest measured one for a budget in steps or epochs), as
     benchmarks/own_data.py measured it; stored with the preset in presets.json ("expect")."""
-    preset = cfg.preset
+    preset, mode = cfg.preset, cfg.train.mode
     rows = [r for r in PRESETS.get(preset.split("+")[0], {}).get("expect", [])
             if r["channels"] == data.channels and r.get("conv_stem", 0) == cfg.model.conv_stem
-            and r.get("patch", cfg.model.patch_size) == cfg.model.patch_size]
+            and r.get("patch", cfg.model.patch_size) == cfg.model.patch_size and r.get("mode", "hybvit") == mode]
     if not rows:
         return (f"expect: {preset} has no measurement on data like yours ({data.image_size}x{data.image_size}x"
-                f"{data.channels}); see docs/results/own-data.md")
+                f"{data.channels}{'' if mode == 'hybvit' else f', mode {mode}'}); see docs/results/own-data.md")
     # at the nearest budget, rows with this run's classification recipe (crop padding) first; otherwise say that
     # the row lacked it. A recipe kept only for long runs (recipe_min_epochs) matches the rows where the rule gives
     # what was measured.
@@ -239,11 +239,13 @@ def expectation(cfg, data) -> str:
                                  abs(r["size"] - data.image_size), abs(r["train_images"] - len(data.x_train))))
     unlike = "" if recipe(r) else (f", measured with random-crop padding {r.get('crop', 0)} where this run has "
                                    f"{cfg.data.crop_padding}")
+    samples = ("" if "fd_ratio" not in r else
+               f"; its samples sat {r['fd_ratio']:.2f} of the way from real images (0) to noise (1) in a "
+               f"classifier's features, and the most common class made {r['largest_class_share']:.0%} of them")
     return (f"expect: on {r['dataset']} ({r['train_images']:,} training images, {r['size']}x{r['size']}x"
-            f"{r['channels']}) {r['minutes']:g} minutes of {preset} on {r['machine']} gave test accuracy "
-            f"{r['accuracy']:.3f} (a small CNN in the same time: {r['cnn_accuracy']:.3f}); its samples sat "
-            f"{r['fd_ratio']:.2f} of the way from real images (0) to noise (1) in a classifier's features, and the "
-            f"most common class made {r['largest_class_share']:.0%} of them{unlike} (docs/results/own-data.md)")
+            f"{r['channels']}) {r['minutes']:g} minutes of {preset}{'' if mode == 'hybvit' else f' in mode {mode}'} "
+            f"on {r['machine']} gave test accuracy {r['accuracy']:.3f} (a small CNN in the same time: "
+            f"{r['cnn_accuracy']:.3f}){samples}{unlike} (docs/results/own-data.md)")
 
 
 def check_data_fits(cfg, data) -> None:
