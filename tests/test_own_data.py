@@ -186,6 +186,18 @@ def test_the_expectation_is_for_the_run_s_mode(tmp_path, monkeypatch):
     assert "no measurement on data like yours (28x28x1, mode genvit)" in line["genvit"]
 
 
+def test_a_classifier_alone_is_shown_the_classifier_alone_row(tmp_path):
+    """--mode vit on 28x28 grey data, 15 minutes: the panel's classifier-only row on cifar-gray28."""
+    from hybvit.cli import build_parser
+    from hybvit.resolve import expectation, resolve_train_config
+    data_path = npz(tmp_path / "mine.npz", 28, 1, n=40)
+    cfg, data, _, _ = resolve_train_config(build_parser().parse_args(
+        ["train", "--data", f"npz:{data_path}", "--out", str(tmp_path / "r"), "--minutes", "15", "--mode", "vit"]))
+    line = expectation(cfg, data)
+    assert "on cifar-gray28 " in line and "15 minutes of digits-hybvit in mode vit" in line
+    assert "test accuracy 0.543 " in line and "samples" not in line and "measured with" not in line
+
+
 def test_the_expectation_says_when_its_row_lacked_the_recipe(tmp_path):
     """A row measured with another crop padding than this run's is printed only with that said."""
     from hybvit.cli import build_parser
