@@ -218,10 +218,9 @@ def train_row(npz: Path, row: str, minutes: float, out: Path, smoke: bool) -> di
     metrics = json.loads((out / "metrics.json").read_text())
     config = json.loads((out / "config.json").read_text())
     with np.load(npz) as arrays:
-        n_train = len(arrays["y_train"])
+        epochs = metrics["steps"] * config["train"]["batch_size"] / len(arrays["y_train"])
     return {"command": " ".join(["hybvit train --data npz:PATH --minutes", f"{minutes:g}", *row_args(row)]),
-            "mode": config["train"]["mode"], "epochs": round(metrics["steps"] * config["train"]["batch_size"]
-                                                             / n_train, 1),
+            "mode": config["train"]["mode"], "epochs": round(epochs, 1),
             "test_accuracy": round(metrics["test_accuracy"], 4), "steps": metrics["steps"],
             "params": metrics["params"], "patch": config["model"]["patch_size"], "dim": config["model"]["dim"],
             "wall_seconds": round(time.time() - t0, 1)}
