@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
+import shutil
 import tempfile
 import zipfile
 from pathlib import Path
@@ -41,6 +43,28 @@ def atomic_write(path: Path, write: Callable[[str], None]) -> None:
         if isinstance(e, OSError):                   # a full disk, a read-only folder: the old file stays as it was
             raise HybvitError(f"cannot write '{path}' ({e.strerror or type(e).__name__}); the previous version, "
                               f"if any, is unchanged: free space or choose another --out") from None
+        raise
+
+
+def write_folder(out: Path, write: Callable[[Path], None]) -> None:
+    """Create the folder `out` (absent or empty) all or nothing: write(tmp) fills a temporary sibling folder, which
+    is then renamed to `out`; on any failure nothing is left behind."""
+    out = Path(out)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    except OSError as e:
+        raise HybvitError(f"cannot write '{out}' ({e.strerror or type(e).__name__}); choose another --out") from None
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o777 & ~current_umask())
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise HybvitError(f"cannot write '{out}' ({e.strerror or type(e).__name__}); choose another --out") from None
         raise
 
 
@@ -86,6 +110,47 @@ def physical_memory() -> int | None:
         return None
 
 
+def held_bytes(info: zipfile.ZipInfo) -> int:
+    """The most bytes a zip member can really hold, whatever size its header claims: the bytes stored for it, or
+    for a compressed member at most 1032x those (deflate's limit)."""
+    if info.compress_type == zipfile.ZIP_STORED:
+        return info.compress_size
+    return 1032 * info.compress_size
+
+
+def load_torch_file(path: Path, fix: str) -> Any:
+    """A file of torch.save (zip format) read with torch.load(weights_only=True): tensors and plain containers only,
+    so loading never runs code from the file. Before torch reads a byte, every member's claimed size is checked
+    against what the archive can hold and against half of this machine's memory (torch itself checks each tensor's
+    storage against its member). Every failure is a one-line HybvitError ending with `fix`."""
+    path = Path(path)
+    if not path.is_file():
+        raise HybvitError(f"'{path}' does not exist or is not a file; {fix}")
+    limit = physical_memory()
+    try:
+        with zipfile.ZipFile(path) as z:
+            members = z.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError) as e:
+        raise HybvitError(f"cannot read '{path}' as a torch.save file ({type(e).__name__}: it is truncated, "
+                          f"damaged or in torch's pre-1.6 format); {fix}") from None
+    claimed = sum(info.file_size for info in members)
+    stored = sum(info.compress_size for info in members)
+    if (stored > path.stat().st_size or any(info.file_size > held_bytes(info) for info in members)
+            or (limit and claimed > limit // 2)):
+        raise HybvitError(f"'{path}' claims {claimed:,} bytes, more than the file holds or this machine can load; "
+                          f"{fix}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()
+        why = next((ln.strip() for ln in first if "Unsupported global" in ln or "GLOBAL" in ln), type(e).__name__)
+        raise HybvitError(f"'{path}' asks to run code when loaded ({why[:160]}); hybvit loads tensors only, never "
+                          f"code: {fix}") from None
+    except Exception as e:  # noqa: BLE001 - any other read failure is a damaged file
+        raise HybvitError(f"cannot load '{path}' ({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})"
+                          f"; {fix}") from None
+
+
 def read_npz(path: Path, fix: str) -> dict[str, np.ndarray]:
     """Every array of an .npz file, read without unpickling and without trusting its headers: each member's .npy
     header (shape, dtype) is checked against the bytes the archive holds for it (at most 1032x its compressed size,
@@ -104,8 +169,7 @@ def read_npz(path: Path, fix: str) -> dict[str, np.ndarray]:
                     raise HybvitError(f"npz file '{path}' holds Python objects in '{info.filename}' (hybvit never "
                                       f"unpickles); {fix}")
                 claimed = int(np.prod(shape, dtype=object)) * dtype.itemsize
-                held = info.file_size if info.compress_type == zipfile.ZIP_STORED else min(
-                    info.file_size, 1032 * info.compress_size)
+                held = held_bytes(info)
                 if claimed > held or (limit is not None and claimed > limit // 2):
                     raise HybvitError(f"npz file '{path}': '{info.filename}' claims {shape} {dtype} ({claimed:,} "
                                       f"bytes), more than the file holds or this machine can load; {fix}")

@@ -13,6 +13,7 @@ import torch
 
 from . import checkpoint as ckpt
 from . import distributed
+from . import init_from
 from .config import (OVERLAYS, PRESETS, check_device, parse_every, preset_config, preset_description,
                      preset_paper_params)
 from .data import to_float, to_uint8
@@ -21,6 +22,7 @@ from .evaluate import EvalOptions, evaluate_run, parse_metrics
 from .evaluate.report import summary_lines
 from .evaluate.robustness import PAPER_EPS
 from .export import export_run
+from .official import import_official
 from .guidance import sample_class
 from .model import OFFICIAL_CIFAR10_PARAMS, ViT
 from .precision import resolve_amp, resolve_device
@@ -47,7 +49,7 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="hybvit", description="ViT / GenViT / HybViT: one ViT that classifies "
                                 "and generates (Yang et al., 2022).")
-    sub = p.add_subparsers(dest="command", metavar="{train,sample,evaluate,export,presets}", parser_class=_Parser)
+    sub = p.add_subparsers(dest="command", metavar="{train,sample,evaluate,import,export,presets}", parser_class=_Parser)
 
     t = sub.add_parser("train", help="train a model (default: HybViT on the bundled digits, on the CPU)")
     t.add_argument("--preset", help="a preset name (see `hybvit presets`); default digits-hybvit")
@@ -60,6 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     budget.add_argument("--minutes", type=float, help="train for M minutes of wall-clock time")
     t.add_argument("--seed", type=int, help="random seed (default 0)")
     t.add_argument("--resume", metavar="DIR", help="continue the run in DIR from its last checkpoint")
+    t.add_argument("--init-from", metavar="RUN|MODEL_DIR|CKPT",
+                   help="start a new run from these weights (a hybvit run or exported model folder, a .safetensors "
+                        "or last.pt file, or a checkpoint of the paper's code); the model is the source's, the "
+                        "class count follows the data")
     t.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set model.dim=256 --set lr=5e-4 (repeatable)")
     t.add_argument("--stop-after", metavar="N|Nep",
@@ -127,6 +133,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--device", default="auto")
     e.add_argument("--quiet", action="store_true", help="no progress bars")
+
+    im = sub.add_parser("import", help="make a run folder from a checkpoint of the paper's code "
+                                       "(checkpoint.pth or ema_checkpoint.pth of github sndnyang/Diffusion_ViT)")
+    im.add_argument("checkpoint", metavar="CKPT", help="the official checkpoint file")
+    im.add_argument("--out", required=True, help="the run folder to create (new or empty)")
+    im.add_argument("--preset", help="check the tensors against this preset's model and take its settings "
+                                     "(default: the model inferred from the tensor shapes)")
 
     x = sub.add_parser("export", help="write a run's EMA weights as a model folder to share (config.json, "
                                       "model.safetensors, README.md model card)")
@@ -200,6 +213,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_sample(args)
         if args.command == "evaluate":
             return cmd_evaluate(args)
+        if args.command == "import":
+            return cmd_import(args)
         if args.command == "export":
             out = export_run(args.run, args.out)
             print(f"model folder -> {out} (config.json, model.safetensors, README.md)")
@@ -214,6 +229,19 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:  # output piped into `head` and the like
         return 0
+    return 0
+
+
+def cmd_import(args) -> int:
+    if args.preset and args.preset not in PRESETS:
+        raise HybvitError(f"unknown preset '{args.preset}'; run `hybvit presets` to list them")
+    out, cfg = import_official(args.checkpoint, args.out, args.preset)
+    for note in cfg.notes:
+        print(f"import: {note}")
+    m = cfg.model
+    print(f"run folder -> {out} ({cfg.train.mode}, {m.image_size}x{m.image_size}x{m.channels}, patch "
+          f"{m.patch_size}, {m.num_classes} classes, D {m.dim}, depth {m.depth}, {m.heads} heads); use it with "
+          f"hybvit sample / evaluate / export --run {out}, or hybvit train --init-from {out}")
     return 0
 
 
@@ -255,7 +283,9 @@ def cmd_train(args) -> int:
         print(f"{'resuming' if resume else 'training'} {cfg.train.mode} ({cfg.preset}): {params:,} parameters, "
               f"D {cfg.model.dim}, depth {cfg.model.depth}, patch {cfg.model.patch_size}, {budget}{split}, "
               f"{where}, run dir {out}")
-    metrics = train(cfg, data, out, resume=resume, stop_after=stop_after, progress=not args.quiet)
+    init = (init_from.start_weights(cfg, init_from.read_source(args.init_from))
+            if args.init_from and ctx.main else None)             # the other ranks get rank 0's through DDP
+    metrics = train(cfg, data, out, resume=resume, stop_after=stop_after, progress=not args.quiet, init=init)
     if metrics.get("interrupted"):
         distributed.shutdown()
         return 0 if metrics.get("stopped_after") else EXIT_STOPPED

@@ -33,6 +33,10 @@ REMOVED = {"model.final_norm": False, "model.conv_out": False, "model.self_cond"
            "diffusion.schedule_shift": 1.0, "diffusion.input_perturbation": 0.0, "train.adam_beta2": 0.999,
            "train.lr_schedule": "cosine", "train.diffusion_batch_size": 0, "train.eps_scale": 1.0,
            "data.diffusion_hflip": False, "data.repeated_aug": 1}
+# Saved configs carry this number. Format 2: the sinusoidal time embedding divides by half - 1 as the paper's code
+# does; the weights of format-1 runs (hybvit up to commit dd191b8) compute other outputs with it and are refused.
+CONFIG_FORMAT = 2
+LAST_FORMAT_1_COMMIT = "dd191b8"
 MAX_SIDE = 4096                      # image side in pixels
 RULES: dict[str, tuple] = {
     "model.image_size": ("int", 1, MAX_SIDE), "model.channels": ("int", 1, 4), "model.patch_size": ("int", 1, MAX_SIDE),
@@ -278,7 +282,20 @@ class Config:
                               "images into the samples; add --set model.augment_cond=true")
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return {**asdict(self), "format": CONFIG_FORMAT}
+
+    @classmethod
+    def from_saved(cls, d: dict[str, Any], where: str) -> "Config":
+        """The config of a saved run or model (config.json, a checkpoint's metadata), from a version of hybvit whose
+        model computes what this one does."""
+        found = d.get("format", 1)
+        if found != CONFIG_FORMAT:
+            if isinstance(found, int) and found > CONFIG_FORMAT:
+                raise HybvitError(f"{where} was written by a newer hybvit (config format {found}); upgrade hybvit")
+            raise HybvitError(f"{where} was written by hybvit before config format {CONFIG_FORMAT}, whose time "
+                              f"embedding differs from the paper's code, so its weights would now compute other "
+                              f"outputs; train it again, or use it with hybvit {LAST_FORMAT_1_COMMIT}")
+        return cls.from_dict(d)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "Config":

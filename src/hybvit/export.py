@@ -10,9 +10,6 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -29,22 +26,13 @@ def export_run(run_dir: str | Path, out_dir: str | Path) -> Path:
         raise HybvitError(f"--out '{out}' exists and is not an empty folder; give a new folder for the model")
     metrics_path = Path(run_dir) / "metrics.json"
     metrics = ckpt.read_json(metrics_path, "metrics") if metrics_path.exists() else None
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
+
+    def write(tmp: Path) -> None:
         cfg = run.config.to_dict()
         ckpt.write_json(tmp / "config.json", cfg)
         ckpt.save_weights(tmp / "model.safetensors", ckpt.plain_state_dict(run.model), cfg)
         (tmp / "README.md").write_text(model_card(run, metrics))
-        os.chmod(tmp, 0o777 & ~ckpt.current_umask())
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(e, OSError):
-            raise HybvitError(f"cannot write '{out}' ({e.strerror or type(e).__name__}); choose another --out") from None
-        raise
+    ckpt.write_folder(out, write)
     return out
 
 
@@ -52,15 +40,22 @@ def model_card(run, metrics: dict[str, Any] | None) -> str:
     cfg, m = run.config, run.config.model
     what = {"hybvit": "HybViT: one Vision Transformer that classifies (CLS token) and generates (DDPM denoiser)",
             "genvit": "GenViT: a Vision Transformer as the denoiser of a DDPM", "vit": "a ViT classifier"}
+    trainer = "by the paper's code" if (metrics or {}).get("imported_from") else "with hybvit"
     lines = ["---", "library_name: hybvit", "tags:", "- vision-transformer", "- image-classification"]
     if cfg.train.mode != "vit":
         lines += ["- diffusion", "- image-generation"]
     lines += ["---", "", f"# {cfg.preset or 'hybvit'} ({cfg.train.mode})", "",
-              f"{what[cfg.train.mode]}, trained with hybvit on `{cfg.data.spec}`: "
+              f"{what[cfg.train.mode]}, trained {trainer} on `{cfg.data.spec}`: "
               f"{m.image_size}x{m.image_size}x{m.channels} images, {m.num_classes} classes, patch {m.patch_size}, "
               f"D {m.dim}, depth {m.depth}, {run.model.num_params():,} parameters. The weights are the EMA weights "
               f"(decay {cfg.train.ema_decay}) of the run.", ""]
-    if metrics:
+    source = (metrics or {}).get("imported_from")
+    if source:
+        lines += ["## Origin", "", f"Imported by `hybvit import` from a checkpoint of the paper's code "
+                  f"(github sndnyang/Diffusion_ViT): `{Path(source.get('file', '?')).name}`, sha256 "
+                  f"`{source.get('sha256')}`, {'EMA' if source.get('weights') == 'ema' else 'raw'} weights. "
+                  f"hybvit computes the same outputs from them (tests/test_official.py).", ""]
+    elif metrics:
         lines += ["## Metrics", "", "| metric | value |", "|---|---|"]
         for key in ("test_accuracy", "test_accuracy_raw", "pixel_fd", "steps", "train_seconds", "images_per_second"):
             if key in metrics:

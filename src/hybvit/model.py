@@ -22,9 +22,12 @@ from .config import ModelConfig
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-    """Sinusoidal embedding of (possibly fractional) timesteps. t: (B,) -> (B, dim)."""
+    """Sinusoidal embedding of (possibly fractional) timesteps. t: (B,) -> (B, dim): [sin(t f_i), cos(t f_i)] with
+    f_i = max_period^(-i / (half - 1)), i = 0..half-1, as the paper's code (its SinusoidalPosEmb), so the lowest
+    frequency is exactly 1 / max_period; the official checkpoints need exactly this (tests/test_official.py)."""
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, device=t.device, dtype=torch.float32) / half)
+    freqs = torch.exp(-math.log(max_period) / max(half - 1, 1)
+                      * torch.arange(half, device=t.device, dtype=torch.float32))
     args = t.float()[:, None] * freqs[None]                      # (B, half)
     emb = torch.cat([torch.sin(args), torch.cos(args)], dim=-1)  # (B, 2*half)
     if dim % 2:

@@ -11,6 +11,7 @@ import torch
 
 from . import checkpoint as ckpt
 from . import distributed
+from . import init_from
 from .config import DEFAULT_PRESET, OWN_DATA_PRESET, PRESETS, Config, check_ranges, preset_config
 from .datasets import load_data
 from .errors import HybvitError
@@ -31,13 +32,19 @@ def resolve_train_config(args):
         if not (run_dir / "checkpoints" / "last.pt").exists():
             raise HybvitError(f"cannot resume: the run in '{run_dir}' stopped before its first checkpoint; start it "
                               f"again with the same flags and --out {run_dir}")
-        saved = Config.from_dict(ckpt.read_json(cfg_path, "run config"))
+        saved = Config.from_saved(ckpt.read_json(cfg_path, "run config"), f"run '{run_dir}'")
         cfg = Config.from_dict(saved.to_dict())
         if args.preset and args.preset != saved.preset:
             raise HybvitError(f"--preset {args.preset} differs from the resumed run's preset '{saved.preset}'; "
                               f"drop --preset when resuming")
     else:
         cfg = preset_config(args.preset or DEFAULT_PRESET)
+    source = None
+    if getattr(args, "init_from", None):
+        if args.resume:
+            raise HybvitError("--init-from starts a new run and --resume continues one; give one of them")
+        source = init_from.read_source(args.init_from)
+        init_from.take_model(cfg, source)                    # before --set, which may still change it
     if args.mode:
         if args.mode not in ("vit", "genvit", "hybvit"):
             raise HybvitError(f"unknown mode '{args.mode}'; use vit, genvit or hybvit")
@@ -73,10 +80,13 @@ def resolve_train_config(args):
         check_fits_memory(cfg)
         return cfg, data, run_dir, True
 
-    notes = adapt_model_to_data(cfg, data, preset_named=bool(args.preset), explicit=explicit_sets)
-    cfg.notes = notes
-    for note in notes:
-        print(f"adapted to the data: {note}")
+    if source is not None:                                   # an existing model: only the class count follows
+        given = "model.num_classes" in explicit_sets or "num_classes" in explicit_sets
+        cfg.notes = init_from.fit_source(cfg, data.num_classes, source, given)
+    else:
+        cfg.notes = adapt_model_to_data(cfg, data, preset_named=bool(args.preset), explicit=explicit_sets)
+    for note in cfg.notes:
+        print(f"{'from the source' if source is not None else 'adapted to the data'}: {note}")
     if is_own_data(cfg.data.spec):
         print(expectation(cfg, data))
     warning = narrow_tokens(cfg.model)

@@ -269,7 +269,7 @@ def load_run_config(run_dir: str | Path) -> Config:
         raise HybvitError(f"run directory '{run_dir}' does not exist; give the --out folder of a training run")
     if not path.exists():
         raise HybvitError(f"'{run_dir}' has no config.json; it is not a hybvit run directory")
-    cfg = Config.from_dict(ckpt.read_json(path, "run config"))
+    cfg = Config.from_saved(ckpt.read_json(path, "run config"), f"run '{run_dir}'")
     cfg.validate()
     return cfg
 
@@ -280,26 +280,29 @@ def load_run(run_dir: str | Path | None = None, checkpoint: str | Path | None = 
     file (.safetensors or last.pt)."""
     if (run_dir is None) == (checkpoint is None):
         raise HybvitError("give exactly one of --run DIR or --checkpoint PATH")
-    if run_dir is not None:
-        run_dir = Path(run_dir)
-        if not run_dir.is_dir():
-            raise HybvitError(f"run directory '{run_dir}' does not exist; give the --out folder of a training run")
-        candidates = [run_dir / "model.safetensors",                  # a model folder of `hybvit export`
-                      run_dir / "checkpoints" / "ema.safetensors", run_dir / "checkpoints" / "last.pt"]
-        path = next((p for p in candidates if p.exists()), None)
-        if path is None:
-            raise HybvitError(f"'{run_dir}' has no checkpoints/ema.safetensors, checkpoints/last.pt or "
-                              f"model.safetensors; it is not a (finished or checkpointed) hybvit run or model folder")
-    else:
-        path = Path(checkpoint)
+    path = weights_file(run_dir) if run_dir is not None else Path(checkpoint)
     weights, cfg_dict = ckpt.load_weights(path)
     return run_from_weights(weights, cfg_dict, device, path, run_dir)
+
+
+def weights_file(run_dir: str | Path) -> Path:
+    """The EMA weights of a run directory or of a model folder written by `hybvit export`."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise HybvitError(f"run directory '{run_dir}' does not exist; give the --out folder of a training run")
+    candidates = [run_dir / "model.safetensors",                  # a model folder of `hybvit export`
+                  run_dir / "checkpoints" / "ema.safetensors", run_dir / "checkpoints" / "last.pt"]
+    path = next((p for p in candidates if p.exists()), None)
+    if path is None:
+        raise HybvitError(f"'{run_dir}' has no checkpoints/ema.safetensors, checkpoints/last.pt or "
+                          f"model.safetensors; it is not a (finished or checkpointed) hybvit run or model folder")
+    return path
 
 
 def run_from_weights(weights: dict[str, torch.Tensor], cfg_dict: dict, device: str = "auto",
                      path: str | Path = "weights", run_dir: str | Path | None = None) -> Run:
     """A Run from EMA weights and the config dict stored with them (what `load_run` reads from a file)."""
-    cfg = Config.from_dict(cfg_dict)
+    cfg = Config.from_saved(cfg_dict, f"'{path}'")
     cfg.validate()
     dev = resolve_device(device)
     enable_tf32(dev)
@@ -310,5 +313,5 @@ def run_from_weights(weights: dict[str, torch.Tensor], cfg_dict: dict, device: s
     return Run(model, cfg, GaussianDiffusion.from_config(cfg.diffusion), dev, Path(run_dir) if run_dir else None)
 
 
-__all__ = ["Run", "load_run", "load_run_config", "run_from_weights", "draw_samples", "classify_batches",
+__all__ = ["Run", "load_run", "load_run_config", "run_from_weights", "weights_file", "check_weights_fit", "draw_samples", "classify_batches",
            "gather_samples", "make_grid", "save_png"]

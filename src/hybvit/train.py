@@ -35,6 +35,7 @@ from .data import Batches, ImageData
 from .diffusion import GaussianDiffusion
 from .errors import HybvitError
 from .evaluate.end_of_run import PeriodicEval, finish, log_samples
+from .init_from import load_into
 from .model import ViT
 from .objective import Objective, batch_inputs, shard
 from .optim import EMA, build_optimizer, lr_at
@@ -131,8 +132,10 @@ class Trainer:
         return sum(b.batch_size for b in (self.ce_batches, self.diff_batches) if b is not None)
 
 
-def setup(cfg: Config, data: ImageData, resume_from: Path | None = None) -> Trainer:
-    """Build the model, EMA, optimizer and loss on this process's device; load the checkpoint when resuming."""
+def setup(cfg: Config, data: ImageData, resume_from: Path | None = None,
+          init: dict[str, torch.Tensor] | None = None) -> Trainer:
+    """Build the model, EMA, optimizer and loss on this process's device; start from the weights `init` (train
+    --init-from; under torchrun rank 0's, which DDP hands to the others), or load the checkpoint when resuming."""
     t = cfg.train
     ctx = distributed.context()
     device = distributed.device_for(resolve_device(t.device), ctx)
@@ -140,7 +143,10 @@ def setup(cfg: Config, data: ImageData, resume_from: Path | None = None) -> Trai
     amp = distributed.broadcast(ctx, resolve_amp(t.amp, device))        # one precision on every rank
     enable_tf32(device)                                                  # fp32 matmuls in TF32 where GPUs have it
     torch.manual_seed(t.seed)
-    model = ViT(cfg.model).to(device)
+    model = ViT(cfg.model)
+    if init is not None:
+        load_into(model, init)
+    model = model.to(device)
     ema = EMA(model, t.ema_decay, t.ema_warmup) if ctx.main else None
     diffusion = GaussianDiffusion.from_config(cfg.diffusion)
     optimizer = build_optimizer(model, cfg, device, amp)
@@ -453,26 +459,27 @@ class _StopFlag:
 # ----------------------------------------------------------------------------- the run
 
 def train(cfg: Config, data: ImageData, out_dir: Path, resume: bool = False, stop_after: int | None = None,
-          progress: bool = True) -> dict[str, Any]:
+          progress: bool = True, init: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
     """Train according to cfg on data, writing the run into out_dir. Returns the metrics written.
 
     stop_after: stop (with a checkpoint) once this many steps are done in total, on the run's full schedule; the
-    run can then be continued with resume=True (`hybvit train --stop-after N`).
+    run can then be continued with resume=True (`hybvit train --stop-after N`). init: the weights a new run starts
+    from (`hybvit train --init-from`; init_from.py).
 
     Inside a process group (torchrun; see distributed.py) every rank calls this: DistributedDataParallel over the
     ranks, the global batch train.batch_size split between them, and rank 0 alone writing the run (the other ranks
     return {"steps": ..., "rank": ...}).
     """
     with _StopFlag() as stop:              # from the start: a stop during setup ends after the first step
-        return _run(cfg, data, Path(out_dir), resume, stop_after, progress, stop)
+        return _run(cfg, data, Path(out_dir), resume, stop_after, progress, stop, init)
 
 
 def _run(cfg: Config, data: ImageData, out_dir: Path, resume: bool, stop_after: int | None, progress: bool,
-         stop: _StopFlag) -> dict[str, Any]:
+         stop: _StopFlag, init: dict[str, torch.Tensor] | None) -> dict[str, Any]:
     cfg.validate()
     t = cfg.train
     last_pt = out_dir / "checkpoints" / "last.pt"
-    tr = setup(cfg, data, last_pt if resume else None)
+    tr = setup(cfg, data, last_pt if resume else None, init)
     ctx = tr.ctx
     if stop_after is not None and stop_after <= tr.start_step:
         raise HybvitError(f"--stop-after {stop_after}: the run is already at step {tr.start_step}; give a later step")
