@@ -215,15 +215,18 @@ def test_vlb_terms_per_timestep(diffusion):
     assert prior_bpd(diffusion, x0).abs().max() < 1e-6
 
 
-def test_terms_for_a_model_predicting_a_fixed_x0(diffusion):
-    """A model whose predicted x_0 is the constant c (also outside [-1, 1]: no clamping in the likelihood).
-    Then p's mean is Eq. 12 with x_0 := c, so L_t = (coef1_t (x0 - c))^2 / (2 beta-tilde_t) exactly, and the
-    decoder is -log of the N(c, beta-tilde_2) mass of x0's bin (scipy)."""
-    c = 1.02
+@pytest.mark.parametrize("clip", [False, True])
+def test_terms_for_a_model_predicting_a_fixed_x0(diffusion, clip):
+    """A model whose predicted x_0 is the constant 1.02, outside [-1, 1]: the paper's protocol (clip=True, its
+    clip_denoised) clamps it to c = 1, clip=False keeps c = 1.02. Then p's mean is Eq. 12 with x_0 := c, so
+    L_t = (coef1_t (x0 - c))^2 / (2 beta-tilde_t) exactly, and the decoder is -log of the N(c, beta-tilde_2) mass
+    of x0's bin (scipy)."""
+    predicted = 1.02
+    c = 1.0 if clip else predicted
     def fixed(xt, t):                           # eps such that (x_t - b eps) / a = c
         a = diffusion.sqrt_alphas_cumprod[t].to(xt.dtype).reshape(-1, 1)
         b = diffusion.sqrt_one_minus_alphas_cumprod[t].to(xt.dtype).reshape(-1, 1)
-        return (xt - a * c) / b
+        return (xt - a * predicted) / b
     x0 = torch.tensor([[250, 252, 254, 255]], dtype=torch.float64) / 127.5 - 1  # near c: scipy cannot underflow
     beta = cosine_betas(T)
     abar = np.cumprod(1 - beta)
@@ -240,7 +243,7 @@ def test_terms_for_a_model_predicting_a_fixed_x0(diffusion):
         expected[j] = np.mean((coef1 * (x - c)) ** 2 / (2 * beta_tilde)) / math.log(2)
     g = torch.Generator().manual_seed(8)
     for j, value in expected.items():
-        got = vlb_terms(diffusion, fixed, x0, torch.tensor([j]), g).item()
+        got = vlb_terms(diffusion, fixed, x0, torch.tensor([j]), g, clip=clip).item()
         assert got == pytest.approx(value, rel=1e-6), j
 
 
@@ -275,13 +278,14 @@ def test_evaluate_bpd_on_a_tiny_vit():
     assert a == b
     assert a["bits_per_dim"] != c["bits_per_dim"]
     assert a["num_images"] == 8 and a["timesteps"] == 10 and a["estimator"].startswith("unbiased estimate")
+    assert a["protocol"].startswith("paper: predicted x_0 clamped")
     values = [a["bits_per_dim"], a["std_error"], *a["terms"].values()]
     assert all(isinstance(v, float) and math.isfinite(v) for v in values)
     assert a["bits_per_dim"] == pytest.approx(sum(a["terms"].values()), rel=1e-9)
     assert a["bits_per_dim"] > 0
     # the full bound through the same path, on a 20-step diffusion to keep it quick
     short = Run(model, cfg, GaussianDiffusion(20, "cosine"), torch.device("cpu"))
-    full = evaluate_bpd(short, data.x_test, num_images=3, batch_size=64, seed=0, progress=True)
+    full = evaluate_bpd(short, data.x_test[:3], batch_size=64, seed=0, progress=True)   # default: every image
     assert full["estimator"].startswith("full bound") and full["timesteps"] == 20 and full["num_images"] == 3
     assert math.isfinite(full["bits_per_dim"]) and full["bits_per_dim"] > 0
     # a v-prediction run's output is converted to eps before the bound (diffusion.eps_model)

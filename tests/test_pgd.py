@@ -88,7 +88,7 @@ def test_linf_attack_on_linear_model_finds_analytic_worst_case():
 
 def test_paper_eps_and_curve_basics():
     assert PAPER_EPS["linf"] == [1, 2, 4, 8, 12, 16, 22, 30]           # Table 12, L-inf columns
-    assert PAPER_EPS["l2"] == [50, 100, 150, 200, 250, 300, 350, 400]  # Table 12, L2 columns
+    assert PAPER_EPS["l2"] == list(range(50, 501, 50))                  # the official script's L2 radii
     *_, f = linear_model(12, seed=3, dtype=torch.float32)
     x = torch.rand(30, 3, 2, 2, generator=torch.Generator().manual_seed(0))
     y = f(x).argmax(1)                                  # all correct when clean
@@ -113,6 +113,8 @@ def test_accuracy_falls_with_eps_on_trained_digits_model(tiny_cfg, tmp_path):
     eps = {"linf": [4, 8, 16, 32, 64], "l2": [32, 64, 128, 256]}
     r = evaluate_pgd(run, data, eps=eps, num_images=100, steps=5, seed=0, batch_size=64, out_dir=tmp_path / "pgd")
     assert r["num_images"] == 100 and r["steps"] == 5
+    assert r["protocol"].startswith("paper") and "every iterate" in r["protocol"] and r["step_size"] == "20/255"
+    assert "seed 123" in r["images"]
     for norm in ("linf", "l2"):
         acc = r["norms"][norm]["accuracy"]
         assert r["norms"][norm]["eps_255"] == [0.0] + [float(e) for e in eps[norm]]
@@ -135,3 +137,39 @@ def test_accuracy_falls_with_eps_on_trained_digits_model(tiny_cfg, tmp_path):
 
     noise, attack = curve(0), curve(5)
     assert attack < noise - 0.2, (attack, noise)
+
+
+def test_paper_protocol_counts_an_image_fooled_only_at_an_intermediate_iterate():
+    """A classifier that is wrong only on its 6th call, an iterate in the middle of the attack: the paper's
+    criterion (correct at every iterate) counts the image as broken, the madry one (last iterate) as robust."""
+    calls = []
+    W = torch.randn(12, 2, generator=torch.Generator().manual_seed(0))
+
+    def model_fn(x):
+        calls.append(None)
+        bias = torch.tensor([0.0, 100.0]) if len(calls) == 6 else torch.tensor([100.0, 0.0])
+        return x.flatten(1) @ W + bias
+    x, y = torch.rand(1, 3, 2, 2, generator=torch.Generator().manual_seed(1)), torch.tensor([0])
+    paper = robust_accuracy_curve(model_fn, x, y, [8 / 255], "linf", steps=10, step_size_factor=None,
+                                  generator=torch.Generator().manual_seed(2))
+    assert len(calls) == 13                     # clean (eps 0), clean again, 10 steps, the last iterate
+    calls.clear()
+    madry = robust_accuracy_curve(model_fn, x, y, [8 / 255], "linf", steps=10, step_size_factor=2.5,
+                                  generator=torch.Generator().manual_seed(2))
+    assert [c["accuracy"] for c in paper] == [1.0, 0.0] and [c["accuracy"] for c in madry] == [1.0, 1.0]
+
+
+def test_paper_step_is_twenty_over_255():
+    """With the paper's fixed step an L-inf attack on a linear model reaches the corner of a ball smaller than
+    one step in a single step; the madry step (2.5 eps / 50) takes many."""
+    from hybvit.evaluate.robustness import PAPER_STEP, pgd_attack
+    assert PAPER_STEP == 20 / 255
+    dim, eps = 3 * 4 * 4, 8 / 255
+    W, _, f = linear_model(dim, seed=1)
+    x = 0.3 + 0.4 * torch.rand(10, 3, 4, 4, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    y = torch.randint(0, 2, (10,), generator=torch.Generator().manual_seed(5))
+    corner = -eps * (W[y] - W[1 - y]).sign()
+    one = pgd_attack(f, x, y, eps, "linf", 1, PAPER_STEP, torch.Generator().manual_seed(6))[0]
+    assert torch.allclose((one - x).flatten(1), corner, atol=1e-12)
+    small = pgd_attack(f, x, y, eps, "linf", 1, 2.5 * eps / 50, torch.Generator().manual_seed(6))[0]
+    assert not torch.allclose((small - x).flatten(1), corner, atol=1e-6)

@@ -86,7 +86,7 @@ def test_checkpoint_never_unpickles_code(tmp_path):
         def __reduce__(self):
             return (print, ("pwned",))
     torch.save({"ema": Evil(), "config": {}}, tmp_path / "evil.pt")
-    with pytest.raises(HybvitError, match="cannot load checkpoint"):
+    with pytest.raises(HybvitError, match="asks to run code .*print"):
         ckpt.load_training_state(tmp_path / "evil.pt")
 
 
@@ -273,6 +273,27 @@ def test_batched_muon_is_torch_muon_and_loads_its_state(nesterov):
     assert torch.linalg.svdvals(x).min() < 0.2 and 0.5 < sv.min() and sv.max() < 1.3
 
 
+@pytest.mark.parametrize("name", ["adamw", "sgd"])
+def test_adamw_and_sgd_decay_every_parameter_as_the_paper_code(tiny_cfg, name):
+    """The paper's code: AdamW(diffusion_model.parameters(), weight_decay=0.05): norms, biases, the positional
+    embedding and the CLS token decay too. With zero gradients a first step shrinks every parameter by lr * wd
+    (AdamW), or lr * wd * (1 + momentum) (SGD with Nesterov momentum, where the decay enters the gradient)."""
+    from hybvit.model import ViT
+    from hybvit.optim import build_optimizer
+    cfg = tiny_cfg(optimizer=name, lr=0.1, weight_decay=0.5)
+    model = ViT(cfg.model)
+    opt = build_optimizer(model, cfg, torch.device("cpu"))
+    assert all(g["weight_decay"] == 0.5 for g in opt.param_groups)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    for n, p in model.named_parameters():
+        if before[n].abs().max() > 0:
+            shrink = 0.1 * 0.5 * (1 + cfg.train.momentum if name == "sgd" else 1)
+            torch.testing.assert_close(p.detach(), before[n] * (1 - shrink), msg=n)
+
+
 @pytest.mark.skipif(not hasattr(torch.optim, "Muon"), reason="torch.optim.Muon needs torch >= 2.9")
 def test_muon_splits_the_parameters_trains_and_resumes_exactly(tiny_cfg, digits, tmp_path):
     """train.optimizer=muon: Muon owns exactly the blocks' attention/MLP matrices, AdamW the rest; a run lowers its
@@ -290,6 +311,8 @@ def test_muon_splits_the_parameters_trains_and_resumes_exactly(tiny_cfg, digits,
     assert len(muon) == 4 * cfg.model.depth
     n_adam = sum(len(g["params"]) for g in opt.adamw.param_groups)
     assert len(muon) + n_adam == len(list(model.parameters()))
+    no_decay = sorted(names[id(p)] for g in opt.adamw.param_groups if g["weight_decay"] == 0 for p in g["params"])
+    assert "pos_embed" in no_decay and "cls_token" in no_decay and "head.0.weight" in no_decay   # Muon's own rule
     data = small(digits, 96)
     m = train(cfg, data, tmp_path / "a", progress=False)
     assert m["steps"] == 10

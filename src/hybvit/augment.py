@@ -3,13 +3,13 @@
 The paper never augments the diffusion batch (REFERENCE-NOTES); `diffusion_geometric` at the end is beyond it.
 
 The official CIFAR recipe, in order: random crop with padding, horizontal flip, AutoAugment (CIFAR policy),
-random erasing (p 0.25), then with probability 0.5 CutMix (beta 1) or Mixup (alpha 1) with soft labels; label
-smoothing 0.1 is applied in the loss. Every random choice is drawn per sample from the step's generator, so a
-resumed run sees the same augmentations as an uninterrupted one. AutoAugment / RandAugment and random erasing come
-from torchvision.transforms.v2: by default their functional operations run on batches grouped by the operation
-each image drew (fast on the CPU, and on a GPU the augmentation never leaves the device); `augment_backend=
-torchvision` applies the transform objects image by image on the CPU instead (a transform called on a batch would
-draw one choice for all images).
+random erasing (p 0.25; the code's area, aspect and fill), then for half of the batches CutMix (beta 1) or Mixup
+(alpha 1) of the whole batch with soft labels; label smoothing 0.1 is applied in the loss. Every random choice is
+drawn from the step's generator, so a resumed run sees the same augmentations as an uninterrupted one. AutoAugment
+and RandAugment come from torchvision.transforms.v2: by default their functional operations run on batches grouped
+by the operation each image drew (fast on the CPU, and on a GPU the augmentation never leaves the device);
+`augment_backend=torchvision` applies the transform objects image by image on the CPU instead (a transform called
+on a batch would draw one choice for all images).
 """
 from __future__ import annotations
 
@@ -51,7 +51,7 @@ def _policy(name: str):
     key = {"cifar10": "CIFAR10", "imagenet": "IMAGENET", "svhn": "SVHN"}.get(name)
     if key is None:
         raise HybvitError(f"unknown data.autoaugment '{name}'; use one of {', '.join(POLICIES)}")
-    return v2.AutoAugment(getattr(v2.AutoAugmentPolicy, key))
+    return v2.AutoAugment(getattr(v2.AutoAugmentPolicy, key), fill=PAPER_FILL)   # torchvision's other choices
 
 
 def _per_image(transform, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -91,19 +91,31 @@ _RAND_OPS = [op for op in _SPACE if op != "Invert"]          # RandAugment's 14 
 _RAND_NUM_OPS, _RAND_MAGNITUDE, _RAND_BINS = 2, 9, 31      # torchvision's RandAugment defaults
 
 
-def _apply(x: torch.Tensor, op: str, m) -> torch.Tensor:
-    """One operation with one magnitude on a uint8 batch (B, C, H, W); nearest interpolation, fill 0."""
+# AutoAugment as the paper's code ran it (its utils/autoaug.py, DeepVoltaire's PIL version): grey fill 128 where a
+# geometric operation uncovers the border, smooth shears (PIL's bicubic; bilinear here, the smooth mode affine
+# offers on tensors), rotations always counter-clockwise, and solarize thresholds from 256 (no pixel) down. RandAugment (beyond the paper) keeps torchvision's definition: fill 0,
+# nearest, a random sign for rotations, thresholds from 255.
+PAPER_FILL = 128
+
+
+def _apply(x: torch.Tensor, op: str, m, paper: bool = False) -> torch.Tensor:
+    """One operation with one magnitude on a uint8 batch (B, C, H, W): torchvision's (nearest, fill 0), or with
+    paper=True the paper code's fill and a smooth shear."""
+    from torchvision.transforms.v2 import InterpolationMode
     from torchvision.transforms.v2 import functional as TF
+    fill = [float(PAPER_FILL)] * x.shape[1] if paper else None
     if op == "Identity":
         return x
     if op in ("ShearX", "ShearY"):
         shear = [math.degrees(math.atan(m)), 0.0] if op == "ShearX" else [0.0, math.degrees(math.atan(m))]
-        return TF.affine(x, angle=0.0, translate=[0, 0], scale=1.0, shear=shear, center=[0, 0])
+        how = InterpolationMode.BILINEAR if paper else InterpolationMode.NEAREST   # tensors: no bicubic
+        return TF.affine(x, angle=0.0, translate=[0, 0], scale=1.0, shear=shear, center=[0, 0],
+                         interpolation=how, fill=fill)
     if op in ("TranslateX", "TranslateY"):
         shift = [int(m), 0] if op == "TranslateX" else [0, int(m)]
-        return TF.affine(x, angle=0.0, translate=shift, scale=1.0, shear=[0.0, 0.0])
+        return TF.affine(x, angle=0.0, translate=shift, scale=1.0, shear=[0.0, 0.0], fill=fill)
     if op == "Rotate":
-        return TF.rotate(x, angle=m)
+        return TF.rotate(x, angle=m, fill=fill)
     if op == "Brightness":
         return TF.adjust_brightness(x, 1.0 + m)
     if op == "Color":
@@ -115,7 +127,8 @@ def _apply(x: torch.Tensor, op: str, m) -> torch.Tensor:
     if op == "Posterize":
         return TF.posterize(x, bits=m)
     if op == "Solarize":
-        return TF.solarize(x, threshold=255.0 * m)
+        threshold = (256.0 if paper else 255.0) * m
+        return x if threshold > 255 else TF.solarize(x, threshold=threshold)
     if op == "AutoContrast":
         return TF.autocontrast(x)
     if op == "Equalize":
@@ -132,19 +145,20 @@ def _policy_table(name: str) -> list:
     return table
 
 
-def _apply_groups(x: torch.Tensor, groups: dict) -> None:
+def _apply_groups(x: torch.Tensor, groups: dict, paper: bool = False) -> None:
     """groups: {(op, magnitude): [image indices]}; applies each group's operation in place, one batched call each."""
     for (op, m), rows in groups.items():
         i = torch.tensor(rows, device=x.device)
-        x[i] = _apply(x[i], op, m)
+        x[i] = _apply(x[i], op, m, paper)
 
 
 def auto_augment_batched(x: torch.Tensor, name: str, generator: torch.Generator) -> torch.Tensor:
     """AutoAugment (policy `name`) or RandAugment (`rand`) drawn per image, applied in batched groups.
 
-    The same distribution as torchvision's transform applied image by image: AutoAugment picks one sub-policy per
-    image and applies each of its two operations with that operation's probability and a random sign;
-    RandAugment applies 2 operations drawn uniformly from 14, at magnitude bin 9 of 31, with a random sign."""
+    AutoAugment picks one sub-policy per image and applies each of its two operations with that operation's
+    probability and a random sign (rotations: counter-clockwise), as the paper's code (PAPER_FILL above);
+    RandAugment, as torchvision, applies 2 operations drawn uniformly from 14, at magnitude bin 9 of 31, with a
+    random sign."""
     B, _, H, W = x.shape
     out = x.clone()
     if name == "rand":
@@ -156,6 +170,7 @@ def auto_augment_batched(x: torch.Tensor, name: str, generator: torch.Generator)
         choice = torch.randint(len(table), (B,), generator=generator).tolist()
         slots = [[table[c][j] for c in choice] for j in range(2)]
         bins = 10
+    paper = name != "rand"
     for slot in slots:  # operations in order: every image's first operation, then every image's second
         u = torch.rand(B, generator=generator).tolist()
         neg = (torch.rand(B, generator=generator) < 0.5).tolist()
@@ -164,23 +179,28 @@ def auto_augment_batched(x: torch.Tensor, name: str, generator: torch.Generator)
             if u[b] > p or op == "Identity":
                 continue
             m = None if bin_ is None else _SPACE[op][0](bin_ / (bins - 1), H, W)
-            if _SPACE[op][1] and neg[b]:
+            if _SPACE[op][1] and neg[b] and not (paper and op == "Rotate"):
                 m = -m
             groups.setdefault((op, m), []).append(b)
-        _apply_groups(out, groups)
+        _apply_groups(out, groups, paper)
     return out
 
 
-def random_erasing_batched(x: torch.Tensor, p: float, generator: torch.Generator,
-                           scale=(0.02, 0.33), ratio=(0.3, 3.3), attempts: int = 10) -> torch.Tensor:
-    """Random erasing (Zhong et al., 2020) per image with probability p, value 0, in one masked operation:
-    as torchvision, up to 10 attempts for a box of the drawn area and aspect ratio that fits the image."""
+# Random erasing as the paper's code (utils/random_erasing.py): area U[0.02, 0.4] of the image, aspect ratio uniform
+# (not log-uniform) in [0.3, 1/0.3], up to 100 tries for a box that fits, filled with 0.5 in [-1, 1] space.
+ERASE_AREA, ERASE_RATIO, ERASE_TRIES, ERASE_FILL = (0.02, 0.4), (0.3, 1 / 0.3), 100, 0.5
+
+
+def random_erasing_batched(x: torch.Tensor, p: float, generator: torch.Generator) -> torch.Tensor:
+    """Random erasing (Zhong et al., 2020) per image with probability p, as the paper's code, in one masked
+    operation: the first of ERASE_TRIES (area, aspect) draws whose box fits inside the image, at a uniform place."""
     B, _, H, W = x.shape
     apply = torch.rand(B, generator=generator) < p
-    area = H * W * (scale[0] + (scale[1] - scale[0]) * torch.rand(B, attempts, generator=generator))
-    log_r = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * torch.rand(B, attempts, generator=generator)
-    h = torch.sqrt(area * torch.exp(log_r)).round().long()
-    w = torch.sqrt(area / torch.exp(log_r)).round().long()
+    lo, hi = ERASE_AREA
+    area = H * W * (lo + (hi - lo) * torch.rand(B, ERASE_TRIES, generator=generator))
+    ratio = ERASE_RATIO[0] + (ERASE_RATIO[1] - ERASE_RATIO[0]) * torch.rand(B, ERASE_TRIES, generator=generator)
+    h = torch.sqrt(area * ratio).round().long()
+    w = torch.sqrt(area / ratio).round().long()
     fits = (h < H) & (w < W)
     first = fits.float().argmax(1)                                  # the first attempt that fits
     ok = apply & fits.any(1)
@@ -190,39 +210,36 @@ def random_erasing_batched(x: torch.Tensor, p: float, generator: torch.Generator
     rows, cols = torch.arange(H)[None, :, None], torch.arange(W)[None, None, :]
     box = ((rows >= top[:, None, None]) & (rows < (top + h)[:, None, None]) & (cols >= left[:, None, None])
            & (cols < (left + w)[:, None, None]) & ok[:, None, None])      # (B, H, W)
-    return x.masked_fill(box.to(x.device)[:, None], 0.0)
+    return x.masked_fill(box.to(x.device)[:, None], ERASE_FILL)
 
 
 def mix(x: torch.Tensor, y: torch.Tensor, num_classes: int, prob: float, alpha: float,
         generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per sample, with probability `prob`, CutMix or Mixup (even odds) with a random partner from the batch.
-    Returns the mixed images and soft targets (B, num_classes) whose rows sum to 1."""
+    """CutMix or Mixup as the paper's code (utils/losses.py ce_loss, utils/mix.py): one draw per batch. With
+    probability `prob` the whole batch is mixed with one permutation of itself and one lambda ~ Beta(alpha, alpha),
+    by CutMix (one box of side sqrt(1 - lambda) at a uniform centre, clipped; lambda then the unpasted share) or by
+    Mixup, at even odds; otherwise it is returned clean. Returns the images and soft targets (B, num_classes)
+    lambda * onehot(y) + (1 - lambda) * onehot(y[perm]): cross-entropy against them is the code's
+    lambda CE(y_a) + (1 - lambda) CE(y_b), label smoothing included."""
     B, _, H, W = x.shape
     onehot = F.one_hot(y, num_classes).float()
-    apply = torch.rand(B, generator=generator) < prob
-    cutmix = torch.rand(B, generator=generator) < 0.5
-    partner = torch.randperm(B, generator=generator)
+    mixed, cutmix = (torch.rand(2, generator=generator) < torch.tensor([prob, 0.5])).tolist()
+    partner = torch.randperm(B, generator=generator).to(x.device)
     rng = np.random.default_rng(int(torch.randint(0, 2 ** 62, (1,), generator=generator)))
-    lam = torch.from_numpy(rng.beta(alpha, alpha, size=B)).float()
-    # CutMix: a box of area (1 - lam) * H * W at a uniform centre, clipped to the image (Yun et al., 2019)
-    cut = torch.sqrt(1 - lam)
-    cy, cx = torch.randint(0, H, (B,), generator=generator), torch.randint(0, W, (B,), generator=generator)
-    hh, hw = (cut * H / 2).long(), (cut * W / 2).long()
-    y1, y2 = (cy - hh).clamp(0, H), (cy + hh).clamp(0, H)
-    x1, x2 = (cx - hw).clamp(0, W), (cx + hw).clamp(0, W)
-    rows, cols = torch.arange(H)[None, :, None], torch.arange(W)[None, None, :]
-    box = (rows >= y1[:, None, None]) & (rows < y2[:, None, None]) & (cols >= x1[:, None, None]) & (cols < x2[:, None, None])
-    lam_cut = 1 - ((y2 - y1) * (x2 - x1)).float() / (H * W)
-    use_box = (apply & cutmix)[:, None, None] & box                                   # (B, H, W)
-    use_mixup = apply & ~cutmix
-    dev = x.device
-    other = x[partner.to(dev)]
-    lam_mix = lam.to(dev)[:, None, None, None]
-    out = torch.where(use_mixup.to(dev)[:, None, None, None], lam_mix * x + (1 - lam_mix) * other, x)
-    out = torch.where(use_box.to(dev)[:, None], other, out)
-    lam_eff = torch.where(apply, torch.where(cutmix, lam_cut, lam), torch.ones(B)).to(dev)
-    target = lam_eff[:, None] * onehot + (1 - lam_eff[:, None]) * onehot[partner.to(dev)]
-    return out, target
+    lam = float(rng.beta(alpha, alpha))
+    cy, cx = (int(torch.randint(0, n, (1,), generator=generator)) for n in (H, W))
+    if not mixed:
+        return x, onehot
+    other = x[partner]
+    if cutmix:
+        ch, cw = int(H * math.sqrt(1 - lam)) // 2, int(W * math.sqrt(1 - lam)) // 2
+        y1, y2, x1, x2 = max(cy - ch, 0), min(cy + ch, H), max(cx - cw, 0), min(cx + cw, W)
+        out = x.clone()
+        out[:, :, y1:y2, x1:x2] = other[:, :, y1:y2, x1:x2]
+        lam = 1 - (y2 - y1) * (x2 - x1) / (H * W)
+    else:
+        out = lam * x + (1 - lam) * other
+    return out, lam * onehot + (1 - lam) * onehot[partner]
 
 
 def classifier_batch(x_uint8: torch.Tensor, y: torch.Tensor, num_classes: int, data_cfg,
@@ -242,13 +259,8 @@ def classifier_batch(x_uint8: torch.Tensor, y: torch.Tensor, num_classes: int, d
         else:
             x = auto_augment_batched(x, data_cfg.autoaugment, generator)
     x = to_float(x)
-    if data_cfg.random_erasing > 0:
-        if per_image:
-            from torchvision.transforms import v2
-            x = _per_image(v2.RandomErasing(p=data_cfg.random_erasing, value=0.0), x.cpu(),
-                           generator).to(x_uint8.device)
-        else:
-            x = random_erasing_batched(x, data_cfg.random_erasing, generator)
+    if data_cfg.random_erasing > 0:          # the code's erasing in both backends (torchvision's draws other boxes)
+        x = random_erasing_batched(x, data_cfg.random_erasing, generator)
     if data_cfg.mix_prob > 0:
         return mix(x, y, num_classes, data_cfg.mix_prob, data_cfg.mix_alpha, generator)
     return x, y

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 import shutil
 import tempfile
 import zipfile
@@ -142,9 +143,9 @@ def load_torch_file(path: Path, fix: str) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()
-        why = next((ln.strip() for ln in first if "Unsupported global" in ln or "GLOBAL" in ln), type(e).__name__)
-        raise HybvitError(f"'{path}' asks to run code when loaded ({why[:160]}); hybvit loads tensors only, never "
+        named = re.search(r"GLOBAL (\S+)", str(e))
+        why = f"it names {named.group(1)}" if named else type(e).__name__
+        raise HybvitError(f"'{path}' asks to run code when loaded ({why}); hybvit loads tensors only, never "
                           f"code: {fix}") from None
     except Exception as e:  # noqa: BLE001 - any other read failure is a damaged file
         raise HybvitError(f"cannot load '{path}' ({type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''})"
@@ -203,11 +204,7 @@ def save_training_state(path: Path, state: dict[str, Any]) -> None:
 def load_training_state(path: Path) -> dict[str, Any]:
     if not Path(path).exists():
         raise HybvitError(f"checkpoint '{path}' does not exist; give a run directory that has checkpoints/last.pt")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001
-        raise HybvitError(f"cannot load checkpoint '{path}' ({type(e).__name__}); it is corrupt or not a "
-                          f"hybvit checkpoint") from None
+    state = load_torch_file(path, "it is corrupt or not a hybvit checkpoint")
     shapes = {"model": dict, "ema": dict, "optimizer": dict, "rng": dict, "config": dict, "step": int}
     wrong = [k for k, kind in shapes.items() if not isinstance(state, dict) or not isinstance(state.get(k), kind)]
     if wrong:

@@ -114,7 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="local Inception file for fid/is (weights-inception-2015-12-05-6726825d.pth)")
     e.add_argument("--fid-reference", default="train", choices=["train", "test"],
                    help="reference statistics (cached per dataset): the training set (default) or the test set")
-    e.add_argument("--bpd-images", type=int, default=1000, help="test images for bpd (default 1000)")
+    e.add_argument("--bpd-images", type=int, default=None,
+                   help="test images for bpd (default: the whole test set, as the paper)")
     e.add_argument("--bpd-timesteps", type=int, default=0,
                    help="0: the full bound over all T steps; K: unbiased estimate from K random steps per image")
     e.add_argument("--ece-bins", default="15,20", help="bin counts for ECE (default 15,20)")
@@ -124,9 +125,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--pgd-norms", default="linf,l2")
     e.add_argument("--pgd-images", type=int, default=1000, help="test images attacked (use fewer on a CPU)")
     e.add_argument("--pgd-steps", type=int, default=50)
-    e.add_argument("--pgd-step-factor", type=float, default=2.5, help="PGD step size = F * eps / steps (2.5)")
+    e.add_argument("--pgd-step-factor", type=float, default=None, metavar="F",
+                   help="PGD as Madry et al.: step F * eps / steps, the last iterate counts (default: the paper's "
+                        "protocol, step 20/255, robust only if correct at every iterate)")
     e.add_argument("--pgd-eps-linf", metavar="LIST", help="L-inf eps in /255, e.g. 1,2,4,8 (default: Table 12)")
-    e.add_argument("--pgd-eps-l2", metavar="LIST", help="L2 eps in /255, e.g. 50,100 (default: Table 12)")
+    e.add_argument("--pgd-eps-l2", metavar="LIST", help="L2 eps in /255, e.g. 50,100 (default: 50..500, the "
+                                                          "paper code's)")
     e.add_argument("--speed-samples", type=int, default=32, help="images timed per sampler for speed")
     e.add_argument("--no-html", action="store_true", help="skip the HTML report")
     e.add_argument("--batch-size", type=int, default=500)
@@ -464,7 +468,7 @@ def cmd_evaluate(args) -> int:
     norms = [n.strip() for n in args.pgd_norms.split(",") if n.strip()]
     if not norms or set(norms) - {"linf", "l2"}:
         raise HybvitError(f"--pgd-norms '{args.pgd_norms}': use linf, l2 or linf,l2")
-    if args.pgd_step_factor <= 0:
+    if args.pgd_step_factor is not None and args.pgd_step_factor <= 0:
         raise HybvitError("--pgd-step-factor must be > 0")
     pgd_eps = None
     if args.pgd_eps_linf or args.pgd_eps_l2:

@@ -12,9 +12,9 @@ index T-1. The bound is prior + the T terms at indices 0..T-1.
 
 Reverse process: fixed small variance beta-tilde (Eq. 13), the sampler's choice. beta-tilde is 0 at index 0,
 so p(x_0 | x_1) uses the log-variance clipped to the index-1 value, as GaussianDiffusion.q_posterior returns
-it (Ho et al.'s practice). The model mean is Eq. 12 with x_0 predicted from eps, which equals Eq. 14. Unlike
-sampling, x_0 is NOT clamped to [-1, 1] here: the bound is defined for the model's Gaussian reverse process
-as it is, and a clamp would make mu_theta a different (non-linear) function than the one Eq. 14 defines.
+it (Ho et al.'s practice). The model mean is Eq. 12 with x_0 predicted from eps and clamped to [-1, 1], as the
+sampler does and as the paper's code computed its Table 4 (clip_denoised=True); clip=False gives the bound of
+Eq. 14's unclamped mean instead.
 
 Everything after the model call is computed in float64. Results are per image, in bits per dimension:
 nats / (number of dimensions * ln 2). Images are float in [-1, 1] on the 256-level grid (data.to_float).
@@ -96,7 +96,7 @@ def prior_bpd(diffusion: GaussianDiffusion, x0: torch.Tensor) -> torch.Tensor:
 
 
 def vlb_terms(diffusion: GaussianDiffusion, model: EpsModel, x0: torch.Tensor, t: torch.Tensor,
-              generator: torch.Generator | None = None) -> torch.Tensor:
+              generator: torch.Generator | None = None, clip: bool = True) -> torch.Tensor:
     """One term of Eq. 5 per image, in bits/dim: (B,), for timestep indices t (B,) (any mix of values).
 
     t >= 1: L_t of Eq. 7, KL(q(x_{t-1} | x_t, x_0) || p(x_{t-1} | x_t)) with x_t ~ q(x_t | x_0) (Eq. 10) drawn
@@ -120,8 +120,7 @@ def vlb_terms(diffusion: GaussianDiffusion, model: EpsModel, x0: torch.Tensor, t
     def eps_model(x: torch.Tensor, tt: torch.Tensor) -> torch.Tensor:
         return model(x.to(in_dtype), tt).double()
 
-    # clip=False: no clamping of the predicted x_0 for the likelihood (see the module docstring)
-    p_mean, _, p_logvar, _ = diffusion.p_mean_variance(eps_model, xt, t, clip=False)
+    p_mean, _, p_logvar, _ = diffusion.p_mean_variance(eps_model, xt, t, clip=clip)   # see the module docstring
 
     out = torch.empty(x0.shape[0], dtype=torch.float64, device=x0.device)
     dec, kl = t == 0, t > 0
@@ -138,7 +137,8 @@ def vlb_terms(diffusion: GaussianDiffusion, model: EpsModel, x0: torch.Tensor, t
 
 def bits_per_dim(diffusion: GaussianDiffusion, model: EpsModel, x0: torch.Tensor,
                  generator: torch.Generator | None = None, timesteps: int | None = None,
-                 steps_per_call: int = 1, progress: Callable[[Iterable], Iterable] | None = None) -> dict:
+                 steps_per_call: int = 1, progress: Callable[[Iterable], Iterable] | None = None,
+                 clip: bool = True) -> dict:
     """The variational bound L_vlb of Eq. 5 per image, in bits/dim.
 
     timesteps=None: the full bound, prior (Eq. 8) + all T terms (Eq. 6-7), each term with its own x_t draw.
@@ -183,7 +183,7 @@ def bits_per_dim(diffusion: GaussianDiffusion, model: EpsModel, x0: torch.Tensor
         c = cols.shape[1]
         t = cols.t().reshape(-1)                                            # (c * B,), column-major
         xs = x0.repeat(c, *([1] * (x0.dim() - 1)))                          # image b repeated at rows b, B + b, ...
-        terms = vlb_terms(diffusion, model, xs, t, generator).reshape(c, B)
+        terms = vlb_terms(diffusion, model, xs, t, generator, clip).reshape(c, B)
         is_dec = (cols.t() == 0)
         decoder += torch.where(is_dec, terms, torch.zeros_like(terms)).sum(0)
         kl_sum += torch.where(is_dec, torch.zeros_like(terms), terms).sum(0)

@@ -43,7 +43,8 @@ def build_optimizer(model: torch.nn.Module, cfg: Config, device: torch.device,
                     amp: str = "fp32") -> torch.optim.Optimizer:
     """amp is the resolved precision ("bf16" or "fp32"); Muon's Newton-Schulz iteration runs in it."""
     t = cfg.train
-    groups = _decay_groups(list(model.named_parameters()), t.weight_decay)
+    # AdamW and SGD decay every parameter, as the paper's code (norms, biases, positional embedding and CLS too)
+    groups = [{"params": list(model.parameters()), "weight_decay": t.weight_decay}]
     if t.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum, nesterov=True)
     extra = {"fused": True} if device.type == "cuda" else {}
@@ -53,8 +54,8 @@ def build_optimizer(model: torch.nn.Module, cfg: Config, device: torch.device,
 
 
 def _decay_groups(named: list[tuple[str, torch.Tensor]], weight_decay: float) -> list[dict]:
-    """Two parameter groups: weight decay on the matrices, none on biases, norms, the positional embedding and the
-    CLS token."""
+    """Muon's AdamW part (beyond the paper, as Muon's authors): weight decay on the matrices, none on biases, norms,
+    the positional embedding and the CLS token."""
     decays = lambda n, p: p.ndim >= 2 and "pos_embed" not in n and "cls_token" not in n   # noqa: E731
     return [{"params": [p for n, p in named if decays(n, p)], "weight_decay": weight_decay},
             {"params": [p for n, p in named if not decays(n, p)], "weight_decay": 0.0}]

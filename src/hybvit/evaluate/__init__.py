@@ -68,7 +68,7 @@ class EvalOptions:
     device: str = "auto"
     inception_weights: str | None = None
     fid_reference: str = "train"         # train | test
-    bpd_images: int = 1000
+    bpd_images: int | None = None        # None: the whole test set (the paper's protocol)
     bpd_timesteps: int = 0               # 0 = the full bound over all T steps; K = unbiased estimate, K per image
     ece_bins: list[int] = field(default_factory=lambda: [15, 20])
     ood: list[str] = field(default_factory=lambda: ["interp", "noise"])
@@ -77,7 +77,8 @@ class EvalOptions:
     pgd_norms: list[str] = field(default_factory=lambda: ["linf", "l2"])
     pgd_images: int = 1000
     pgd_steps: int = 50
-    pgd_step_factor: float = 2.5         # step size = factor * eps / steps
+    pgd_step_factor: float | None = None  # None: the paper protocol (step 20/255, every iterate); F: step F * eps
+                                          # / steps, the last iterate (robustness.py)
     pgd_eps: dict[str, list[float]] | None = None   # per norm, in /255; None = the paper's Table 12 lists
     speed_samples: int = 32
     html: bool = True

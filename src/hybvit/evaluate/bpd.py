@@ -19,21 +19,24 @@ from ..sample import eps_function
 
 
 @torch.no_grad()
-def evaluate_bpd(run, x_test_uint8: torch.Tensor, num_images: int, timesteps: int | None = None,
+def evaluate_bpd(run, x_test_uint8: torch.Tensor, num_images: int | None = None, timesteps: int | None = None,
                  batch_size: int = 500, seed: int = 0, progress: bool = False) -> dict[str, Any]:
-    """Bits/dim of the first `num_images` test images (uint8 (N, C, H, W)) under the run's model.
+    """Bits/dim of the first `num_images` test images (uint8 (N, C, H, W); None = all of them, the paper's
+    protocol) under the run's model.
 
     timesteps=None: the full bound over all T steps; timesteps=K: the unbiased K-step estimate.
     batch_size: rows per model call. Images are taken in batches of up to batch_size, and when a batch has
     fewer images than batch_size, several timesteps share one call (batch_size // images per call).
     One generator seeded with `seed` draws all noise (and timesteps) in order, so the same seed, data,
     num_images and batch_size give the same numbers. The model runs under the run's autocast setting; the
-    bound is computed in float64 from its eps predictions, without clamping the predicted x_0.
+    bound is computed in float64 from its eps predictions, with the predicted x_0 clamped to [-1, 1] as the
+    paper's code (clip_denoised=True).
 
     Returns plain floats: bits_per_dim (mean over images), std_error (of that mean over images; None for a
     single image), num_images, estimator, timesteps (terms evaluated per image) and terms (mean prior,
     decoder and kl_sum; bits_per_dim = their sum).
     """
+    num_images = len(x_test_uint8) if num_images is None else num_images
     if num_images < 1:
         raise HybvitError(f"bpd needs at least one test image, got num_images={num_images}")
     if len(x_test_uint8) == 0:
@@ -78,7 +81,8 @@ def evaluate_bpd(run, x_test_uint8: torch.Tensor, num_images: int, timesteps: in
     total = v["total"]
     std_error = float(total.std(unbiased=True) / math.sqrt(n)) if n > 1 else None
     return {"bits_per_dim": float(total.mean()), "std_error": std_error, "num_images": n,
-            "estimator": estimator, "timesteps": K,
+            "protocol": f"paper: predicted x_0 clamped to [-1, 1] (clip_denoised=True), {n} of the "
+                        f"{len(x_test_uint8)} test images", "estimator": estimator, "timesteps": K,
             "terms": {k: float(v[k].mean()) for k in ("prior", "decoder", "kl_sum")}}
 
 

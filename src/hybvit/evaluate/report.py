@@ -119,7 +119,8 @@ def _headline(name: str, r: dict[str, Any]) -> str:
         if name == "pgd":
             return "; ".join(f"{n}: " + ", ".join(f"{e:g}/255 {a:.3f}" for e, a in zip(d["eps_255"], d["accuracy"],
                                                                                     strict=True))
-                             for n, d in r["norms"].items()) + f" ({r['num_images']} images, PGD-{r['steps']})"
+                             for n, d in r["norms"].items()) + (f" ({r['num_images']} images, PGD-{r['steps']}, "
+                                                               f"{r['protocol'].split(':')[0]} protocol)")
         if name == "sample-analysis":
             return (f"{r['num_samples']} samples; mean max p(y|x) {r['mean_max_softmax']['samples']:.3f} "
                     f"(test images {r['mean_max_softmax']['test']:.3f}); predicted class counts "

@@ -1,16 +1,19 @@
 """Adversarial robustness under white-box PGD attacks (Madry et al. 2018), as Sec. 5.2.3 (Fig. 7) and
 App. C.4 (Table 12).
 
-The paper attacks its CIFAR-10 classifiers with L-inf and L2 PGD on images in [0, 1]; its code ran 50 steps
-with a random start on 1000 test images (REFERENCE-NOTES). Budgets, in units of 1/255 (Table 12):
-  L-inf  eps in {1, 2, 4, 8, 12, 16, 22, 30} / 255
-  L2     eps in {50, 100, 150, 200, 250, 300, 350, 400} / 255
-(REFERENCE-NOTES writes the L2 list as {50, ..., 500}; Table 12 stops at 400, and PAPER_EPS follows the table.)
+The paper attacks its CIFAR-10 classifiers with L-inf and L2 PGD on images in [0, 1]. Budgets, in units of 1/255:
+  L-inf  eps in {1, 2, 4, 8, 12, 16, 22, 30} / 255          (Table 12)
+  L2     eps in {50, 100, ..., 500} / 255                    (its scripts/bpda_attack.sh; Table 12 prints to 400)
 
-Step size: neither the paper nor REFERENCE-NOTES gives one; we use step = step_size_factor * eps / steps with
-step_size_factor = 2.5 by default, the rule of thumb of Madry et al. (the iterates can travel 2.5 eps in all,
-enough to cross the ball from any start). The attack returns the last iterate (no best-iterate bookkeeping),
-as standard PGD does.
+Two protocols; every report names the one that ran:
+  paper (the default): the official code's (bpda_eot_attack.py with bpda_eot_attack.json): 50 steps of a fixed
+      20/255 from a random start, and an image counts as robust only if it is classified correctly clean and at
+      every iterate, the random start and the last included.
+  madry (`--pgd-step-factor F`): step F * eps / steps, the rule of thumb of Madry et al. (F = 2.5 lets the iterates
+      cross the ball from any start), and only the last iterate counts, as standard PGD.
+Both attack in fp32, as the official code, a random subset of test images drawn with seed 123 (the official code
+also shuffled with seed 123, but its order depends on the RNG state after its model's initialisation, so its
+exact 1,000 images cannot be reproduced).
 """
 from __future__ import annotations
 
@@ -28,9 +31,11 @@ from .calibration import check_classifier
 from .plots import line_plot
 
 NORMS = ("linf", "l2")
-# The eps columns of Table 12, in units of 1/255 on [0, 1] images.
+# The budgets the official code attacked, in units of 1/255 on [0, 1] images.
 PAPER_EPS: dict[str, list[float]] = {"linf": [1, 2, 4, 8, 12, 16, 22, 30],
-                                     "l2": [50, 100, 150, 200, 250, 300, 350, 400]}
+                                     "l2": [50, 100, 150, 200, 250, 300, 350, 400, 450, 500]}
+PAPER_STEP = 20 / 255            # bpda_eot_attack.json adv_eta, on [0, 1] images (both norms)
+SUBSET_SEED = 123                # bpda_eot_attack.json seed: the test images attacked are a shuffled subset
 
 ModelFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -62,22 +67,29 @@ def _project(x_adv: torch.Tensor, x: torch.Tensor, eps: float, norm: str) -> tor
 
 def pgd(model_fn: ModelFn, x01: torch.Tensor, y: torch.Tensor, eps: float, norm: str = "linf", steps: int = 50,
         step_size: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Projected gradient ascent on the cross-entropy of model_fn (images in [0, 1] -> logits), Madry et al.
-    2018, as the paper's Sec. 5.2.3 / Table 12.
+    """Projected gradient ascent on the cross-entropy of model_fn (images in [0, 1] -> logits): the last iterate
+    of pgd_attack (detached, same shape and dtype as x01)."""
+    return pgd_attack(model_fn, x01, y, eps, norm, steps, step_size, generator)[0]
+
+
+def pgd_attack(model_fn: ModelFn, x01: torch.Tensor, y: torch.Tensor, eps: float, norm: str = "linf",
+               steps: int = 50, step_size: float | None = None,
+               generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """PGD (Madry et al. 2018), as the paper's Sec. 5.2.3 / Table 12. Returns (the last iterate, whether each
+    image was classified correctly at every iterate: the random start, each step and the last).
 
     Random start: uniform in the L-inf ball, or for L2 a uniformly random direction with a radius uniform in
     [0, eps]; then `steps` steps of x += step_size * sign(grad) (L-inf) or step_size * grad / ||grad||_2 (L2),
     each followed by projection onto the eps-ball around x01 and onto the [0, 1] box. step_size defaults to
     2.5 * eps / steps. Gradients are taken with respect to the input only (torch.autograd.grad), under
-    torch.enable_grad, so it works when called under no_grad and never touches the model's .grad.
-    Returns the adversarial images (detached, same shape and dtype as x01)."""
+    torch.enable_grad, so it works when called under no_grad and never touches the model's .grad."""
     if norm not in NORMS:
         raise HybvitError(f"unknown PGD norm '{norm}'; use linf or l2")
     if eps < 0 or steps < 0:
         raise HybvitError("PGD needs eps >= 0 and steps >= 0")
     x = x01.detach()
     if eps == 0:
-        return x.clone()
+        return x.clone(), _predict(model_fn, x, y)
     step = 2.5 * eps / max(steps, 1) if step_size is None else float(step_size)
 
     if norm == "linf":
@@ -89,31 +101,35 @@ def pgd(model_fn: ModelFn, x01: torch.Tensor, y: torch.Tensor, eps: float, norm:
         delta = direction * radius
     x_adv = _project(x + delta, x, eps, norm)
 
+    robust = torch.ones(len(x), dtype=torch.bool, device=x.device)
     for _ in range(steps):
         with torch.enable_grad():
             x_adv.requires_grad_(True)
-            loss = F.cross_entropy(model_fn(x_adv).float(), y, reduction="sum")
+            logits = model_fn(x_adv).float()
+            loss = F.cross_entropy(logits, y, reduction="sum")
             grad, = torch.autograd.grad(loss, x_adv)
         with torch.no_grad():
+            robust &= logits.argmax(1) == y
             if norm == "linf":
                 x_adv = x_adv.detach() + step * grad.sign()
             else:
                 x_adv = x_adv.detach() + step * grad / _per_image_norm(grad).clamp_min(1e-30)
             x_adv = _project(x_adv, x, eps, norm)
-    return x_adv.detach()
+    return x_adv.detach(), robust & _predict(model_fn, x_adv, y)
 
 
 @torch.no_grad()
-def _correct(model_fn: ModelFn, x: torch.Tensor, y: torch.Tensor) -> int:
-    return int((model_fn(x).argmax(1) == y).sum())
+def _predict(model_fn: ModelFn, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return model_fn(x).argmax(1) == y
 
 
 def robust_accuracy_curve(model_fn: ModelFn, x01: torch.Tensor, y: torch.Tensor, eps_list: Sequence[float],
-                          norm: str = "linf", steps: int = 50, step_size_factor: float = 2.5,
+                          norm: str = "linf", steps: int = 50, step_size_factor: float | None = 2.5,
                           generator: torch.Generator | None = None, batch_size: int = 250,
                           bar=None) -> list[dict[str, float]]:
     """Accuracy of model_fn on PGD adversarial examples for each eps (in [0, 1] image units), as one row of
-    Table 12 / one line of Fig. 7. The step size is step_size_factor * eps / steps (default 2.5 * eps / steps).
+    Table 12 / one line of Fig. 7. step_size_factor F: the madry protocol (step F * eps / steps, the last iterate
+    counts); None: the paper protocol (step PAPER_STEP; robust only if correct clean and at every iterate).
     eps = 0 is the clean accuracy (no attack, no random start) and is always included, first.
     Returns [{"eps": eps, "accuracy": acc}, ...] in increasing eps."""
     if len(x01) == 0:
@@ -125,9 +141,14 @@ def robust_accuracy_curve(model_fn: ModelFn, x01: torch.Tensor, y: torch.Tensor,
         correct = 0
         for i in range(0, len(x01), batch_size):
             xb, yb = x01[i:i + batch_size], y[i:i + batch_size]
-            if eps > 0:
+            if eps == 0:
+                correct += int(_predict(model_fn, xb, yb).sum())
+            elif step_size_factor is None:                       # paper: every iterate, clean included
+                clean = _predict(model_fn, xb, yb)
+                correct += int((clean & pgd_attack(model_fn, xb, yb, eps, norm, steps, PAPER_STEP, generator)[1]).sum())
+            else:
                 xb = pgd(model_fn, xb, yb, eps, norm, steps, step_size_factor * eps / max(steps, 1), generator)
-            correct += _correct(model_fn, xb, yb)
+                correct += int(_predict(model_fn, xb, yb).sum())
             if bar is not None:
                 bar.update(len(xb))
         curve.append({"eps": eps, "accuracy": correct / len(x01)})
@@ -137,12 +158,13 @@ def robust_accuracy_curve(model_fn: ModelFn, x01: torch.Tensor, y: torch.Tensor,
 def evaluate_pgd(run, data: ImageData, norms: Sequence[str] = NORMS,
                  eps: Mapping[str, Sequence[float]] | Sequence[float] | None = None, num_images: int = 1000,
                  steps: int = 50, seed: int = 0, batch_size: int = 250, out_dir: str | Path | None = None,
-                 step_size_factor: float = 2.5, progress: bool = False) -> dict[str, Any]:
-    """Robust accuracy of a run's EMA classifier under PGD (Sec. 5.2.3, Fig. 7; App. C.4, Table 12) on the first
-    num_images test images: the model sees 2 * x01 - 1 (its [-1, 1] input) under the run's autocast setting.
+                 step_size_factor: float | None = None, progress: bool = False) -> dict[str, Any]:
+    """Robust accuracy of a run's EMA classifier under PGD (Sec. 5.2.3, Fig. 7; App. C.4, Table 12) on num_images
+    test images drawn at random with SUBSET_SEED: the model sees 2 * x01 - 1 (its [-1, 1] input), in fp32.
 
-    eps: in units of 1/255, either {norm: [eps, ...]} or one list for every norm; None = PAPER_EPS (Table 12).
-    Returns {"num_images", "steps", "step_size": "2.5 * eps / steps", "random_start": True, "seed",
+    step_size_factor: None = the paper protocol, F = the madry protocol (module docstring).
+    eps: in units of 1/255, either {norm: [eps, ...]} or one list for every norm; None = PAPER_EPS.
+    Returns {"protocol", "num_images", "images", "steps", "step_size", "random_start": True, "seed",
              "norms": {norm: {"eps_255": [0, ...], "accuracy": [...]}},
              "plots": {norm: "pgd_<norm>.png"}} (plots only with out_dir; paths relative to it).
     One generator seeded with `seed` per norm draws the random starts."""
@@ -150,30 +172,31 @@ def evaluate_pgd(run, data: ImageData, norms: Sequence[str] = NORMS,
     unknown = [n for n in norms if n not in NORMS]
     if unknown or not norms:
         raise HybvitError(f"unknown PGD norm(s) {', '.join(unknown) or '(none given)'}; use linf and/or l2")
-    model, device, amp = run.model, run.device, run.config.train.amp
+    model, device = run.model, run.device
     model.eval()
 
     def model_fn(x01: torch.Tensor) -> torch.Tensor:
-        with autocast(amp, device):
+        with autocast("fp32", device):
             return model.classify(2 * x01 - 1).float()
 
-    x01 = data.x_test[:num_images].to(device).float() / 255.0
-    y = data.y_test[:num_images].to(device)
-    out: dict[str, Any] = {"num_images": len(x01), "steps": steps,
-                           "step_size": f"{step_size_factor:g} * eps / steps", "random_start": True,
-                           "seed": seed, "norms": {}}
+    pick = torch.randperm(len(data.x_test), generator=torch.Generator().manual_seed(SUBSET_SEED))[:num_images]
+    x01 = data.x_test[pick].to(device).float() / 255.0
+    y = data.y_test[pick].to(device)
+    paper = step_size_factor is None
+    out: dict[str, Any] = {
+        "protocol": ("paper: step 20/255, robust only if correct clean and at every iterate (the official "
+                     "bpda_eot_attack.py), fp32" if paper else
+                     f"madry: step {step_size_factor:g} * eps / steps, the last iterate counts, fp32"),
+        "num_images": len(x01), "images": f"a random subset of the test set (seed {SUBSET_SEED})", "steps": steps,
+        "step_size": "20/255" if paper else f"{step_size_factor:g} * eps / steps", "random_start": True,
+        "seed": seed, "norms": {}}
     lists = {n: (PAPER_EPS[n] if eps is None else eps.get(n, []) if isinstance(eps, Mapping) else eps) for n in norms}
     bar = tqdm(total=len(x01) * sum(len({0.0, *map(float, v)}) for v in lists.values()), unit="img",
                desc=f"PGD-{steps}", leave=False, mininterval=1.0, disable=None) if progress else None
     for norm in norms:
-        if eps is None:
-            budgets = PAPER_EPS[norm]
-        elif isinstance(eps, Mapping):
-            if norm not in eps:
-                raise HybvitError(f"no eps list given for norm '{norm}'")
-            budgets = eps[norm]
-        else:
-            budgets = eps
+        if isinstance(eps, Mapping) and norm not in eps:
+            raise HybvitError(f"no eps list given for norm '{norm}'")
+        budgets = lists[norm]
         if any(float(e) < 0 for e in budgets):
             raise HybvitError("PGD eps values must be >= 0 (in units of 1/255)")
         g = torch.Generator().manual_seed(seed)
@@ -195,4 +218,4 @@ def evaluate_pgd(run, data: ImageData, norms: Sequence[str] = NORMS,
     return out
 
 
-__all__ = ["pgd", "robust_accuracy_curve", "evaluate_pgd", "PAPER_EPS", "NORMS"]
+__all__ = ["pgd", "pgd_attack", "robust_accuracy_curve", "evaluate_pgd", "PAPER_EPS", "PAPER_STEP", "NORMS"]
