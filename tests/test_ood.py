@@ -3,6 +3,7 @@ import numpy as np
 import pytest
 import torch
 
+from hybvit.data import to_float
 from hybvit.errors import HybvitError
 from hybvit.evaluate.ood import (auroc, evaluate_ood, interp_images, match_channels, noise_images, roc_curve,
                                  score_logits)
@@ -56,17 +57,21 @@ def test_score_logits():
     assert s["max_softmax"][2] == pytest.approx(1 / (1 + np.exp(-1.0)))
 
 
-def test_interp_images_are_averages_of_two_different_images():
+def test_interp_images_are_the_paper_codes_consecutive_batch_means():
+    """Task/eval_tasks.py: a shuffled pass over the test set in batches of 100, each batch averaged (as floats)
+    with the batch before it: every image but the first batch's is averaged once with a different image."""
     g = torch.Generator().manual_seed(0)
-    x = torch.randint(0, 256, (7, 3, 4, 4), generator=g, dtype=torch.uint8)
-    out, pairs = interp_images(x, 200, torch.Generator().manual_seed(1), return_pairs=True)
-    assert out.dtype == torch.uint8 and out.shape == (200, 3, 4, 4)
+    x = torch.randint(0, 256, (350, 3, 4, 4), generator=g, dtype=torch.uint8)
+    out, pairs = interp_images(x, None, torch.Generator().manual_seed(1), return_pairs=True)
+    assert out.dtype == torch.float32 and out.shape == (250, 3, 4, 4)            # N - 100
     i, j = pairs[:, 0], pairs[:, 1]
-    assert (i != j).all() and len(set(pairs[:, 0].tolist())) == 7  # every image gets drawn
-    total = x[i].int() + x[j].int()
-    assert torch.equal(out.int() * 2 - total, total % 2)    # exact average; odd sums rounded half up
-    same = interp_images(x, 200, torch.Generator().manual_seed(1))
-    assert torch.equal(same, out)
+    assert (i != j).all() and len(set(i.tolist())) == 250 and len(set(i.tolist()) | set(j.tolist())) == 350
+    assert set(j[100:].tolist()) <= set(i[:150].tolist())                        # each batch mixes the one before
+    torch.testing.assert_close(out, (to_float(x[i]) + to_float(x[j])) / 2)       # the float mean, not rounded
+    assert ((out + 1) * 127.5 % 1 != 0).any()
+    same = interp_images(x, 40, torch.Generator().manual_seed(1))
+    assert torch.equal(same, out[:40])
+    assert interp_images(x[:7], None, g).shape[0] == 4                         # small sets: half-batches
     with pytest.raises(HybvitError):
         interp_images(x[:1], 3)
 
@@ -104,7 +109,11 @@ def test_evaluate_ood_tiny_run(tiny_run, digits, tmp_path):
         assert set(entry["auroc"]) == set(r["scores"])
         assert all(0.0 <= v <= 1.0 for v in entry["auroc"].values())
         assert (tmp_path / r["plots"][name]).read_bytes()[:4] == b"\x89PNG"
-    assert all(d == torch.uint8 for d in calls) and len(calls) == 3
+    assert calls == [torch.uint8, torch.float32, torch.uint8]      # in-distribution, interp (floats), noise
+    assert r["protocol"].startswith("the first 200 images")
+    whole = evaluate_ood(tiny_run, digits, ["interp"], seed=0)
+    assert whole["protocol"].startswith("paper: whole test sets")
+    assert whole["in_distribution"]["num_images"] == 360 and whole["sets"]["interp"]["num_images"] == 260
     # uniform noise is much brighter than digits: the brightness score separates it almost perfectly
     assert r["sets"]["noise"]["auroc"]["neg_brightness"] > 0.95
 
@@ -166,3 +175,21 @@ def test_bpd_ood_score_converts_v_prediction_to_eps(tiny_cfg, digits):
     raw = -bits_per_dim(run.diffusion, lambda xt, t: model.denoise(xt, t), to_float(x),
                         generator=torch.Generator().manual_seed(3), timesteps=5)["total"].double()
     assert (got - raw).abs().max() > 1e-3                  # the check can tell the two apart
+
+
+def test_celeba_ood_set_is_the_test_split_stretched_not_cropped(tmp_path, digits):
+    """The paper's code read CelebA's test split with Resize((32, 32)): whole images, aspect ratio not kept."""
+    from PIL import Image
+    from hybvit.evaluate.ood import ood_images
+    folder = tmp_path / "celeba" / "img_align_celeba"
+    folder.mkdir(parents=True)
+    for k in range(8):                                     # 32 wide, 8 high: left quarter black, the rest white
+        img = np.full((8, 32, 3), 255, dtype=np.uint8)
+        img[:, :8] = 0
+        Image.fromarray(img).save(folder / f"{k:06d}.png")
+    (tmp_path / "celeba" / "list_eval_partition.txt").write_text(
+        "".join(f"{k:06d}.png {2 if k >= 6 else 0}\n" for k in range(8)))
+    x = ood_images(digits, f"celeba128:{tmp_path}", None, torch.Generator())
+    assert x.shape == (2, 1, 8, 8)                          # the 2 test images, at the data's size and channels
+    columns = x[0, 0].float().mean(0)                       # the black quarter survives as the first 2 columns
+    assert columns[:2].max() < 60 and columns[3:].min() > 200

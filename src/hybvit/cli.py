@@ -121,7 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--ece-bins", default="15,20", help="bin counts for ECE (default 15,20)")
     e.add_argument("--ood", default="interp,noise",
                    help="OOD sets: interp, noise or data specs (e.g. svhn,cifar100); default interp,noise")
-    e.add_argument("--ood-images", type=int, default=1000)
+    e.add_argument("--ood-images", type=int, default=None,
+                   help="the first N images of each set (default: whole sets, as the paper)")
     e.add_argument("--pgd-norms", default="linf,l2")
     e.add_argument("--pgd-images", type=int, default=1000, help="test images attacked (use fewer on a CPU)")
     e.add_argument("--pgd-steps", type=int, default=50)

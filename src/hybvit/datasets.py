@@ -362,27 +362,38 @@ def load_imagenet32(root: Path):
     return (*read(train), *read([val]), 1000)
 
 
-def load_celeba128(root: Path, size: int = 128, test_fraction: float = 0.01, max_images: int = 0):
-    """Face images, centre-cropped to a square and resized to 128; unlabeled (one class), for generation.
-    ROOT/celeba/img_align_celeba/*.jpg (the aligned CelebA release, split by list_eval_partition.txt when present)
-    or any folder of images under ROOT. The last 1 % (sorted by name) is the test set when no partition file."""
+def celeba_files(root: Path) -> tuple[list[Path], list[Path]]:
+    """(train, test) image files of CelebA under root: list_eval_partition.txt's split when present, else the last
+    1 % by name is the test set."""
     base = next((p for p in (root / "celeba" / "img_align_celeba", root / "img_align_celeba") if p.is_dir()), root)
     files = sorted(f for f in base.rglob("*") if f.suffix.lower() in (".jpg", ".jpeg", ".png", ".webp"))
     if not files:
         raise HybvitError(f"no face images found under '{root}'; download img_align_celeba.zip (CelebA, aligned) "
                           f"and unzip it into {root}/celeba/, or point celeba128:PATH at a folder of images")
-    if max_images:
-        files = files[:max_images]
     partition = base.parent / "list_eval_partition.txt"
     if partition.exists():
         split = dict(line.split()[:2] for line in partition.read_text().splitlines() if line.strip())
-        test = [f for f in files if split.get(f.name) == "2"]
-        train = [f for f in files if split.get(f.name) in ("0", "1")]
-    else:
-        n_test = max(1, int(len(files) * test_fraction))
-        train, test = files[:-n_test], files[-n_test:]
+        return ([f for f in files if split.get(f.name) in ("0", "1")], [f for f in files if split.get(f.name) == "2"])
+    n_test = max(1, len(files) // 100)
+    return files[:-n_test], files[-n_test:]
+
+
+def load_celeba_test_stretched(root: Path, size: int) -> torch.Tensor:
+    """CelebA's test images as the paper code's OOD set read them: each whole image resized to size x size
+    (the aspect ratio not kept), uint8 (N, 3, size, size)."""
+    _, test = celeba_files(root)
+    x, _ = load_image_files([(f, 0) for f in test], size)
+    return x
+
+
+def load_celeba128(root: Path, size: int = 128):
+    """Face images, centre-cropped to a square and resized to 128; unlabeled (one class), for generation.
+    ROOT/celeba/img_align_celeba/*.jpg (the aligned CelebA release, split by list_eval_partition.txt when present)
+    or any folder of images under ROOT. The last 1 % (sorted by name) is the test set when no partition file."""
+    train, test = celeba_files(root)
     if not train or not test:
-        raise HybvitError(f"'{root}' has too few images for a train and a test split ({len(files)} found)")
+        raise HybvitError(f"'{root}' has too few images for a train and a test split ({len(train) + len(test)} "
+                          f"found)")
 
     def read(paths):
         arr = np.empty((len(paths), 3, size, size), dtype=np.uint8)

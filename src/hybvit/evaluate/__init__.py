@@ -72,7 +72,7 @@ class EvalOptions:
     bpd_timesteps: int = 0               # 0 = the full bound over all T steps; K = unbiased estimate, K per image
     ece_bins: list[int] = field(default_factory=lambda: [15, 20])
     ood: list[str] = field(default_factory=lambda: ["interp", "noise"])
-    ood_images: int = 1000
+    ood_images: int | None = None        # None: whole sets (the paper's protocol)
     ood_bpd: bool = True                 # also score OOD by the diffusion bits/dim (needs a generative run)
     pgd_norms: list[str] = field(default_factory=lambda: ["linf", "l2"])
     pgd_images: int = 1000
@@ -288,11 +288,12 @@ def _bpd_score(run, opts: EvalOptions):
     eps_model = eps_function(run.model, run.diffusion, run.config.train.amp, run.device)
 
     @torch.no_grad()
-    def score(x_uint8: torch.Tensor) -> torch.Tensor:
+    def score(x: torch.Tensor) -> torch.Tensor:              # uint8, or floats in [-1, 1] (interp)
         out = []
-        for i in range(0, len(x_uint8), opts.batch_size):
+        for i in range(0, len(x), opts.batch_size):
             g = torch.Generator().manual_seed(opts.seed + i)
-            x0 = to_float(x_uint8[i:i + opts.batch_size]).to(run.device)
+            part = x[i:i + opts.batch_size]
+            x0 = (part.float() if part.is_floating_point() else to_float(part)).to(run.device)
             r = bits_per_dim(run.diffusion, eps_model, x0, generator=g, timesteps=opts.bpd_timesteps or 50)
             out.append(-r["total"].double().cpu())
         return torch.cat(out)

@@ -20,8 +20,8 @@ from typing import Any, Callable, Sequence
 import torch
 from tqdm.auto import tqdm
 
-from ..data import ImageData
-from ..datasets import load_data
+from ..data import ImageData, to_float
+from ..datasets import default_root, load_celeba_test_stretched, load_data
 from ..errors import HybvitError
 from .calibration import check_classifier
 from .plots import histograms, roc_curves
@@ -79,21 +79,26 @@ def roc_curve(in_scores: torch.Tensor, out_scores: torch.Tensor) -> tuple[torch.
     return torch.cat([zero, fp / len(b)]), torch.cat([zero, tp / len(a)])
 
 
-def interp_images(x_uint8: torch.Tensor, n: int, generator: torch.Generator | None = None,
+INTERP_BATCH = 100      # the paper code's OOD loader batch: each interp image mixes a batch with the one before
+
+
+def interp_images(x_uint8: torch.Tensor, n: int | None = None, generator: torch.Generator | None = None,
                   return_pairs: bool = False):
-    """The paper's "interp" OOD set (Table 3): each image the pixel average of two different random images of
-    x_uint8 (N, C, H, W), N >= 2. Kept as uint8 so every score sees the same 256-level images: the average
-    (a + b) / 2 is exact where a + b is even and rounded half up ((a + b + 1) // 2) where it is odd.
-    With return_pairs, also returns the (n, 2) indices of the averaged images."""
+    """The paper's "interp" OOD set (Table 3) as its code made it (Task/eval_tasks.py): the test set in a random
+    order, cut into batches of 100, every image of a batch averaged with the image at the same place in the batch
+    before, as floats in [-1, 1] (not rounded to the 256 levels): N - 100 images for N test images (9,900 for
+    CIFAR-10; half-batches of N // 2 when N < 200). n: the first n of them (None = all). Returns floats
+    (n, C, H, W); with return_pairs also the (n, 2) indices of the averaged images."""
     if x_uint8.dtype != torch.uint8:
         raise HybvitError("interp_images takes uint8 images")
     N = len(x_uint8)
     if N < 2:
         raise HybvitError("interp images need at least two images to average")
-    i = torch.randint(0, N, (n,), generator=generator)
-    j = (i + torch.randint(1, N, (n,), generator=generator)) % N   # always a different image
-    out = ((x_uint8[i].to(torch.int16) + x_uint8[j].to(torch.int16) + 1) // 2).to(torch.uint8)
-    return (out, torch.stack([i, j], 1)) if return_pairs else out
+    lag = min(INTERP_BATCH, N // 2)
+    order = torch.randperm(N, generator=generator)
+    pairs = torch.stack([order[lag:], order[:-lag]], 1)[:n]        # (N - lag, 2): image, its partner
+    out = (to_float(x_uint8[pairs[:, 0]]) + to_float(x_uint8[pairs[:, 1]])) / 2
+    return (out, pairs) if return_pairs else out
 
 
 def noise_images(n: int, shape: Sequence[int], generator: torch.Generator | None = None) -> torch.Tensor:
@@ -129,29 +134,37 @@ def _set_generator(seed: int, name: str) -> torch.Generator:
     return torch.Generator().manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % (2 ** 63))
 
 
-def ood_images(data: ImageData, spec: str, num_images: int, generator: torch.Generator) -> torch.Tensor:
-    """The OOD images of one entry: "interp", "noise", or a data spec whose first num_images test images are
-    resized to the data's size and converted to its channels."""
+def ood_images(data: ImageData, spec: str, num_images: int | None, generator: torch.Generator) -> torch.Tensor:
+    """The OOD images of one entry: "interp" (floats in [-1, 1]), "noise", or a data spec whose test images are
+    resized to the data's size and converted to its channels (uint8); num_images: the first so many (None = all,
+    the paper's protocol; noise: as many as the in-distribution test set). CelebA (celeba128) is read as the
+    paper's code read it: the test split, each whole image stretched to the data's size, not centre-cropped."""
     shape = (data.channels, data.image_size, data.image_size)
     if spec == "interp":
         return interp_images(data.x_test, num_images, generator)
     if spec == "noise":
-        return noise_images(num_images, shape, generator)
-    other = load_data(spec, data.image_size)
-    x = match_channels(other.x_test[:num_images], data.channels, name=f"OOD data '{spec}' images")
+        return noise_images(num_images or len(data.x_test), shape, generator)
+    kind, _, root = spec.partition(":")
+    if kind == "celeba128":
+        x_test = load_celeba_test_stretched(Path(root or default_root()).expanduser(), data.image_size)
+    else:
+        x_test = load_data(spec, data.image_size).x_test
+    x = match_channels(x_test[:num_images], data.channels, name=f"OOD data '{spec}' images")
     if len(x) == 0:
         raise HybvitError(f"OOD data '{spec}' has no test images")
     return x
 
 
-def evaluate_ood(run, data: ImageData, ood: Sequence[str], num_images: int = 1000, seed: int = 0,
+def evaluate_ood(run, data: ImageData, ood: Sequence[str], num_images: int | None = None, seed: int = 0,
                  extra_scores: dict[str, Callable[[torch.Tensor], torch.Tensor]] | None = None,
                  out_dir: str | Path | None = None, batch_size: int = 500, progress: bool = False) -> dict[str, Any]:
-    """AUROC of each score for in-distribution = the first num_images test images of `data` against each OOD
-    set in `ood` ("interp", "noise" or a data spec for hybvit.data.load_data), as Table 3 / Table 11.
+    """AUROC of each score for in-distribution = the test images of `data` against each OOD set in `ood`
+    ("interp", "noise" or a data spec for hybvit.data.load_data), as Table 3 / Table 11. num_images: the first so
+    many of every set; None = whole sets, the paper code's protocol.
 
     Scores: "logsumexp" and "max_softmax" of the run's EMA classifier (Run.classify), plus `extra_scores`,
-    name -> function(uint8 images (N, C, H, W)) -> (N,) scores, higher = more in-distribution.
+    name -> function(images (N, C, H, W): uint8, or floats in [-1, 1] for interp) -> (N,) scores, higher = more
+    in-distribution.
     Each OOD set's images come from a generator seeded by (seed, set name), so results are deterministic.
 
     Returns {"in_distribution": {"data", "num_images"}, "seed", "scores": [names],
@@ -182,8 +195,12 @@ def evaluate_ood(run, data: ImageData, ood: Sequence[str], num_images: int = 100
     if bar is not None:
         bar.update(1)
     names = list(s_in)
-    result: dict[str, Any] = {"in_distribution": {"data": data.name, "num_images": len(x_in)}, "seed": seed,
-                              "scores": names, "sets": {}}
+    result: dict[str, Any] = {
+        "protocol": ("paper: whole test sets, interp the float mean of consecutive shuffled batches of 100, CelebA's "
+                     "test split stretched" if num_images is None else
+                     f"the first {num_images} images of each set; interp the float mean of consecutive shuffled "
+                     f"batches of 100, CelebA's test split stretched"),
+        "in_distribution": {"data": data.name, "num_images": len(x_in)}, "seed": seed, "scores": names, "sets": {}}
     all_scores: dict[str, dict[str, torch.Tensor]] = {}
     for spec in ood:
         if spec in result["sets"]:
