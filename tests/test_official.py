@@ -33,7 +33,8 @@ from hybvit.model import ViT
 from hybvit.official import infer_model_config, match_schedule, official_to_hybvit, read_official
 from hybvit.sample import load_run
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "official-fixtures"
+FIXTURES = Path(os.environ.get("HYBVIT_OFFICIAL_FIXTURES",                 # ../shared/official-fixtures
+                                Path(__file__).resolve().parents[2] / "shared" / "official-fixtures"))
 NAMES = ["cifar10-tiny", "stl10-tiny", "imagenet32-tiny", "mnist-tiny"]
 if not FIXTURES.is_dir():
     if os.environ.get("CI") == "true":
