@@ -1,10 +1,12 @@
 """The command line end to end on digits with a tiny budget, and every bad input the CLI promises to refuse."""
 import json
+from pathlib import Path
 import subprocess
 import sys
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from hybvit.cli import main
@@ -374,3 +376,16 @@ def test_class_conditional_run_end_to_end(tmp_path, capsys):
     unlabeled = SimpleNamespace(num_classes=0, name="faces", channels=1, image_size=8)
     with pytest.raises(HybvitError, match="no class labels for model.class_cond"):
         _check_data_fits(cfg, unlabeled)
+
+
+@pytest.mark.skipif(not Path("/proc/self").exists(), reason="needs /proc, a folder where nothing can be created")
+@pytest.mark.parametrize("argv", [["train", "--steps", "1", "--out", "/proc/run"],
+                                  ["sample", "--run", "{run}", "--num", "2", "--out", "/proc/s.png"],
+                                  ["sample", "--run", "{run}", "--num", "2", "--out", "/proc/pngs/"],
+                                  ["import", "{ckpt}", "--out", "/proc/imported"],
+                                  ["export", "--run", "{run}", "--out", "/proc/model"]])
+def test_an_out_where_nothing_can_be_created_is_one_line(trained, tmp_path, capsys, argv):
+    torch.save({"model_state_dict": {"betas": torch.zeros(2)}}, tmp_path / "c.pth")
+    argv = [a.replace("{run}", str(trained)).replace("{ckpt}", str(tmp_path / "c.pth")) for a in argv]
+    rc, _, err = run_cli(capsys, *argv)
+    assert rc == 2 and err.count("\n") == 1 and "/proc/" in err and "choose another --out" in err, err

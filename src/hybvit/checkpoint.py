@@ -31,8 +31,11 @@ from .errors import HybvitError
 def atomic_write(path: Path, write: Callable[[str], None]) -> None:
     """Write through a temporary file in the same folder, then rename over `path` (atomic on POSIX)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise HybvitError(f"cannot write '{path}' ({e.strerror or type(e).__name__}); choose another --out") from None
     os.close(fd)
     try:
         write(tmp)
@@ -67,6 +70,21 @@ def write_folder(out: Path, write: Callable[[Path], None]) -> None:
         if isinstance(e, OSError):
             raise HybvitError(f"cannot write '{out}' ({e.strerror or type(e).__name__}); choose another --out") from None
         raise
+
+
+def check_can_create(path: Path, what: str = "--out") -> None:
+    """Refuse, with one line, a path under which nothing can be created (a read-only or virtual file system such
+    as /proc), by creating and removing a temporary folder in its nearest existing ancestor; creates nothing."""
+    base = Path(path).absolute()
+    while not base.exists() and base != base.parent:
+        base = base.parent
+    try:
+        if not base.is_dir():
+            raise NotADirectoryError(20, "not a folder")
+        os.rmdir(tempfile.mkdtemp(prefix=".hybvit-probe-", dir=base))
+    except OSError as e:
+        raise HybvitError(f"cannot create '{path}' ({e.strerror or type(e).__name__} in '{base}'); choose another "
+                          f"{what}") from None
 
 
 def current_umask() -> int:

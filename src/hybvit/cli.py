@@ -366,6 +366,7 @@ def check_out(path: str, suffixes: tuple[str, ...], what: str) -> Path:
         raise HybvitError(f"folder '{out.parent}' does not exist; create it first")
     if not os.access(out.parent, os.W_OK) or (out.exists() and not os.access(out, os.W_OK)):
         raise HybvitError(f"cannot write '{out}' (permission denied); choose another --out")
+    ckpt.check_can_create(out)
     return out
 
 
@@ -389,6 +390,7 @@ def check_out_folder(path: str) -> Path:
         raise HybvitError(f"folder '{out.parent}' does not exist; create it first")
     if not os.access(out.parent, os.W_OK):
         raise HybvitError(f"cannot write in '{out.parent}' (permission denied); choose another --out")
+    ckpt.check_can_create(out)
     return Path(path)
 
 

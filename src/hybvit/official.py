@@ -244,6 +244,7 @@ def import_official(path: str | Path, out: str | Path, preset: str | None = None
     path, out = Path(path), Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise HybvitError(f"--out '{out}' exists and is not an empty folder; give a new folder for the run")
+    ckpt.check_can_create(out)
     oc = read_official(path)
     cfg = import_config(oc, preset, path)
     weights = official_to_hybvit(oc.vit, cfg.model)

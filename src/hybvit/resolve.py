@@ -104,6 +104,7 @@ def resolve_train_config(args):
                           f"or choose another --out")
     if out.exists() and not out.is_dir():
         raise HybvitError(f"--out '{out}' is a file; give a directory for the run")
+    ckpt.check_can_create(out)
     return cfg, data, out, False
 
 
