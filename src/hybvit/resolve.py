@@ -25,18 +25,8 @@ def resolve_train_config(args):
     explicit_sets = {a.split("=", 1)[0].strip() for a in args.set}
     if args.resume:
         run_dir = Path(args.resume)
-        cfg_path = run_dir / "config.json"
-        if not cfg_path.exists():
-            raise HybvitError(f"cannot resume: '{run_dir}' has no config.json; give the directory of an earlier "
-                              f"`hybvit train` run")
-        if not (run_dir / "checkpoints" / "last.pt").exists():
-            raise HybvitError(f"cannot resume: the run in '{run_dir}' stopped before its first checkpoint; start it "
-                              f"again with the same flags and --out {run_dir}")
-        saved = Config.from_saved(ckpt.read_json(cfg_path, "run config"), f"run '{run_dir}'")
+        saved = resumed_config(run_dir, args.preset)
         cfg = Config.from_dict(saved.to_dict())
-        if args.preset and args.preset != saved.preset:
-            raise HybvitError(f"--preset {args.preset} differs from the resumed run's preset '{saved.preset}'; "
-                              f"drop --preset when resuming")
     else:
         cfg = preset_config(args.preset or DEFAULT_PRESET)
     source = None
@@ -106,6 +96,22 @@ def resolve_train_config(args):
         raise HybvitError(f"--out '{out}' is a file; give a directory for the run")
     ckpt.check_can_create(out)
     return cfg, data, out, False
+
+
+def resumed_config(run_dir: Path, preset: str | None) -> Config:
+    """The saved configuration of the run `--resume` continues, checked: it has a checkpoint and its preset."""
+    cfg_path = run_dir / "config.json"
+    if not cfg_path.exists():
+        raise HybvitError(f"cannot resume: '{run_dir}' has no config.json; give the directory of an earlier "
+                          f"`hybvit train` run")
+    if not (run_dir / "checkpoints" / "last.pt").exists():
+        raise HybvitError(f"cannot resume: the run in '{run_dir}' stopped before its first checkpoint; start it "
+                          f"again with the same flags and --out {run_dir}")
+    saved = Config.from_saved(ckpt.read_json(cfg_path, "run config"), f"run '{run_dir}'")
+    if preset and preset != saved.preset:
+        raise HybvitError(f"--preset {preset} differs from the resumed run's preset '{saved.preset}'; "
+                          f"drop --preset when resuming")
+    return saved
 
 
 def is_own_data(spec: str | None) -> bool:
