@@ -95,6 +95,27 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--device", default="auto")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
 
+    add_evaluate_parser(sub)
+
+    im = sub.add_parser("import", help="make a run folder from a checkpoint of the paper's code "
+                                       "(checkpoint.pth or ema_checkpoint.pth of github sndnyang/Diffusion_ViT)")
+    im.add_argument("checkpoint", metavar="CKPT", help="the official checkpoint file")
+    im.add_argument("--out", required=True, help="the run folder to create (new or empty)")
+    im.add_argument("--preset", help="check the tensors against this preset's model and take its settings "
+                                     "(default: the model inferred from the tensor shapes)")
+
+    x = sub.add_parser("export", help="write a run's EMA weights as a model folder to share (config.json, "
+                                      "model.safetensors, README.md model card)")
+    x.add_argument("--run", required=True, help="a run directory")
+    x.add_argument("--out", required=True, help="the model folder to create (new or empty)")
+
+    pr = sub.add_parser("presets", help="list the presets and their values")
+    pr.add_argument("name", nargs="?", help="show one preset's full configuration")
+    return p
+
+
+def add_evaluate_parser(sub) -> None:
+    """The flags of `hybvit evaluate`."""
     e = sub.add_parser("evaluate", help="evaluate a trained run or existing samples: JSON, PNG plots, HTML report")
     e.add_argument("--run", help="a run directory (or an exported model folder)")
     e.add_argument("--samples", metavar="FILE.npz|DIR",
@@ -138,22 +159,6 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--device", default="auto")
     e.add_argument("--quiet", action="store_true", help="no progress bars")
-
-    im = sub.add_parser("import", help="make a run folder from a checkpoint of the paper's code "
-                                       "(checkpoint.pth or ema_checkpoint.pth of github sndnyang/Diffusion_ViT)")
-    im.add_argument("checkpoint", metavar="CKPT", help="the official checkpoint file")
-    im.add_argument("--out", required=True, help="the run folder to create (new or empty)")
-    im.add_argument("--preset", help="check the tensors against this preset's model and take its settings "
-                                     "(default: the model inferred from the tensor shapes)")
-
-    x = sub.add_parser("export", help="write a run's EMA weights as a model folder to share (config.json, "
-                                      "model.safetensors, README.md model card)")
-    x.add_argument("--run", required=True, help="a run directory")
-    x.add_argument("--out", required=True, help="the model folder to create (new or empty)")
-
-    pr = sub.add_parser("presets", help="list the presets and their values")
-    pr.add_argument("name", nargs="?", help="show one preset's full configuration")
-    return p
 
 
 def add_sampling_flags(p: argparse.ArgumentParser) -> None:
