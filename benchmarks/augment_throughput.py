@@ -6,7 +6,7 @@ The full recipe of the paper's code (crop 4 + flip + AutoAugment CIFAR10 + rando
 0.5, every choice per sample) on CIFAR-sized uint8 images, run three ways:
   1. CPU loader: a torch DataLoader with --workers processes applying torchvision.transforms.v2 per image (what the
      paper's code did), CutMix/Mixup on the collated batch;
-  2. batched, CPU: hybvit's training path (`data.augment_backend=batched`) in the main process;
+  2. batched, CPU: hybvit's training path (`classifier_batch`) in the main process;
   3. batched, GPU: the same with the uint8 dataset resident on the GPU (only where CUDA is available).
 Also each stage alone, both backends, on the CPU.
 """
@@ -51,13 +51,13 @@ def loader_rate(x, y, batch: int, batches: int, workers: int) -> float:
     return batches * batch / (time.perf_counter() - t0)
 
 
-def batched_rate(cfg: DataConfig, x, y, batch: int, batches: int, device: str) -> float:
+def batched_rate(cfg: DataConfig, x, y, batch: int, batches: int, device: str, per_image: bool = False) -> float:
     x, y = x.to(device), y.to(device)
     g = torch.Generator().manual_seed(0)
 
     def step():
         idx = torch.randint(0, len(x), (batch,), generator=g).to(device)
-        return classifier_batch(x[idx], y[idx], 10, cfg, g)
+        return classifier_batch(x[idx], y[idx], 10, cfg, g, per_image=per_image)
 
     step()
     if device == "cuda":
@@ -84,8 +84,7 @@ def main():
                      dict(autoaugment="cifar10")), ("RandAugment", dict(autoaugment="rand")),
                      ("random erasing 0.25", dict(random_erasing=0.25)), ("CutMix/Mixup 0.5", dict(mix_prob=0.5)),
                      ("full recipe", FULL)]:
-        r = [batched_rate(DataConfig(**kw, augment_backend=b), x, y, a.batch, a.batches, "cpu")
-             for b in ("torchvision", "batched")]
+        r = [batched_rate(DataConfig(**kw), x, y, a.batch, a.batches, "cpu", per_image=b) for b in (True, False)]
         print(f"  {name:36s} {r[0]:9.0f} {r[1]:10.0f} images/s  ({r[1] / r[0]:.1f}x)")
     print("\nfull recipe")
     base = loader_rate(x, y, a.batch, a.batches, a.workers)

@@ -5,8 +5,8 @@ cores: as it runs by default (threads governed, threads.py), and with its thread
     python benchmarks/contention.py                 # ~7 minutes on 2 cores; prints a table and writes nothing
     python benchmarks/contention.py --seconds 60 --rows "default (governed),fixed threads" --json contention.json
 
-Each phase trains the default preset (`hybvit train --minutes M`, no end-of-run sampling) in fresh processes:
-alone, then two at once. The slowdown is steps/s alone over steps/s shared (ideal: 2 on a machine whose cores the
+Each phase trains the default preset (`hybvit train --minutes M`; steps/s over the training seconds, so the 100
+samples a run draws after its budget are not counted) in fresh processes: alone, then two at once. The slowdown is steps/s alone over steps/s shared (ideal: 2 on a machine whose cores the
 two runs split; spin-waiting OpenMP threads of one run steal the cores the other needs, which makes it far worse).
 """
 from __future__ import annotations
@@ -33,7 +33,7 @@ POLICIES = {"default (governed)": ({"OMP_WAIT_POLICY": ""}, []),
 def launch(out: Path, seconds: float, policy: tuple[dict, list]) -> subprocess.Popen:
     env = dict(os.environ, **policy[0])
     cmd = [sys.executable, "-m", "hybvit", "train", "--minutes", str(seconds / 60), "--out", str(out), "--quiet",
-           "--set", "fd_samples=0", "--set", "num_samples=0", "--set", "amp=fp32", *policy[1]]
+           "--set", "fd_samples=0", "--set", "amp=fp32", *policy[1]]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 

@@ -102,7 +102,7 @@ def time_step(mode: str, args, device, batch_size: int, reference: bool = False)
             torch.compiler.cudagraph_mark_step_begin()
         loss = torch.zeros((), device=device)
         with autocast(cfg.train.amp, device):
-            if mode == "hybvit" and args.joint and not reference:                 # both batches in one pass (train.joint_pass)
+            if mode == "hybvit" and args.joint and not reference:   # both batches in one pass (the trainer's, on CUDA)
                 xt, t, noise = noised(x)
                 logits, eps = joint(x, xt, t)
                 loss = F.cross_entropy(logits.float(), y) + 100 * diffusion.output_loss(eps, x, t, noise)

@@ -20,15 +20,36 @@ def tiny_cfg():
         cfg.train.mode = mode
         cfg.train.steps = steps
         cfg.train.batch_size = 32
-        cfg.train.num_samples = 4
-        cfg.train.sample_steps = 3
         cfg.train.fd_samples = 0
         cfg.train.ckpt_every = 1000
         cfg.train.device = "cpu"  # bitwise resume equality is a CPU promise
         for k, v in train.items():
+            if not hasattr(cfg.train, k):           # a removed option would otherwise become a silent attribute
+                raise TypeError(f"train has no field {k!r}")
             setattr(cfg.train, k, v)
         return cfg
     return make
+
+
+@pytest.fixture
+def joint_pass(monkeypatch):
+    """joint_pass(True): hybvit.train builds its Objective with the joint pass (both hybvit batches through one
+    forward, what it does on CUDA) also on the CPU; joint_pass(False): the CPU's two passes again. Returns a list
+    that gets the size of each joint forward's clean batch, so a test can see the joint pass really ran."""
+    import hybvit.train
+    from hybvit.objective import Objective
+    calls = []
+
+    class Joint(Objective):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **{**kwargs, "joint": True})
+            inner = self.joint_net
+            self.joint_net = lambda x0, *rest: (calls.append(len(x0)), inner(x0, *rest))[1]
+
+    def use(on: bool = True) -> list:
+        monkeypatch.setattr(hybvit.train, "Objective", Joint if on else Objective)
+        return calls
+    return use
 
 
 @pytest.fixture(scope="session")

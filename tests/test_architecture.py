@@ -1,5 +1,6 @@
-"""The package's shape: imports flow one way (no cycles between modules), and functions import only heavy
-optional dependencies lazily. Read from the source with ast, so the checks see what a reader sees."""
+"""The package's shape: imports flow one way (no cycles between modules), functions import only heavy optional
+dependencies lazily, no module is longer than 450 lines and no function longer than 80, and the configuration has
+at most 50 fields. Read from the source with ast, so the checks see what a reader sees."""
 import ast
 from pathlib import Path
 
@@ -86,3 +87,21 @@ def test_functions_import_only_heavy_optional_dependencies():
     lazy = {f"{name}: {t}" for name, path in modules().items() for t in imports(name, path)[1]
             if not t.startswith(LAZY_OK)}
     assert not lazy, f"imports inside functions (move them to the top of the module): {sorted(lazy)}"
+
+
+def test_modules_and_functions_stay_short():
+    long_modules = {str(p.relative_to(SRC)): n for p in SRC.rglob("*.py")
+                    if (n := len(p.read_text().splitlines())) > 450}
+    long_functions = [f"{p.relative_to(SRC)}:{f.name} ({f.end_lineno - f.lineno + 1} lines)"
+                      for p in SRC.rglob("*.py") for f in ast.walk(ast.parse(p.read_text()))
+                      if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef)) and f.end_lineno - f.lineno >= 80]
+    assert long_modules == {} and long_functions == []
+
+
+def test_the_configuration_has_at_most_50_fields():
+    import dataclasses
+    from hybvit.config import Config
+    cfg = Config()
+    sections = [getattr(cfg, s) for s in Config.SECTIONS]
+    count = sum(len(dataclasses.fields(s)) for s in sections) + len(dataclasses.fields(Config)) - len(sections)
+    assert count <= 50, count

@@ -129,8 +129,7 @@ def test_diffusion_branch_is_never_augmented(tmp_path, monkeypatch):
     monkeypatch.setattr(GaussianDiffusion, "noised", lambda self, x0, generator=None: (seen.append(x0.clone()), original(self, x0, generator))[1])
     cfg = preset_config("digits-hybvit")
     cfg.model.dim, cfg.model.depth, cfg.model.heads = 32, 1, 2
-    cfg.train.steps, cfg.train.batch_size, cfg.train.fd_samples, cfg.train.num_samples = 3, 16, 0, 2
-    cfg.train.sample_steps, cfg.train.device = 2, "cpu"
+    cfg.train.steps, cfg.train.batch_size, cfg.train.fd_samples, cfg.train.device = 3, 16, 0, "cpu"
     cfg.data.crop_padding, cfg.data.hflip, cfg.data.random_erasing, cfg.data.mix_prob = 2, True, 1.0, 1.0
     data = load_data("digits")
     train(cfg, data, tmp_path, progress=False)
@@ -186,10 +185,8 @@ def test_batched_autoaugment_draws_per_image_and_is_seeded():
 def test_both_backends_give_the_same_kind_of_batch():
     x = torch.randint(0, 256, (32, 3, 32, 32), dtype=torch.uint8)
     y = torch.randint(0, 10, (32,))
-    for backend in ("batched", "torchvision"):
-        cfg = strong()
-        cfg.augment_backend = backend
-        out, target = classifier_batch(x, y, 10, cfg, torch.Generator().manual_seed(0))
+    for per_image in (False, True):
+        out, target = classifier_batch(x, y, 10, strong(), torch.Generator().manual_seed(0), per_image=per_image)
         assert out.shape == (32, 3, 32, 32) and -1 <= out.min() and out.max() <= 1
         assert torch.allclose(target.sum(1), torch.ones(32))
 

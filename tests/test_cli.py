@@ -12,7 +12,7 @@ from PIL import Image
 from hybvit.cli import main
 
 TINY = ["--set", "model.dim=32", "--set", "model.depth=2", "--set", "model.heads=2", "--set", "batch_size=32",
-        "--set", "num_samples=9", "--set", "sample_steps=3", "--set", "fd_samples=0", "--quiet"]
+        "--set", "fd_samples=0", "--quiet"]
 
 
 def run_cli(capsys, *args):
@@ -38,7 +38,8 @@ def test_train_writes_the_run(trained):
     assert (trained / "checkpoints" / "ema.safetensors").exists()
     cfg = json.loads((trained / "config.json").read_text())
     assert cfg["model"]["dim"] == 32 and cfg["preset"] == "digits-hybvit"
-    assert Image.open(trained / "samples.png").size == (3 * 33 + 1, 3 * 33 + 1)  # 8px -> 32px, 3x3 grid
+    assert Image.open(trained / "samples.png").size == (10 * 33 + 1, 10 * 33 + 1)  # 8px -> 32px, 10x10 grid
+    assert metrics["pixel_fd_sampler"] == "ddim-50"                      # the run's own samples: DDIM-50
 
 
 def test_sample_npz_and_png(trained, tmp_path, capsys):
@@ -215,11 +216,13 @@ def test_adapts_model_to_other_data(tmp_path, capsys):
              x_test=rng.integers(0, 256, (9, 16, 16, 3), dtype=np.uint8), y_test=np.arange(9) % 3)
     rc, out, _ = run_cli(capsys, "train", "--data", f"npz:{p}", "--steps", 2, "--out", tmp_path / "r", *TINY,
                          "--set", "model.dim=64")
-    assert rc == 0                                     # no preset: the digits preset keeps its 16 tokens
-    assert "patch size 2 -> 4" in out and "classes 10 -> 3" in out and "channels 1 -> 3" in out
-    assert "expect: on cifar32" in out                 # the panel's measurement nearest this data
-    cfg = json.loads((tmp_path / "r" / "config.json").read_text())["model"]
-    assert (cfg["image_size"], cfg["channels"], cfg["patch_size"], cfg["num_classes"]) == (16, 3, 4, 3)
+    assert rc == 0                                     # no preset on your data: the own-data preset, fitted
+    assert "classes 10 -> 3" in out and "image size 32 -> 16" in out and "patch size 2: a 8x8 grid" in out
+    assert "docs/results/own-data.md" in out
+    saved = json.loads((tmp_path / "r" / "config.json").read_text())
+    cfg = saved["model"]
+    assert saved["preset"] == "own-data"
+    assert (cfg["image_size"], cfg["channels"], cfg["patch_size"], cfg["num_classes"]) == (16, 3, 2, 3)
 
 
 # ------------------------------------------------------------------ bad input: one line, exit != 0, nothing written
@@ -264,11 +267,13 @@ def test_bad_inputs(tmp_path, capsys):
         (["train", "--set", "nosuchkey=1"], "unknown or ambiguous --set key"),
         (["train", "--set", "model.dim=abc"], "bad value 'abc' for model.dim"),
         (["train", "--set", "diffusion.schedule=sigmoid"], "unknown diffusion.schedule"),
-        (["train", "--set", "train.compile_mode=fast"], "unknown train.compile_mode 'fast'; use one of default"),
+        (["train", "--set", "train.grad_clip=-1"], r"train.grad_clip must be >= 0 \(got -1.0\)"),
         (["train", "--set", "model.final_norm=true"], "unknown config key 'model.final_norm'"),
         (["train", "--preset", "cifar10-hybvit+bogus"], "unknown overlay '\\+bogus'"),
-        (["train", "--set", "model.dropout=1.5"], "model.dropout is a probability"),
-        (["train", "--set", "train.label_dropout=2"], r"train.label_dropout is a probability in \[0, 1\]"),
+        (["train", "--set", "data.mix_prob=2"], r"data.mix_prob is a probability in \[0, 1\]"),
+        (["train", "--set", "train.label_smoothing=1"], r"train.label_smoothing is a probability in \[0, 1\)"),
+        (["train", "--set", "model.dropout=0.1"], "unknown config key 'model.dropout'"),     # removed options
+        (["train", "--set", "train.compile_mode=default"], "unknown config key 'train.compile_mode'"),
         (["train", "--mode", "vit", "--set", "model.class_cond=true"], "class_cond conditions the denoiser"),
         (["train", "--set", "data.diffusion_augment=0.2"], "would leak turned and shifted images into the samples"),
         (["train", "--set", "data.diffusion_augment=2", "--set", "model.augment_cond=true"],

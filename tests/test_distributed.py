@@ -27,7 +27,8 @@ from hybvit.data import to_uint8
 from hybvit.datasets import load_data
 from hybvit.errors import HybvitError
 from hybvit.sample import draw_samples, load_run
-from hybvit.train import check_batch_split, train
+from hybvit.data import check_batch_split
+from hybvit.train import train
 
 STEPS = 5
 TIMEOUT = 90  # seconds for a group of processes; reaching it means a deadlock
@@ -68,16 +69,19 @@ def _rank_main(rank: int, world: int, jobs: list, result_dir: str) -> None:
     torch.set_num_threads(1)
     import torch.distributed as dist
 
+    import hybvit.budget
     import hybvit.checkpoint
     import hybvit.distributed
-    import hybvit.train
+    import hybvit.evaluate.end_of_run
     store = os.path.join(result_dir, "rendezvous")
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     data = load_data("digits")
     results = {}
-    save_state, lr_at = hybvit.checkpoint.save_training_state, hybvit.train.lr_at
+    save_state, lr_at = hybvit.checkpoint.save_training_state, hybvit.budget.lr_at
+    eval_samples = hybvit.evaluate.end_of_run.EVAL_SAMPLES
     for job in jobs:
-        hybvit.checkpoint.save_training_state, hybvit.train.lr_at = save_state, lr_at
+        hybvit.checkpoint.save_training_state, hybvit.budget.lr_at = save_state, lr_at
+        hybvit.evaluate.end_of_run.EVAL_SAMPLES = job.get("eval_samples", eval_samples)   # small-fd while training
         if job.get("fault") == "rank0-write-fails" and rank == 0:
             def failing_save(path, state):
                 raise OSError("disk full (injected)")
@@ -87,7 +91,7 @@ def _rank_main(rank: int, world: int, jobs: list, result_dir: str) -> None:
                 if step == 2:
                     os.kill(os.getpid(), signal.SIGTERM)
                 return lr_at(step, *args)
-            hybvit.train.lr_at = signalling_lr_at
+            hybvit.budget.lr_at = signalling_lr_at
         try:
             out = train(Config.from_dict(job["cfg"]), data, job["out"], resume=job.get("resume", False),
                         stop_after=job.get("stop_after"), progress=False)
@@ -131,7 +135,7 @@ def cfgs():
     cfg = preset_config("digits-hybvit")
     cfg.model.dim, cfg.model.depth, cfg.model.heads = 32, 2, 2
     t = cfg.train
-    t.steps, t.batch_size, t.num_samples, t.sample_steps, t.fd_samples, t.ckpt_every = STEPS, 32, 4, 3, 0, 1000
+    t.steps, t.batch_size, t.fd_samples, t.ckpt_every = STEPS, 32, 0, 1000
     t.device, t.amp = "cpu", "fp32"   # equality across process counts is an exact-arithmetic promise: fp32
     cfg.data.crop_padding, cfg.data.hflip, cfg.data.mix_prob = 1, True, 0.5
     sgd = Config.from_dict(cfg.to_dict())
@@ -144,14 +148,14 @@ def two_ranks(cfgs, tmp_path_factory):
     """One group of 2 ranks runs every 2-process scenario in turn; returns the run root and both ranks' results."""
     root = tmp_path_factory.mktemp("ddp")
     adamw, sgd = cfgs["adamw"].to_dict(), cfgs["sgd"].to_dict()
-    sgd["train"].update(eval_every="2", eval_samples=8, keep_every="2")   # rank 0 evaluates while rank 1 waits
+    sgd["train"].update(eval_every="2", keep_every="2")   # rank 0 evaluates (8 samples, below) while rank 1 waits
     nan = Config.from_dict(adamw)
     nan.train.alpha, nan.train.ckpt_every = 1e39, 1          # alpha * L_simple overflows fp32: an inf loss
     ckpt2 = Config.from_dict(adamw)
     ckpt2.train.ckpt_every = 2
     jobs = [
         {"name": "adamw", "cfg": adamw, "out": str(root / "adamw")},
-        {"name": "sgd", "cfg": sgd, "out": str(root / "sgd")},
+        {"name": "sgd", "cfg": sgd, "out": str(root / "sgd"), "eval_samples": 8},
         {"name": "stopped", "cfg": adamw, "out": str(root / "stopped"), "stop_after": 3},
         {"name": "sigterm", "cfg": adamw, "out": str(root / "sigterm"), "fault": "sigterm-rank1"},
         {"name": "write-fails", "cfg": ckpt2.to_dict(), "out": str(root / "write-fails"), "fault": "rank0-write-fails"},
@@ -271,8 +275,8 @@ def _torchrun(*args, timeout=TIMEOUT) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env, check=False)
 
 
-TINY = ["--set", "model.dim=32", "--set", "model.depth=2", "--set", "model.heads=2", "--set", "num_samples=4",
-        "--set", "sample_steps=3", "--set", "fd_samples=0", "--set", "train.device=cpu", "--quiet"]
+TINY = ["--set", "model.dim=32", "--set", "model.depth=2", "--set", "model.heads=2", "--set", "fd_samples=0",
+        "--set", "train.device=cpu", "--quiet"]
 
 
 def test_torchrun_train_and_sample(tmp_path):

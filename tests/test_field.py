@@ -166,11 +166,14 @@ def test_fid_kid_prc_share_one_inception_pass(run_dir, tmp_path, capsys, monkeyp
 
 # ----------------------------------------------------------------------------- training: eval, snapshots, stop
 
-def test_eval_every_keep_every_stop_after_and_exact_resume(tmp_path, capsys):
+def test_eval_every_keep_every_stop_after_and_exact_resume(tmp_path, capsys, monkeypatch):
+    import hybvit.evaluate.end_of_run
+    assert hybvit.evaluate.end_of_run.EVAL_SAMPLES == 1000
+    monkeypatch.setattr(hybvit.evaluate.end_of_run, "EVAL_SAMPLES", 20)     # small-fd of 20 samples: quicker
     plain = tmp_path / "plain"
     assert main(["train", "--steps", "40", "--out", str(plain)] + TINY) == 0
     run = tmp_path / "run"
-    extra = ["--set", "train.eval_every=10", "--set", "train.eval_samples=20", "--set", "train.keep_every=20"]
+    extra = ["--set", "train.eval_every=10", "--set", "train.keep_every=20"]
     rc, out, _ = cli(capsys, "train", "--steps", 40, "--out", run, "--stop-after", 30, *TINY, *extra)
     assert rc == 0 and "as asked (--stop-after)" in out
     assert load_training_state(run / "checkpoints" / "last.pt")["step"] == 30 and not (run / "metrics.json").exists()

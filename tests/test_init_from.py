@@ -13,7 +13,7 @@ from hybvit.sample import load_run
 from hybvit.train import setup
 
 TINY = ["--set", "model.dim=32", "--set", "model.depth=2", "--set", "model.heads=2", "--set", "batch_size=24",
-        "--set", "num_samples=0", "--set", "fd_samples=0", "--quiet"]
+        "--set", "fd_samples=0", "--quiet"]
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +44,7 @@ def test_new_head_every_other_tensor_equal_and_it_trains(digits_run, three_class
     args = ["--init-from", str(digits_run), "--data", f"npz:{three_classes}", "--steps", "4",
             "--out", str(tmp_path / "ft"), "--quiet"]
     cfg, data, _, _ = resolve(args)
-    assert cfg.model.num_classes == 3 and cfg.model.dim == 32 and cfg.model.conv_stem == 0   # no own-data stem
+    assert cfg.model.num_classes == 3 and cfg.model.dim == 32
     tr = setup(cfg, data, None, init_from.start_weights(cfg, init_from.read_source(str(digits_run))))
     start = tr.model.state_dict()
     assert start["head.1.weight"].shape == (3, 32) and source["head.1.weight"].shape == (10, 32)

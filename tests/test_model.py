@@ -97,10 +97,15 @@ def test_every_preset_builds_and_matches_the_papers_parameter_count():
     assert len(PRESETS) >= 40
 
 
-# ------------------------------------------------------------------ architecture options beyond the paper
-OPTIONS = [dict(time_cond="adaln"), dict(time_cond="none", time_token=True), dict(time_token=True),
-           dict(long_skips=True), dict(zero_init_out=True),
-           dict(time_cond="adaln", time_token=True, long_skips=True, zero_init_out=True)]
+# ------------------------------------------------------------------ the -plus architecture (model.plus)
+OPTIONS = [dict(), dict(plus=True)]
+
+
+def test_plus_switches_on_the_four_changes_together():
+    faithful, plus = ModelConfig(), ModelConfig(plus=True)
+    assert (faithful.time_cond, faithful.time_token, faithful.long_skips, faithful.zero_init_out) == \
+        ("token-scalar", False, False, False)
+    assert (plus.time_cond, plus.time_token, plus.long_skips, plus.zero_init_out) == ("adaln", True, True, True)
 
 
 @pytest.mark.parametrize("opts", OPTIONS)
@@ -124,27 +129,40 @@ def test_options_shapes_and_plain_classification(opts, depth):
 
 def test_adaln_zero_starts_as_the_plain_block_and_zero_out_predicts_zero():
     torch.manual_seed(0)
-    cfg = ModelConfig(image_size=8, channels=1, patch_size=2, dim=32, depth=2, heads=4, time_cond="adaln")
-    model = ViT(cfg)
+    model = ViT(ModelConfig(image_size=8, channels=1, patch_size=2, dim=32, depth=2, heads=4, plus=True))
     x = torch.randn(4, 1, 8, 8)
-    # zero-initialised modulation: at init the time input changes nothing, and h equals the unconditioned pass
-    torch.testing.assert_close(model.forward_features(x, torch.full((4,), 5)), model.forward_features(x))
-    zero = ViT(ModelConfig(image_size=8, channels=1, patch_size=2, dim=32, depth=2, heads=4, zero_init_out=True))
-    assert torch.equal(zero.denoise(x, torch.full((4,), 5)), torch.zeros_like(x))
+    # zero-initialised adaLN modulation: at init every block given the time features computes the plain block
+    h = torch.randn(4, model.num_tokens + 1, 32)                        # CLS, patches and the time token
+    A = model.time_features(torch.tensor([5, 50, 500, 900]))
+    for block in model.blocks:
+        assert block.time_cond == "adaln"
+        torch.testing.assert_close(block(h, A), block(h))
+    # ... which the time input then moves once the modulation is trained
+    torch.nn.init.normal_(model.blocks[0].modulation.weight, std=0.1)
+    assert not torch.allclose(model.blocks[0](h, A), model.blocks[0](h))
+    # the zero-initialised output layer: the denoiser starts by predicting 0
+    plus = ViT(ModelConfig(image_size=8, channels=1, patch_size=2, dim=32, depth=2, heads=4, plus=True))
+    assert torch.equal(plus.denoise(x, torch.full((4,), 5)), torch.zeros_like(x))
+    faithful = ViT(ModelConfig(image_size=8, channels=1, patch_size=2, dim=32, depth=2, heads=4))
+    assert faithful.denoise(x, torch.full((4,), 5)).abs().max() > 0
 
 
 def test_long_skips_add_the_projections_and_faithful_count_is_unchanged():
     base = dict(image_size=32, channels=3, patch_size=4, dim=384, depth=9, heads=12)
     faithful = ViT(ModelConfig(**base)).num_params()
     assert faithful == OFFICIAL_CIFAR10_PARAMS
-    skips = ViT(ModelConfig(**base, long_skips=True)).num_params()
-    assert skips - faithful == 4 * (2 * 384 * 384 + 384)
-    with pytest.raises(HybvitError, match="time_token"):
-        ModelConfig(**base, time_cond="none").validate()
+    with torch.device("meta"):
+        plus = ViT(ModelConfig(**base, plus=True))
+    D, H, N = 384, 4 * 65, 64                                # dim, time features 4 (N + 1), patches
+    skips = sum(p.numel() for p in plus.skip_proj.parameters())
+    assert skips == 4 * (2 * D * D + D)                      # one Linear(2D, D) per pair of the 9 blocks
+    # the rest of the difference: the time token's Linear(H, D), and per block adaLN's Linear(H, 6D) in place of
+    # the paper's per-token Linear(H, 2 (N + 1))
+    adaln, per_token = H * 6 * D + 6 * D, H * 2 * (N + 1) + 2 * (N + 1)
+    assert plus.num_params() - faithful == skips + (H * D + D) + 9 * (adaln - per_token)
 
 
-@pytest.mark.parametrize("options", [{}, {"time_cond": "adaln", "long_skips": True, "zero_init_out": False},
-                                     {"time_cond": "none", "time_token": True, "long_skips": True, "depth": 5}])
+@pytest.mark.parametrize("options", [{}, {"plus": True}, {"plus": True, "depth": 5}])
 def test_classify_computes_only_the_cls_token_in_the_last_block_with_the_same_result(options):
     cfg = ModelConfig(image_size=8, channels=3, patch_size=2, num_classes=5, dim=32, depth=options.pop("depth", 4),
                       heads=4, **options)
@@ -206,36 +224,6 @@ def test_eps_function_converts_v_and_scales_eps():
     torch.testing.assert_close(eps_function(model, diffusion, amp="fp32", eps_scale=1.25)(x, t), plain(x, t) / 1.25)
 
 
-@pytest.mark.parametrize("time_cond", ["token-scalar", "adaln"])
-def test_dropout_acts_only_while_training(time_cond):
-    """model.dropout: random in train mode (both the classifier and the denoiser), and in eval mode exactly the
-    model without dropout (same weights), so sampling and evaluation are unchanged."""
-    cfg = dict(image_size=8, channels=1, patch_size=2, dim=32, depth=2, heads=4, time_cond=time_cond)
-    torch.manual_seed(0)
-    plain = ViT(ModelConfig(**cfg))
-    model = ViT(ModelConfig(**cfg, dropout=0.2))
-    model.load_state_dict(plain.state_dict())
-    if time_cond == "adaln":                   # adaLN-Zero starts at zero modulation: make time matter
-        for m in (plain, model):
-            for b in m.blocks:
-                torch.nn.init.normal_(b.modulation.weight, std=0.1)
-        model.load_state_dict(plain.state_dict())
-    x, t = torch.randn(4, 1, 8, 8), torch.randint(0, 1000, (4,))
-    model.eval(), plain.eval()
-    assert torch.equal(model.denoise(x, t), plain.denoise(x, t))
-    assert torch.equal(model.classify(x), plain.classify(x))
-    model.train()
-    torch.manual_seed(1)
-    a, ca = model.denoise(x, t), model.classify(x)
-    torch.manual_seed(2)
-    b, cb = model.denoise(x, t), model.classify(x)
-    assert not torch.allclose(a, b) and not torch.allclose(ca, cb)
-    plain.train()
-    assert torch.equal(plain.denoise(x, t), plain.denoise(x, t))
-    with pytest.raises(HybvitError, match="model.dropout is a probability"):
-        ModelConfig(dropout=1.0).validate()
-
-
 def test_balanced_samples_hold_each_class_equally_and_come_from_the_plain_draws():
     """sample.draw_balanced: every class (by the model's own classifier) exactly n // K times (the first n % K
     classes once more), each kept sample one of the plain samples of the same seeds; a class the model never
@@ -263,14 +251,25 @@ def test_balanced_samples_hold_each_class_equally_and_come_from_the_plain_draws(
         draw_balanced(model, d, 4, batch_size=8, seed=0, steps=2, amp="fp32", max_factor=5)
 
 
-@pytest.mark.parametrize("time_token", [False, True])
-def test_class_conditional_denoiser_reads_its_labels(time_token):
+def trained_plus(model: ViT) -> ViT:
+    """model.plus starts with its adaLN modulation and output layer at zero (time and labels change nothing yet):
+    random values there, as training leaves them."""
+    if model.cfg.plus:
+        with torch.no_grad():
+            for block in model.blocks:
+                block.modulation.weight.normal_(std=0.1)
+            torch.nn.init.xavier_normal_(model.out.weight)
+    return model
+
+
+@pytest.mark.parametrize("plus", [False, True])
+def test_class_conditional_denoiser_reads_its_labels(plus):
     """model.class_cond: y = None and y = num_classes ("no label") are the same unconditional denoiser, other
     labels change the prediction, the joint pass equals two passes, and classification ignores the table."""
     cfg = ModelConfig(image_size=8, channels=1, patch_size=2, num_classes=3, dim=32, depth=2, heads=4,
-                      class_cond=True, time_token=time_token)
+                      class_cond=True, plus=plus)
     torch.manual_seed(0)
-    model = ViT(cfg).eval()
+    model = trained_plus(ViT(cfg).eval())
     with torch.no_grad():
         model.label_embed.weight.normal_()                  # a trained table, not the small initial one
     x0, xt, t = torch.randn(4, 1, 8, 8), torch.randn(4, 1, 8, 8), torch.tensor([5, 300, 600, 900])
@@ -331,15 +330,15 @@ def test_classifier_free_guidance_mixes_the_conditional_and_unconditional_output
     assert (cond - uncond).abs().mean() > 1e-3
 
 
-@pytest.mark.parametrize("time_token", [False, True])
-def test_augmentation_labels_start_silent_then_steer_only_the_denoiser(time_token):
+@pytest.mark.parametrize("plus", [False, True])
+def test_augmentation_labels_start_silent_then_steer_only_the_denoiser(plus):
     """model.augment_cond: the transform embedding starts at zero (no effect); once trained, aug = None and aug = 0
     (untransformed, what sampling asks for) agree, other transforms change the prediction, the joint pass equals
     two passes, and classification ignores the table."""
     cfg = ModelConfig(image_size=8, channels=1, patch_size=2, num_classes=3, dim=32, depth=2, heads=4,
-                      augment_cond=True, time_token=time_token)
+                      augment_cond=True, plus=plus)
     torch.manual_seed(0)
-    model = ViT(cfg).eval()
+    model = trained_plus(ViT(cfg).eval())
     x0, xt, t = torch.randn(4, 1, 8, 8), torch.randn(4, 1, 8, 8), torch.tensor([5, 300, 600, 900])
     aug = torch.tensor([0, 3, 40, 71])
     assert torch.count_nonzero(model.augment_embed.weight) == 0

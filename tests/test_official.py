@@ -167,8 +167,8 @@ def test_import_sample_evaluate_export_and_fine_tune(tmp_path, capsys):
     npz = tmp_path / "three.npz"
     write_npz(npz, (28, 28), np.arange(6) % 3)
     assert main(["train", "--init-from", str(FIXTURES / "mnist-tiny" / "checkpoint.pth"), "--data", f"npz:{npz}",
-                 "--steps", "2", "--out", str(tmp_path / "ft"), "--set", "batch_size=4", "--set", "num_samples=0",
-                 "--set", "fd_samples=0", "--quiet"]) == 0
+                 "--steps", "2", "--out", str(tmp_path / "ft"), "--set", "batch_size=4", "--set", "fd_samples=0",
+                 "--quiet"]) == 0
     notes = json.loads((tmp_path / "ft" / "config.json").read_text())["notes"]
     assert any("re-initialised: 10 -> 3" in n for n in notes)
 

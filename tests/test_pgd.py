@@ -105,7 +105,7 @@ def test_accuracy_falls_with_eps_on_trained_digits_model(tiny_cfg, tmp_path):
     from hybvit.sample import load_run
     from hybvit.train import train
     data = load_data("digits")
-    cfg = tiny_cfg(mode="vit", steps=150, lr=3e-3, warmup_epochs=0, ema_warmup=True, log_every=50)
+    cfg = tiny_cfg(mode="vit", steps=150, lr=3e-3, warmup_epochs=0, ema_warmup=True)
     metrics = train(cfg, data, tmp_path / "run", progress=False)
     assert metrics["test_accuracy"] > 0.6
     run = load_run(tmp_path / "run", device="cpu")

@@ -14,8 +14,7 @@ def test_readme_python_examples_run(tmp_path, monkeypatch):
     assert len(blocks) == 2, "the README has two Python examples"
     monkeypatch.chdir(tmp_path)
     assert main(["train", "--steps", "2", "--out", "runs/digits", "--quiet", "--set", "model.dim=32",
-                 "--set", "model.depth=2", "--set", "model.heads=2", "--set", "fd_samples=0",
-                 "--set", "num_samples=4", "--set", "sample_steps=2"]) == 0
+                 "--set", "model.depth=2", "--set", "model.heads=2", "--set", "fd_samples=0"]) == 0
     run_api, own_loop = {}, {}
     exec(compile(blocks[0], "README.md", "exec"), run_api)
     exec(compile(blocks[1], "README.md", "exec"), own_loop)

@@ -39,7 +39,7 @@ def test_lr_schedule():
 
 @pytest.mark.parametrize("mode", ["vit", "genvit", "hybvit"])
 def test_tiny_overfit_loss_falls(mode, tiny_cfg, digits, tmp_path):
-    cfg = tiny_cfg(mode=mode, steps=80, log_every=10, warmup_epochs=0, ema_warmup=True, lr=3e-3)
+    cfg = tiny_cfg(mode=mode, steps=80, warmup_epochs=0, ema_warmup=True, lr=3e-3)   # scalars every LOG_EVERY=10
     cfg.train.alpha = 10.0  # at alpha 100 a 2-block model spends 80 steps almost only on the diffusion term
     metrics = train(cfg, small(digits), tmp_path, progress=False)
     scalars = read_scalars(tmp_path / "tb")
@@ -54,8 +54,7 @@ def test_tiny_overfit_loss_falls(mode, tiny_cfg, digits, tmp_path):
     if mode != "genvit":                   # the EMA weights' test accuracy, as computed here from the saved weights
         run = load_run(tmp_path)
         assert metrics["test_accuracy"] == (run.predict(digits.x_test) == digits.y_test).double().mean().item()
-    if mode != "vit":
-        assert (tmp_path / "samples.png").exists()
+    assert (tmp_path / "samples.png").exists() == (mode != "vit")
     saved = json.loads((tmp_path / "metrics.json").read_text())
     assert saved["steps"] == 80 and "wall_seconds" in saved
 
@@ -139,14 +138,17 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_cfg, digits, tmp_pat
     assert torch.equal(kept["model"]["head.1.weight"], good["model"]["head.1.weight"])
 
 
-def test_joint_pass_trains_the_same_model(tiny_cfg, digits, tmp_path):
-    """CE and diffusion batches through one forward pass (train.joint_pass) give the same run as two passes."""
+def test_joint_pass_trains_the_same_model(tiny_cfg, digits, tmp_path, joint_pass):
+    """CE and diffusion batches through one forward pass (what hybvit does on CUDA, forced here on the CPU) give
+    the same run as the two passes the CPU uses."""
     from hybvit.checkpoint import load_training_state
     runs = {}
     for joint in (False, True):
-        cfg = tiny_cfg(steps=4, joint_pass=joint, amp="fp32")
+        calls = joint_pass(joint)
+        cfg = tiny_cfg(steps=4, amp="fp32")
         train(cfg, digits, tmp_path / str(joint), progress=False)
         runs[joint] = load_training_state(tmp_path / str(joint) / "checkpoints" / "last.pt")["model"]
+        assert calls == ([32] * 4 if joint else [])                    # one joint forward per step, or none
     torch.manual_seed(cfg.train.seed)                                   # the weights both runs started from
     runs["init"] = ViT(cfg.model).state_dict()
     flat = {k: torch.cat([run[name].flatten().double() for name in runs[False]]) for k, run in runs.items()}
@@ -158,6 +160,42 @@ def test_joint_pass_trains_the_same_model(tiny_cfg, digits, tmp_path):
     assert moved > 0
     gap = (flat[True] - flat[False]).norm()
     assert gap <= 1e-2 * moved, (gap, moved)
+
+
+@pytest.mark.parametrize("class_cond", [False, True])
+def test_joint_objective_equals_two_passes_on_one_batch(tiny_cfg, digits, class_cond):
+    """Objective(joint=True), hybvit's step on CUDA: one step's batch (augmented CE images, noised diffusion images,
+    labels) gives the loss, its statistics and every gradient of the two passes (joint=False, the CPU's), up to
+    float rounding; and the joint forward is the one that ran."""
+    from hybvit.data import Batches
+    from hybvit.diffusion import GaussianDiffusion
+    from hybvit.objective import Objective, batch_inputs
+    cfg = tiny_cfg(amp="fp32")
+    cfg.model.class_cond = class_cond
+    cfg.data.crop_padding, cfg.data.mix_prob = 1, 0.5
+    torch.manual_seed(0)
+    model = ViT(cfg.model)
+    diffusion = GaussianDiffusion.from_config(cfg.diffusion)
+    n = len(digits.x_train)
+    ce_in, diff_in = batch_inputs(cfg, 3, digits.x_train, digits.y_train, torch.device("cpu"),
+                                  Batches(n, 32, cfg.train.seed, 0), Batches(n, 32, cfg.train.seed, 1), diffusion)
+    results = {}
+    for joint in (False, True):
+        calls = []
+        objective = Objective(model, model, diffusion, cfg.train.alpha, cfg.train.label_smoothing, joint=joint,
+                              joint_net=lambda *a: (calls.append(len(a[0])), model.classify_and_denoise(*a))[1])
+        model.zero_grad(set_to_none=True)
+        loss, stats = objective(ce_in, diff_in)
+        loss.backward()
+        assert calls == ([32] if joint else [])
+        results[joint] = stats, {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+    (stats2, grads2), (stats1, grads1) = results[False], results[True]
+    torch.testing.assert_close(stats1, stats2, rtol=1e-5, atol=1e-6)
+    assert stats2[1] > 0 and stats2[2] > 0                              # both terms are there
+    assert set(grads1) == set(grads2) == {k for k, _ in model.named_parameters()}
+    for k, g in grads2.items():
+        assert g.abs().max() > 0 or k == "label_embed.weight", k
+        torch.testing.assert_close(grads1[k], g, rtol=1e-4, atol=1e-5 * float(g.abs().max()), msg=k)
 
 
 def test_metrics_record_the_precision_that_ran(tiny_cfg, digits, tmp_path):
@@ -206,23 +244,28 @@ def test_auto_precision_is_measured_once_per_machine_and_cached(tmp_path, monkey
 
 
 def test_end_of_run_fd_names_the_sampler_that_drew_it(tiny_cfg, digits, tmp_path):
-    """metrics.json names the sampler of its pixel-FD as it ran ("dpm-solver++-3", "ancestral"), the FD equals
-    one computed here from the same sampler's samples of the saved EMA weights, and num_samples = 0 writes no
-    samples.png."""
+    """A run's own samples are DDIM-50 of the EMA weights (end_of_run.SAMPLER, SAMPLE_STEPS): metrics.json names
+    that sampler for its pixel-FD ("ddim-50"), the FD equals one computed here from the same draw of the saved
+    EMA weights (the first fd_samples of the PNG_SAMPLES drawn together), and samples.png shows PNG_SAMPLES of
+    them as a square grid."""
+    from PIL import Image
+    from hybvit.evaluate.end_of_run import PNG_SAMPLES, SAMPLE_STEPS, SAMPLER
     from hybvit.evaluate.frechet import pixel_frechet_distance
-    for sampler, label in (("dpm-solver++", "dpm-solver++-3"), ("ddim", "ddim-3")):
-        out = tmp_path / sampler
-        m = train(tiny_cfg(steps=2, fd_samples=20, num_samples=0, sampler=sampler), small(digits), out,
-                  progress=False)
-        assert m["pixel_fd_sampler"] == label and m["pixel_fd_samples"] == 20
-        run = load_run(out)
-        x = run.sample(20, sampler=sampler, steps=3, seed=0)
-        assert round(pixel_frechet_distance(x, digits.x_test), 4) == m["pixel_fd"]
-        assert not (out / "samples.png").exists()
+    assert (SAMPLER, SAMPLE_STEPS, PNG_SAMPLES) == ("ddim", 50, 100)
+    cfg = tiny_cfg(steps=2, fd_samples=20)
+    m = train(cfg, small(digits), tmp_path, progress=False)
+    assert m["pixel_fd_sampler"] == "ddim-50" and m["pixel_fd_samples"] == 20
+    run = load_run(tmp_path)
+    x = run.sample(PNG_SAMPLES, sampler="ddim", steps=50, seed=cfg.train.seed)[:20]
+    assert round(pixel_frechet_distance(x, digits.x_test), 4) == m["pixel_fd"]
+    other = run.sample(PNG_SAMPLES, sampler="ddim", steps=3, seed=cfg.train.seed)[:20]     # not any sampler's FD
+    assert round(pixel_frechet_distance(other, digits.x_test), 4) != m["pixel_fd"]
+    side = round(PNG_SAMPLES ** 0.5)                                      # 8 px digits drawn at 32 px, 1 px apart
+    assert Image.open(tmp_path / "samples.png").size == (side * 33 + 1, side * 33 + 1)
 
 
 def test_a_batch_that_does_not_split_names_a_size_that_does(tiny_cfg, digits):
-    from hybvit.train import check_batch_split
+    from hybvit.data import check_batch_split
     cfg = tiny_cfg(batch_size=30, grad_accum=4)
     with pytest.raises(HybvitError, match="batch_size=32"):
         check_batch_split(cfg, len(digits.x_train))
@@ -288,9 +331,11 @@ def test_adamw_and_sgd_decay_every_parameter_as_the_paper_code(tiny_cfg, name):
     for p in model.parameters():
         p.grad = torch.zeros_like(p)
     opt.step()
+    if name == "sgd":                                   # the paper's text: Nesterov momentum 0.9
+        assert all(g["momentum"] == 0.9 and g["nesterov"] for g in opt.param_groups)
     for n, p in model.named_parameters():
         if before[n].abs().max() > 0:
-            shrink = 0.1 * 0.5 * (1 + cfg.train.momentum if name == "sgd" else 1)
+            shrink = 0.1 * 0.5 * (1 + 0.9 if name == "sgd" else 1)
             torch.testing.assert_close(p.detach(), before[n] * (1 - shrink), msg=n)
 
 
@@ -335,35 +380,41 @@ def test_muon_splits_the_parameters_trains_and_resumes_exactly(tiny_cfg, digits,
         train(cfg_adam, data, tmp_path / "b", resume=True, progress=False)
 
 
-def test_class_conditioning_trains_the_labels_it_is_given(tiny_cfg, digits, tmp_path):
-    """model.class_cond: the diffusion images' labels reach the denoiser. With train.label_dropout=0 the rows of
-    the label table for real classes learn and the "no label" row keeps its initial value; with 1 only the
-    "no label" row learns. The joint pass (clean and noisy images in one forward) trains the same model."""
+def test_class_conditioning_trains_the_labels_it_is_given(tiny_cfg, digits, tmp_path, monkeypatch, joint_pass):
+    """model.class_cond: the diffusion images' labels reach the denoiser. With objective.LABEL_DROPOUT (0.1) set to
+    0 the rows of the label table for real classes learn and the "no label" row keeps its initial value; with 1
+    only the "no label" row learns. The joint pass (clean and noisy images in one forward) trains the same model."""
+    import hybvit.objective
     from hybvit.checkpoint import load_training_state
     from hybvit.model import ViT
+    assert hybvit.objective.LABEL_DROPOUT == 0.1
     weights = {}
     for name, drop, joint in (("d0", 0.0, False), ("d1", 1.0, False), ("d0j", 0.0, True)):
-        cfg = tiny_cfg(steps=3, label_dropout=drop, joint_pass=joint, amp="fp32", warmup_epochs=0, weight_decay=0.0)
+        monkeypatch.setattr(hybvit.objective, "LABEL_DROPOUT", drop)
+        calls = joint_pass(joint)
+        cfg = tiny_cfg(steps=3, amp="fp32", warmup_epochs=0, weight_decay=0.0)
         cfg.model.class_cond = True
         train(cfg, small(digits), tmp_path / name, progress=False)
         weights[name] = load_training_state(tmp_path / name / "checkpoints" / "last.pt")["model"]
+    assert len(calls) == 3                                               # d0j did take the joint pass
     torch.manual_seed(cfg.train.seed)                                    # the trainer's initialisation
-    init = ViT(cfg.model).label_embed.weight.detach()                   # (classes + 1, time_hidden)
+    init = ViT(cfg.model).label_embed.weight.detach()                   # (classes + 1, 4 (N + 1))
     null = cfg.model.num_classes
     d0, d1 = weights["d0"]["label_embed.weight"], weights["d1"]["label_embed.weight"]
     assert torch.equal(d0[null], init[null]) and not torch.equal(d0[:null], init[:null])
     assert torch.equal(d1[:null], init[:null]) and not torch.equal(d1[null], init[null])
     for k, v in weights["d0"].items():     # Adam turns float rounding in near-zero gradients into ~1e-5 moves
         torch.testing.assert_close(weights["d0j"][k], v, rtol=1e-4, atol=1e-4)
-    with pytest.raises(HybvitError, match="label_dropout"):
-        tiny_cfg(label_dropout=-0.1).train.validate()
+    with pytest.raises(HybvitError, match="unknown config key 'train.label_dropout'"):   # a rule, not an option
+        tiny_cfg().set("train.label_dropout=0.2")
     cfg = tiny_cfg(mode="vit")
     cfg.model.class_cond = True
     with pytest.raises(HybvitError, match="class_cond"):
         cfg.validate()
 
 
-def test_diffusion_augmentation_reaches_the_denoiser_with_its_labels(tiny_cfg, digits, tmp_path, monkeypatch):
+def test_diffusion_augmentation_reaches_the_denoiser_with_its_labels(tiny_cfg, digits, tmp_path, monkeypatch,
+                                                                     joint_pass):
     """data.diffusion_augment + model.augment_cond: the noised images are the batch's images, each under one of the
     72 transforms; the embedding rows of the transforms drawn learn, the identity row stays 0; with probability 0
     nothing is transformed and the table never moves. grad_accum 2 and the joint pass train the same model."""
@@ -377,7 +428,8 @@ def test_diffusion_augmentation_reaches_the_denoiser_with_its_labels(tiny_cfg, d
                         lambda self, x0, generator=None: (seen.append(x0.clone()), noised(self, x0, generator))[1])
     data, weights = small(digits), {}
     for name, p, extra in (("p0", 0.0, {}), ("p1", 1.0, {}), ("half", 0.5, {}), ("half-accum", 0.5, {"grad_accum": 2}),
-                           ("half-joint", 0.5, {"joint_pass": True})):
+                           ("half-joint", 0.5, {})):
+        calls = joint_pass(name == "half-joint")
         cfg = tiny_cfg(steps=3, amp="fp32", warmup_epochs=0, weight_decay=0.0, **extra)
         cfg.model.augment_cond, cfg.data.diffusion_augment = True, p
         seen.clear()
@@ -395,6 +447,7 @@ def test_diffusion_augmentation_reaches_the_denoiser_with_its_labels(tiny_cfg, d
                     assert any(torch.equal(got[i], geometric_transform(clean[i:i + 1], k)[0]) for k in range(72))
                 if p == 1:
                     assert not any(same)
+    assert len(calls) == 3                                               # half-joint did take the joint pass
     assert torch.count_nonzero(weights["p0"]) == 0
     for name in ("p1", "half"):
         moved = weights[name].abs().sum(1) > 0

@@ -8,8 +8,8 @@ random erasing (p 0.25; the code's area, aspect and fill), then for half of the 
 drawn from the step's generator, so a resumed run sees the same augmentations as an uninterrupted one. AutoAugment
 and RandAugment come from torchvision.transforms.v2: by default their functional operations run on batches grouped
 by the operation each image drew (fast on the CPU, and on a GPU the augmentation never leaves the device);
-`augment_backend=torchvision` applies the transform objects image by image on the CPU instead (a transform called
-on a batch would draw one choice for all images).
+`classifier_batch(..., per_image=True)` applies the transform objects image by image on the CPU instead (a
+transform called on a batch would draw one choice for all images): the reference the tests compare with.
 """
 from __future__ import annotations
 
@@ -141,7 +141,7 @@ def _policy_table(name: str) -> list:
     table = getattr(_policy(name), "_policies", None)
     if not table:
         raise HybvitError("this torchvision does not expose AutoAugment's policy table; "
-                          "set data.augment_backend=torchvision")
+                          "install torchvision >= 0.18")
     return table
 
 
@@ -243,14 +243,13 @@ def mix(x: torch.Tensor, y: torch.Tensor, num_classes: int, prob: float, alpha: 
 
 
 def classifier_batch(x_uint8: torch.Tensor, y: torch.Tensor, num_classes: int, data_cfg,
-                     generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+                     generator: torch.Generator, per_image: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 images (B, C, H, W) and labels -> float images in [-1, 1] and targets (labels, or soft labels when
     CutMix/Mixup is on), augmented as data_cfg says, on the device that holds x_uint8.
 
-    data_cfg.augment_backend: `batched` (default: grouped batched calls, any device) or `torchvision` (the
-    transforms applied image by image on the CPU: the reference, and what a CPU data loader would do)."""
+    per_image: torchvision's transforms applied image by image on the CPU (the reference, and what a CPU data
+    loader would do) rather than grouped batched calls on any device."""
     x = crop_flip(x_uint8, data_cfg.crop_padding, data_cfg.hflip, generator)
-    per_image = data_cfg.augment_backend == "torchvision"
     if data_cfg.autoaugment != "none":
         if x.shape[1] != 3:
             raise HybvitError("data.autoaugment needs RGB images; set data.autoaugment=none for this data")
@@ -262,7 +261,7 @@ def classifier_batch(x_uint8: torch.Tensor, y: torch.Tensor, num_classes: int, d
     if data_cfg.random_erasing > 0:          # the code's erasing in both backends (torchvision's draws other boxes)
         x = random_erasing_batched(x, data_cfg.random_erasing, generator)
     if data_cfg.mix_prob > 0:
-        return mix(x, y, num_classes, data_cfg.mix_prob, data_cfg.mix_alpha, generator)
+        return mix(x, y, num_classes, data_cfg.mix_prob, 1.0, generator)        # Beta(1, 1): the paper's code
     return x, y
 
 

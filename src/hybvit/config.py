@@ -21,51 +21,59 @@ COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-
 MODES = ("vit", "genvit", "hybvit")
 
 # ----------------------------------------------------------------------------- what each field may hold
-# One table for every field: ("int", lo, hi) and ("float", lo, hi) are closed ranges (None = unbounded; every float
-# must be finite), ("prob", closed_at_1) a probability, ("choice", values) a name, ("device",) a device; bools and
-# free strings (data.spec, checked when the data loads) need no rule. Sizes that allocate memory have upper bounds
-# far above any real use, so a typo cannot ask for terabytes; the model's total size is checked again, against
-# this machine's memory, before it is built (resolve.check_fits_memory).
-# Options measured and not adopted, removed after commit 5a68881, with the value that meant "off": a config that
-# holds them at that value (a run written before) loads; another value is refused with a one-line error.
-REMOVED = {"model.final_norm": False, "model.conv_out": False, "model.self_cond": False, "train.self_cond_prob": 0.5,
-           "diffusion.t_sampling": "uniform", "diffusion.t_logit_mean": 0.0, "diffusion.t_logit_std": 1.0,
-           "diffusion.schedule_shift": 1.0, "diffusion.input_perturbation": 0.0, "train.adam_beta2": 0.999,
-           "train.lr_schedule": "cosine", "train.diffusion_batch_size": 0, "train.eps_scale": 1.0,
-           "data.diffusion_hflip": False, "data.repeated_aug": 1}
+# Each field carries its rule beside it: ints(lo, hi) and floats(lo, hi) are closed ranges (None = unbounded; every
+# float must be finite), prob(closed_at_1) a probability, choice(...) a name, DEVICE a device, EVERY a period ("N"
+# steps or "Nep" epochs); bools and free strings (data.spec, checked when the data loads) need none. Sizes that
+# allocate memory have upper bounds far above any real use, so a typo cannot ask for terabytes; the model's total
+# size is checked again, against this machine's memory, before it is built (resolve.check_fits_memory).
+MAX_SIDE = 4096                      # image side in pixels
+
+
+def ints(lo, hi):
+    return ("int", lo, hi)
+
+
+def floats(lo, hi):
+    return ("float", lo, hi)
+
+
+def prob(closed_at_1: bool):
+    return ("prob", closed_at_1)
+
+
+def choice(*values: str):
+    return ("choice", values)
+
+
+DEVICE, EVERY = ("device",), ("every",)
+
+
+def ruled(default: Any, rule: tuple | None = None) -> Any:
+    """A dataclass field with its rule (check_value) in the field's metadata."""
+    return field(default=default, metadata={"rule": rule} if rule else {})
+
+
+# Options that earlier versions had, with the value that meant what hybvit now always does. A saved run that holds
+# one at that value loads (the key is ignored); another value changed the run's behaviour and is refused with one
+# line. Options measured and not adopted are findings in docs/results; internals became rules (one sentence each,
+# beside the code that applies them).
+REMOVED = {"model.dropout": 0.0, "model.time_hidden": 0, "model.mlp_ratio": 2.0,
+           "model.time_cond": "token-scalar", "model.time_token": False, "model.long_skips": False,
+           "model.zero_init_out": False, "diffusion.min_snr_gamma": 5.0, "data.augment_backend": "batched",
+           "data.device_cache_gb": 4.0, "data.mix_alpha": 1.0, "train.label_dropout": 0.1, "train.momentum": 0.9,
+           "train.warmup_max_frac": 0.1, "train.min_lr": 1e-6, "train.recipe_min_epochs": 0.0,
+           "train.log_every": 10, "train.sample_every": 0, "train.num_samples": 100, "train.sampler": "ddim",
+           "train.sample_steps": 50, "train.eval_samples": 1000, "train.inception_weights": "",
+           "train.eval_batch_size": 500, "train.compile_mode": "default", "train.joint_pass": False,
+           "model.conv_stem": 0}
+# The -plus architecture (model.plus) replaces four of them at once: a run that held all four at these values loads
+# as model.plus=true.
+PLUS_KEYS = {"model.time_cond": "adaln", "model.time_token": True, "model.long_skips": True,
+             "model.zero_init_out": True}
 # Saved configs carry this number. Format 2: the sinusoidal time embedding divides by half - 1 as the paper's code
 # does; the weights of format-1 runs (hybvit up to commit dd191b8) compute other outputs with it and are refused.
 CONFIG_FORMAT = 2
 LAST_FORMAT_1_COMMIT = "dd191b8"
-MAX_SIDE = 4096                      # image side in pixels
-RULES: dict[str, tuple] = {
-    "model.image_size": ("int", 1, MAX_SIDE), "model.channels": ("int", 1, 4), "model.patch_size": ("int", 1, MAX_SIDE),
-    "model.num_classes": ("int", 1, 100_000), "model.dim": ("int", 1, 16_384), "model.depth": ("int", 1, 512),
-    "model.heads": ("int", 1, 1024), "model.conv_stem": ("int", 0, 1024), "model.mlp_ratio": ("float", 1e-3, 64), "model.time_hidden": ("int", 0, 65_536),
-    "model.time_cond": ("choice", ("token-scalar", "adaln", "none")), "model.dropout": ("prob", False),
-    "diffusion.timesteps": ("int", 2, 100_000), "diffusion.schedule": ("choice", ("cosine", "linear")),
-    "diffusion.loss": ("choice", ("l1", "l2")), "diffusion.prediction": ("choice", ("eps", "v")),
-    "diffusion.weighting": ("choice", ("none", "min-snr")), "diffusion.min_snr_gamma": ("float", 1e-6, None),
-    "data.crop_padding": ("int", 0, MAX_SIDE), "data.autoaugment": ("choice", POLICIES),
-    "data.random_erasing": ("prob", True), "data.augment_backend": ("choice", ("batched", "torchvision")),
-    "data.mix_prob": ("prob", True), "data.mix_alpha": ("float", 1e-6, None), "data.diffusion_augment": ("prob", True),
-    "data.epoch_repeats": ("int", 1, 10_000), "data.device_cache_gb": ("float", 0, None),
-    "data.image_size": ("int", 0, MAX_SIDE),
-    "train.mode": ("choice", MODES), "train.alpha": ("float", 0, None), "train.batch_size": ("int", 1, 1 << 20),
-    "train.label_dropout": ("prob", True), "train.optimizer": ("choice", ("adamw", "sgd", "muon")),
-    "train.lr": ("float", 1e-12, None), "train.weight_decay": ("float", 0, None), "train.momentum": ("prob", False),
-    "train.warmup_epochs": ("float", 0, None), "train.warmup_max_frac": ("prob", True),
-    "train.min_lr": ("float", 0, None), "train.grad_clip": ("float", 0, None), "train.ema_decay": ("prob", True),
-    "train.label_smoothing": ("prob", False), "train.recipe_min_epochs": ("float", 0, None), "train.epochs": ("float", 0, None), "train.steps": ("int", 0, None),
-    "train.minutes": ("float", 0, None), "train.seed": ("int", 0, 2 ** 63 - 1),
-    "train.amp": ("choice", ("auto", "bf16", "fp16", "fp32")), "train.device": ("device",), "train.log_every": ("int", 1, None),
-    "train.ckpt_every": ("int", 1, None), "train.sample_every": ("int", 0, None),
-    "train.num_samples": ("int", 0, 1_000_000), "train.sampler": ("choice", ("ancestral", "ddim", "dpm-solver++")),
-    "train.sample_steps": ("int", 1, 100_000), "train.fd_samples": ("int", 0, 1_000_000),
-    "train.eval_batch_size": ("int", 1, 1 << 20), "train.compile_mode": ("choice", COMPILE_MODES),
-    "train.grad_accum": ("int", 1, 1 << 20), "train.eval_every": ("every",), "train.keep_every": ("every",),
-    "train.eval_samples": ("int", 0, 1_000_000), "train.threads": ("int", 0, 4096),
-}
 
 
 def check_device(name: str, what: str = "train.device") -> None:
@@ -120,32 +128,41 @@ def check_ranges(section: str, obj: Any) -> None:
 
 @dataclass
 class ModelConfig:
-    image_size: int = 32
-    channels: int = 3
-    patch_size: int = 4
-    num_classes: int = 10
-    dim: int = 384
-    depth: int = 9
-    heads: int = 12
-    mlp_ratio: float = 2.0
-    # Hidden width of the time MLP; 0 means 4 * (N + 1), the width the paper's code used (260 at 32x32/patch 4).
-    time_hidden: int = 0
+    image_size: int = ruled(32, ints(1, MAX_SIDE))
+    channels: int = ruled(3, ints(1, 4))
+    patch_size: int = ruled(4, ints(1, MAX_SIDE))
+    num_classes: int = ruled(10, ints(1, 100_000))
+    dim: int = ruled(384, ints(1, 16_384))
+    depth: int = ruled(9, ints(1, 512))
+    heads: int = ruled(12, ints(1, 1024))
     # Beyond the paper (the paper presets keep the defaults, which are the faithful model; docs/architecture.md):
-    time_cond: str = "token-scalar"   # token-scalar (Eq. 21: a scalar per token) | adaln (per-channel adaptive
-                                      # LayerNorm, zero-initialised, as DiT's adaLN-Zero) | none
-    time_token: bool = False          # the time embedding as an extra input token (as U-ViT)
-    long_skips: bool = False          # U-ViT long skips: block i's output feeds block depth-1-i (concat + Linear)
-    zero_init_out: bool = False       # zero-initialised output layer (the denoiser starts by predicting 0)
-    dropout: float = 0.0              # residual dropout on every attention and MLP output while training (0 = off,
-                                      # the paper; DDPM used 0.1 for CIFAR-10's UNet)
+    plus: bool = False                # the -plus architecture: adaLN-Zero time conditioning (per-channel, as DiT),
+                                      # the time embedding as an extra token (as U-ViT), U-ViT long skips and a
+                                      # zero-initialised output layer; each was measured alone in
+                                      # docs/results/arch-ablation-digits.md, and together they are the -plus presets
     class_cond: bool = False          # a class-conditional denoiser: a label embedding joins the time features
                                       # (as DiT); label index num_classes means "no label" (unconditional), which
-                                      # training uses for a train.label_dropout share of the diffusion images
-    conv_stem: int = 0                # >0: two 3x3 convolutions (this many channels, GELU) at full resolution
-                                      # before the patch embedding, a CNN's locality prior; 0 = the paper's
+                                      # training uses for a tenth of the diffusion images (classifier-free guidance)
     augment_cond: bool = False        # the denoiser is told which geometric transform (data.diffusion_augment) each
                                       # training image got (an embedding joins the time features, as EDM's
                                       # augmentation labels); sampling asks for none, so nothing leaks
+
+    # What model.plus switches on, as the model code reads it.
+    @property
+    def time_cond(self) -> str:
+        return "adaln" if self.plus else "token-scalar"
+
+    @property
+    def time_token(self) -> bool:
+        return self.plus
+
+    @property
+    def long_skips(self) -> bool:
+        return self.plus
+
+    @property
+    def zero_init_out(self) -> bool:
+        return self.plus
 
     @property
     def num_patches(self) -> int:
@@ -160,18 +177,17 @@ class ModelConfig:
         if self.dim % self.heads != 0:
             raise HybvitError(f"model.dim {self.dim} is not divisible by model.heads {self.heads}; "
                               f"choose heads that divide dim")
-        if self.time_cond == "none" and not self.time_token:
-            raise HybvitError("model.time_cond=none needs model.time_token=true, or the denoiser never sees t")
 
 
 @dataclass
 class DiffusionConfig:
-    timesteps: int = 1000
-    schedule: str = "cosine"          # cosine | linear
-    loss: str = "l1"                  # l1 (the paper's code) | l2 (Eq. 15)
-    prediction: str = "eps"           # eps (the paper) | v (v = alpha_t eps - sigma_t x0, Salimans & Ho 2022)
-    weighting: str = "none"           # none (L_simple) | min-snr (min(SNR, gamma) weights, Hang et al. 2023)
-    min_snr_gamma: float = 5.0
+    timesteps: int = ruled(1000, ints(2, 100_000))
+    schedule: str = ruled("cosine", choice("cosine", "linear"))
+    loss: str = ruled("l1", choice("l1", "l2"))           # l1 (the paper's code) | l2 (Eq. 15)
+    prediction: str = ruled("eps", choice("eps", "v"))    # eps (the paper) | v (alpha_t eps - sigma_t x0, Salimans
+                                                          # & Ho 2022)
+    weighting: str = ruled("none", choice("none", "min-snr"))   # none (L_simple) | min-snr (weights min(SNR, 5),
+                                                                # Hang et al. 2023)
 
     def validate(self) -> None:
         check_ranges("diffusion", self)
@@ -180,18 +196,18 @@ class DiffusionConfig:
 @dataclass
 class DataConfig:
     spec: str = "digits"
-    crop_padding: int = 0             # random-crop padding for the classification batch (0 = off)
+    crop_padding: int = ruled(0, ints(0, MAX_SIDE))       # random-crop padding for the classification batch (0 = off)
     hflip: bool = False               # random horizontal flip for the classification batch
-    autoaugment: str = "none"         # classification batch: none | cifar10 | imagenet | svhn (AutoAugment) | rand
-    random_erasing: float = 0.0       # probability of random erasing per image (the paper's code: 0.25)
-    augment_backend: str = "batched"  # batched (grouped calls on the data's device) | torchvision (per image, CPU)
-    mix_prob: float = 0.0             # probability per image of CutMix or Mixup, even odds (the paper's code: 0.5)
-    mix_alpha: float = 1.0            # Beta(alpha, alpha) for the mixing ratio
-    diffusion_augment: float = 0.0    # probability per diffusion image of a random dihedral turn/flip + up-to-1-pixel
-                                      # shift, told to the denoiser (needs model.augment_cond; non-leaking, as EDM)
-    epoch_repeats: int = 1            # an "epoch" is epoch_repeats x the training set (the paper: 3)
-    device_cache_gb: float = 4.0      # keep the uint8 training set on the GPU when it is at most this size
-    image_size: int = 0               # 0 = keep the data's size; >0 resizes folder images to this size
+    autoaugment: str = ruled("none", choice(*POLICIES))   # classification batch: AutoAugment policy | rand | none
+    random_erasing: float = ruled(0.0, prob(True))        # probability of random erasing per image (the paper's code:
+                                                          # 0.25)
+    mix_prob: float = ruled(0.0, prob(True))  # probability per batch of CutMix or Mixup, even odds, mixing ratio from
+                                              # Beta(1, 1) (the paper's code: 0.5)
+    diffusion_augment: float = ruled(0.0, prob(True))  # probability per diffusion image of a random dihedral turn/flip
+                                      # + up-to-1-pixel shift, told to the denoiser (needs model.augment_cond; as EDM)
+    epoch_repeats: int = ruled(1, ints(1, 10_000))        # an "epoch" is epoch_repeats x the training set (the
+                                                          # paper: 3)
+    image_size: int = ruled(0, ints(0, MAX_SIDE))         # 0 = keep the data's size; >0 resizes folder images
 
     def validate(self) -> None:
         check_ranges("data", self)
@@ -199,54 +215,39 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    mode: str = "hybvit"
-    alpha: float = 100.0              # L = L_CE + alpha * L_simple (Eq. 23)
-    batch_size: int = 128             # per branch: hybvit draws two independent batches of this size
-    label_dropout: float = 0.1        # model.class_cond: the share of diffusion images trained with "no label"
-    optimizer: str = "adamw"          # adamw (the paper's code) | sgd (the paper's text) | muon (Muon on the
-                                      # blocks' matrices + AdamW on the rest; torch >= 2.9)
-    lr: float = 1e-3
-    weight_decay: float = 0.05
-    momentum: float = 0.9             # sgd only
-    warmup_epochs: float = 10.0
-    warmup_max_frac: float = 0.1      # warm-up never longer than this fraction of the run
-    min_lr: float = 1e-6
-    grad_clip: float = 1.0
-    ema_decay: float = 0.999
+    mode: str = ruled("hybvit", choice(*MODES))
+    alpha: float = ruled(100.0, floats(0, None))          # L = L_CE + alpha * L_simple (Eq. 23)
+    batch_size: int = ruled(128, ints(1, 1 << 20))        # per branch: hybvit draws two independent batches of this
+                                                          # size (the global batch, over all processes)
+    optimizer: str = ruled("adamw", choice("adamw", "sgd", "muon"))  # adamw (the paper's code) | sgd (the paper's
+                                      # text; Nesterov momentum 0.9) | muon (the blocks' matrices; AdamW on the rest)
+    lr: float = ruled(1e-3, floats(1e-12, None))
+    weight_decay: float = ruled(0.05, floats(0, None))
+    warmup_epochs: float = ruled(10.0, floats(0, None))   # linear warm-up (never more than a tenth of the run), then
+                                                          # cosine decay to 1e-6
+    grad_clip: float = ruled(1.0, floats(0, None))        # gradient-norm clip (0 = off)
+    ema_decay: float = ruled(0.999, prob(True))
     ema_warmup: bool = False          # decay min(ema_decay, (1+s)/(10+s)): helps short runs
-    label_smoothing: float = 0.0
-    recipe_min_epochs: float = 0.0    # >0: keep data.crop_padding and label_smoothing only if the run sees its
-                                      # data at least this many times; decided once the run's length in steps is
-                                      # known, then recorded in config.json (your data with no preset: 30)
-    epochs: float = 0.0               # budget: exactly one of epochs / steps / minutes is used
-    steps: int = 0
-    minutes: float = 0.0
-    seed: int = 0
-    amp: str = "auto"                 # auto (bf16 on GPUs with native bf16, fp16 + gradient scaler on older ones, bf16
-                                      # on a CPU where bf16 matmuls measure >1.2x fp32) | bf16 | fp16 | fp32
-    device: str = "auto"              # auto | cpu | cuda | cuda:N
-    log_every: int = 10
-    ckpt_every: int = 500             # steps between checkpoints (and at the end)
-    sample_every: int = 0             # steps between TensorBoard sample grids (0 = only at the end)
-    num_samples: int = 100            # images in samples.png
-    sampler: str = "ddim"             # ancestral | ddim | dpm-solver++ (order 2, logSNR steps): samples.png, FD
-    sample_steps: int = 50
-    fd_samples: int = 0               # >0: at the end, pixel-space Frechet distance of this many samples
-    eval_every: str = ""              # "N" steps or "Nep" epochs: test accuracy (raw, EMA) and a sample metric
-                                      # while training, to TensorBoard and log.jsonl ("" = only at the end)
-    eval_samples: int = 1000          # samples for that metric: small-fd, or FID with train.inception_weights
-    inception_weights: str = ""       # the Inception file: eval_every measures FID instead of small-fd
-    keep_every: str = ""              # "N" steps or "Nep" epochs: keep checkpoints/ema-<step>.safetensors
-    eval_batch_size: int = 500
-    compile: bool = False
-    compile_mode: str = "default"     # torch.compile mode: default | reduce-overhead (CUDA graphs) | max-autotune
-                                      # | max-autotune-no-cudagraphs
-    grad_accum: int = 1               # micro-batches per step: batch_size (the global batch, over all processes)
-                                      # is split into processes x grad_accum pieces; the same update as one batch
-    threads: int = 0                  # CPU threads: 0 = all, dropping to one while other work slows the steps
-                                      # more than 2x (threads.py); N = exactly N
-    joint_pass: bool = False          # hybvit: CE and diffusion batches through one forward pass (bigger matmuls;
-                                      # measured no gain on the CPU; for launch-bound GPUs)
+    label_smoothing: float = ruled(0.0, prob(False))
+    epochs: float = ruled(0.0, floats(0, None))           # budget: exactly one of epochs / steps / minutes is used
+    steps: int = ruled(0, ints(0, None))
+    minutes: float = ruled(0.0, floats(0, None))
+    seed: int = ruled(0, ints(0, 2 ** 63 - 1))
+    amp: str = ruled("auto", choice("auto", "bf16", "fp16", "fp32"))  # auto: bf16 on GPUs with native bf16, fp16
+                                      # + gradient scaler on older ones, bf16 on a CPU where bf16 matmuls measure
+                                      # >1.2x fp32 (precision.py); decided once and recorded
+    device: str = ruled("auto", DEVICE)                   # auto | cpu | cuda | cuda:N | mps
+    ckpt_every: int = ruled(500, ints(1, None))           # steps between checkpoints (and at the end)
+    fd_samples: int = ruled(0, ints(0, 1_000_000))  # >0: at the end, pixel-space Frechet distance of this many
+                                                    # DDIM-50 samples (samples.png shows 100 of them)
+    eval_every: str = ruled("", EVERY)  # "N" steps or "Nep" epochs: test accuracy (raw, EMA) and small-fd of 1000
+                                        # samples while training, to TensorBoard and log.jsonl ("" = only at the end)
+    keep_every: str = ruled("", EVERY)  # "N" steps or "Nep" epochs: keep checkpoints/ema-<step>.safetensors
+    compile: bool = False             # torch.compile the model (on CUDA with CUDA graphs, mode reduce-overhead)
+    grad_accum: int = ruled(1, ints(1, 1 << 20))  # micro-batches per step: batch_size is split into processes x
+                                                  # grad_accum pieces; the same update as one batch
+    threads: int = ruled(0, ints(0, 4096))  # CPU threads: 0 = the CPUs this process may use (affinity, cgroup quota),
+                                            # fewer while other processes run on them (threads.py); N = exactly N
 
     def validate(self) -> None:
         check_ranges("train", self)
@@ -306,11 +307,9 @@ class Config:
                 raise HybvitError(f"config section '{section}' is not a mapping; the config is damaged")
             for key, value in part.items():
                 if f"{section}.{key}" in REMOVED:                # runs written before these options were removed
-                    if value != REMOVED[f"{section}.{key}"]:
-                        raise HybvitError(f"this run was trained with {section}.{key}={value}, an option hybvit no "
-                                          f"longer has (see docs/architecture.md); load it with hybvit 5a68881")
                     continue
                 _set_field(cfg, section, key, value)
+        cfg.model.plus = cfg.model.plus or _removed_options(d)
         cfg.preset = d.get("preset", "")
         cfg.notes = [str(n) for n in d.get("notes", [])]
         return cfg
@@ -331,6 +330,25 @@ class Config:
                                   f"(see `hybvit presets` for all keys)")
             section, name = owners[0], key
         _set_field(self, section, name, raw, parse=True)
+
+
+RULES: dict[str, tuple] = {f"{section}.{f.name}": f.metadata["rule"]
+                           for section, cls in (("model", ModelConfig), ("diffusion", DiffusionConfig),
+                                                ("data", DataConfig), ("train", TrainConfig))
+                           for f in fields(cls) if "rule" in f.metadata}
+
+
+def _removed_options(d: dict[str, Any]) -> bool:
+    """Check the options of a config written before they were removed (REMOVED): each must hold the value hybvit
+    now always uses, or, for the four of PLUS_KEYS, all four the -plus values (then: True, the run is model.plus)."""
+    held = {f"{s}.{k}": v for s in Config.SECTIONS if isinstance(d.get(s), dict)
+            for k, v in d[s].items() if f"{s}.{k}" in REMOVED}
+    plus = all(held.get(k) == v for k, v in PLUS_KEYS.items())
+    for key, value in held.items():
+        if value != REMOVED[key] and not (plus and key in PLUS_KEYS):
+            raise HybvitError(f"this run was trained with {key}={value}, an option hybvit no longer has "
+                              f"(docs/architecture.md lists what became of each); train it again with this version")
+    return plus
 
 
 def name_in(obj: Any, key: str) -> bool:

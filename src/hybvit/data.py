@@ -10,6 +10,9 @@ from dataclasses import dataclass
 
 import torch
 
+from .errors import HybvitError
+
+
 @dataclass
 class ImageData:
     x_train: torch.Tensor  # (N, C, H, W) uint8
@@ -60,6 +63,19 @@ class Batches:
             g = torch.Generator().manual_seed(_mix(self.seed, self.stream, epoch))
             self._cache = (epoch, torch.randperm(self.n, generator=g))
         return self._cache[1][k * self.batch_size:(k + 1) * self.batch_size]
+
+
+def check_batch_split(cfg, n_train: int, world: int = 1) -> None:
+    """train.batch_size is the global batch of each branch; it must split evenly into world processes x
+    train.grad_accum micro-batches (after the cap at the training-set size that Batches applies)."""
+    opts = cfg.train
+    parts = world * opts.grad_accum
+    b = Batches(n_train, opts.batch_size, opts.seed, 0).batch_size
+    if b % parts:
+        capped = "" if b == opts.batch_size else f" (train.batch_size {opts.batch_size} capped at the training set)"
+        raise HybvitError(f"the global batch of {b} images{capped} does not split into {world} process(es) x "
+                          f"train.grad_accum {opts.grad_accum}; use a multiple of {parts}, e.g. "
+                          f"--set train.batch_size={max(parts, round(b / parts) * parts)}")
 
 
 def _mix(*xs: int) -> int:

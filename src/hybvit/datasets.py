@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
-from .checkpoint import read_npz
+from .untrusted import read_npz
 from .config import MAX_SIDE, RULES
 from .data import ImageData
 from .errors import HybvitError

@@ -74,7 +74,7 @@ class GaussianDiffusion:
 
     @classmethod
     def from_config(cls, cfg) -> "GaussianDiffusion":
-        return cls(cfg.timesteps, cfg.schedule, cfg.loss, cfg.prediction, cfg.weighting, cfg.min_snr_gamma)
+        return cls(cfg.timesteps, cfg.schedule, cfg.loss, cfg.prediction, cfg.weighting)
 
     # -- forward process -------------------------------------------------------------------------------------
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:

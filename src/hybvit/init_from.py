@@ -4,7 +4,7 @@ SOURCE is a hybvit run directory (its EMA weights), a model folder of `hybvit ex
 file of hybvit, or a checkpoint of the paper's code (official.py). The new run gets a fresh optimizer, schedule and
 step count. Its model configuration is the source's, with one exception: the class count follows the data, and a
 different count gives a freshly initialised classifier head (head.1). No adaptation to the data (such as the
-convolutional stem of a user's dataset) is applied to a model that already exists.
+patch size of a user's dataset) is applied to a model that already exists.
 """
 from __future__ import annotations
 

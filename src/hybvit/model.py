@@ -20,6 +20,8 @@ import torch.nn.functional as F
 from .augment import GEOMETRIC
 from .config import ModelConfig
 
+MLP_RATIO = 2                        # the MLP is twice as wide as the token, as in the paper's code
+
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
     """Sinusoidal embedding of (possibly fractional) timesteps. t: (B,) -> (B, dim): [sin(t f_i), cos(t f_i)] with
@@ -119,16 +121,15 @@ class Block(nn.Module):
     time_cond "token-scalar": the paper's per-token time modulation M(h, A) (Eq. 21).
     time_cond "adaln": per-channel adaptive LayerNorm (shift, scale) and a residual gate for each sub-block, from a
     zero-initialised Linear(A) as DiT's adaLN-Zero; the gate is applied as (1 + gate), so zero modulation is
-    exactly the plain block, the classification path. time_cond "none": no modulation (time comes as a token)."""
+    exactly the plain block, the classification path. The MLP is MLP_RATIO times as wide as the token."""
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: float, tokens: int, time_dim: int,
-                 time_cond: str = "token-scalar", dropout: float = 0.0):
+    def __init__(self, dim: int, heads: int, tokens: int, time_dim: int, time_cond: str = "token-scalar"):
         super().__init__()
-        self.time_cond, self.dropout = time_cond, dropout
+        self.time_cond = time_cond
         self.norm1 = nn.LayerNorm(dim)
         self.attn = Attention(dim, heads)
         self.norm2 = nn.LayerNorm(dim)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.mlp = Mlp(dim, MLP_RATIO * dim)
         if time_cond == "token-scalar":
             self.modulation = nn.Linear(time_dim, 2 * tokens)      # one (scale, shift) scalar pair per token
         elif time_cond == "adaln":
@@ -141,28 +142,24 @@ class Block(nn.Module):
         # cls_only (plain rows only): return just the CLS position, (B, 1, D), computing attention for that one
         # query and the MLP for that one token: what the classifier head needs from the last block.
         if cls_only:
-            assert A is None or self.time_cond == "none"
-            h = h[:, :1] + self.drop(self.attn(self.norm1(h), queries=1))    # Eq. 18 for the CLS token
-            return h + self.drop(self.mlp(self.norm2(h)))                    # Eq. 19
-        if A is None or self.time_cond == "none":
-            h = h + self.drop(self.attn(self.norm1(h)))           # Eq. 18
-            return h + self.drop(self.mlp(self.norm2(h)))         # Eq. 19
+            assert A is None
+            h = h[:, :1] + self.attn(self.norm1(h), queries=1)     # Eq. 18 for the CLS token
+            return h + self.mlp(self.norm2(h))                     # Eq. 19
+        if A is None:
+            h = h + self.attn(self.norm1(h))                      # Eq. 18
+            return h + self.mlp(self.norm2(h))                    # Eq. 19
         mod = self.modulation(F.silu(A))
         if n_plain:
             mod = F.pad(mod, (0, 0, n_plain, 0))                  # zero rows for the plain images
         if self.time_cond == "adaln":
             shift1, scale1, gate1, shift2, scale2, gate2 = mod.unsqueeze(1).chunk(6, dim=-1)  # each (B, 1, D)
-            h = h + (1 + gate1) * self.drop(self.attn(self.norm1(h) * (1 + scale1) + shift1))
-            return h + (1 + gate2) * self.drop(self.mlp(self.norm2(h) * (1 + scale2) + shift2))
+            h = h + (1 + gate1) * self.attn(self.norm1(h) * (1 + scale1) + shift1)
+            return h + (1 + gate2) * self.mlp(self.norm2(h) * (1 + scale2) + shift2)
         scale, shift = mod.unsqueeze(-1).chunk(2, dim=1)          # each (B, L, 1)
         h = h * (1 + scale) + shift                               # M(h_{l-1}, A)
-        h = h + self.drop(self.attn(self.norm1(h)))               # Eq. 21, first line
+        h = h + self.attn(self.norm1(h))                          # Eq. 21, first line
         h = h * (1 + scale) + shift                               # M(h'_l, A)
-        return h + self.drop(self.mlp(self.norm2(h)))             # Eq. 21, second line
-
-    def drop(self, x: torch.Tensor) -> torch.Tensor:
-        """Residual dropout on a sub-block's output (model.dropout; training only; DDPM used 0.1 on CIFAR-10)."""
-        return F.dropout(x, self.dropout, self.training) if self.dropout else x
+        return h + self.mlp(self.norm2(h))                        # Eq. 21, second line
 
 
 class ViT(nn.Module):
@@ -176,13 +173,9 @@ class ViT(nn.Module):
         self.grid = cfg.image_size // P
         N = self.grid * self.grid
         self.num_tokens = N + 1
-        time_hidden = cfg.time_hidden or 4 * (N + 1)
+        time_hidden = 4 * (N + 1)                                     # the width of the paper's code
 
-        if cfg.conv_stem:                                             # (B, C, H, W) -> (B, S, H, W)
-            S = cfg.conv_stem
-            self.stem = nn.Sequential(nn.Conv2d(C, S, 3, padding=1), nn.GELU(), nn.Conv2d(S, S, 3, padding=1),
-                                      nn.GELU())
-        self.patch_embed = nn.Linear(P * P * (cfg.conv_stem or C), D)  # E in Eq. 17
+        self.patch_embed = nn.Linear(P * P * C, D)                    # E in Eq. 17
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D))           # x_class
         self.pos_embed = nn.Parameter(torch.zeros(1, N + 1, D))       # E_pos
         self.time_mlp = nn.Sequential(                                # A = MLP_t(t)
@@ -193,7 +186,7 @@ class ViT(nn.Module):
             self.augment_embed = nn.Embedding(len(GEOMETRIC), time_hidden, padding_idx=0)
         tokens = N + 1 + int(cfg.time_token)                          # CLS, patches (, time)
         self.blocks = nn.ModuleList(
-            [Block(D, cfg.heads, cfg.mlp_ratio, tokens, time_hidden, cfg.time_cond, cfg.dropout) for _ in range(cfg.depth)])
+            [Block(D, cfg.heads, tokens, time_hidden, cfg.time_cond) for _ in range(cfg.depth)])
         if cfg.time_token:                                            # U-ViT: time as a token
             self.time_token = nn.Linear(time_hidden, D)
         if cfg.long_skips:                                            # U-ViT: block i -> block depth-1-i
@@ -264,13 +257,13 @@ class ViT(nn.Module):
         so the last block computes that token alone (~8 % fewer FLOPs for a classification pass, same values);
         returns (h_cls (cls_rows, D), h_L of the other rows (B - cls_rows, N+1, D) or None).
         A: the time features of t when the caller has them already (time_features(t))."""
-        h = self.patch_embed(self.patchify(self.stem(x) if self.cfg.conv_stem else x))   # (B, N, D)
+        h = self.patch_embed(self.patchify(x))                        # (B, N, D)
         h = torch.cat([self.cls_token.expand(h.shape[0], -1, -1), h], dim=1) + self.pos_embed  # (B, N+1, D)
         if A is None and t is not None:
             A = self.time_features(t)                                 # (B - n_plain, time_hidden)
         if A is not None and self.cfg.time_token:
             if n_plain:
-                raise ValueError("model.time_token needs separate passes for clean and noisy images")
+                raise ValueError("model.plus (its time token) needs separate passes for clean and noisy images")
             h = torch.cat([h, self.time_token(A)[:, None]], dim=1)   # (B, N+2, D)
         depth, half = len(self.blocks), self.cfg.depth // 2
         skips = []
@@ -326,14 +319,11 @@ class ViT(nn.Module):
     def flops_per_image(self) -> float:
         """Forward FLOPs per image (2 per multiply-add) of the transformer trunk, patch embedding and heads."""
         cfg, L = self.cfg, self.num_tokens
-        D, hidden, PPC = cfg.dim, int(cfg.dim * cfg.mlp_ratio), cfg.patch_size ** 2 * cfg.channels
+        D, hidden, PPC = cfg.dim, MLP_RATIO * cfg.dim, cfg.patch_size ** 2 * cfg.channels
         L += int(cfg.time_token)
         per_block = 2 * L * (3 * D * D + D * D + 2 * D * hidden) + 2 * 2 * L * L * D
         skips = (cfg.depth // 2) * 2 * L * 2 * D * D if cfg.long_skips else 0
-        stem = 2 * cfg.image_size ** 2 * 9 * cfg.conv_stem * (cfg.channels + cfg.conv_stem) if cfg.conv_stem else 0
-        if cfg.conv_stem:
-            PPC = cfg.patch_size ** 2 * (cfg.conv_stem + cfg.channels) / 2    # embedding from S, output to C
-        return float(cfg.depth * per_block + skips + 2 * (L - 1) * PPC * D * 2 + stem)
+        return float(cfg.depth * per_block + skips + 2 * (L - 1) * PPC * D * 2)
 
 
 # Parameter count of the paper's official code at its CIFAR-10 configuration (REFERENCE-NOTES).

@@ -11,6 +11,8 @@ from .data import Batches, step_generator, to_float
 from .diffusion import GaussianDiffusion
 from .model import ViT
 
+LABEL_DROPOUT = 0.1        # model.class_cond: a tenth of the diffusion images train "no label" (as DiT)
+
 
 def batch_inputs(cfg: Config, step: int, x_train: torch.Tensor, y_train: torch.Tensor, device: torch.device,
                  ce_batches: Batches | None, diff_batches: Batches | None,
@@ -40,7 +42,7 @@ def batch_inputs(cfg: Config, step: int, x_train: torch.Tensor, y_train: torch.T
         xt, tt, noise = diffusion.noised(x0, generator=g)        # t ~ U{0..T-1}, eps ~ N(0, I)
         y = None
         if cfg.model.class_cond:                   # the labels, "no label" (num_classes) for a dropout share
-            drop = torch.rand(len(x0), generator=g, device="cpu") < cfg.train.label_dropout
+            drop = torch.rand(len(x0), generator=g, device="cpu") < LABEL_DROPOUT
             y = torch.where(drop.to(device), cfg.model.num_classes, y_train[idx])
         diff_inputs = (xt, tt, x0, noise, y, aug)
     return ce_inputs, diff_inputs

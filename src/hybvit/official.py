@@ -29,8 +29,9 @@ from . import checkpoint as ckpt
 from .config import DEFAULT_PRESET, Config, ModelConfig, preset_config
 from .diffusion import GaussianDiffusion
 from .errors import HybvitError
-from .model import ViT
+from .model import MLP_RATIO, ViT
 from .provenance import provenance
+from .untrusted import load_torch_file
 
 FIX = "give the checkpoint.pth or ema_checkpoint.pth that the paper's code (gevit_main.py) saved"
 
@@ -84,7 +85,7 @@ def is_official_file(path: Path) -> bool:
 def read_official(path: str | Path) -> OfficialCheckpoint:
     """Read an official checkpoint: tensors only, no code, nothing allocated that the file merely claims."""
     path = Path(path)
-    obj = ckpt.load_torch_file(path, FIX)
+    obj = load_torch_file(path, FIX)
     state = obj.get("model_state_dict") if isinstance(obj, dict) else None
     if not isinstance(state, dict) or not state:
         raise HybvitError(f"'{path}' has no 'model_state_dict'; it is not a checkpoint of the paper's code: {FIX}")
@@ -140,9 +141,11 @@ def infer_model_config(vit: dict[str, torch.Tensor]) -> ModelConfig:
     if dim % heads:
         raise HybvitError(f"width {dim} does not split into the {heads} heads the paper's code gives it (its "
                           f"attention is then wider than the model, which hybvit's ViT does not build); {FIX}")
+    if hidden != MLP_RATIO * dim or time_hidden != 4 * tokens:
+        raise HybvitError(f"the MLP is {hidden} wide and the time MLP {time_hidden} for width {dim} and {tokens} "
+                          f"tokens; hybvit builds the paper's widths ({MLP_RATIO * dim} and {4 * tokens}); {FIX}")
     return ModelConfig(image_size=grid * patch, channels=channels, patch_size=patch, num_classes=classes, dim=dim,
-                       depth=depth, heads=heads, mlp_ratio=hidden / dim,
-                       time_hidden=0 if time_hidden == 4 * tokens else time_hidden)
+                       depth=depth, heads=heads)
 
 
 def official_to_hybvit(vit: dict[str, torch.Tensor], model_cfg: ModelConfig) -> dict[str, torch.Tensor]:

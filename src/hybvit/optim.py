@@ -46,7 +46,7 @@ def build_optimizer(model: torch.nn.Module, cfg: Config, device: torch.device,
     # AdamW and SGD decay every parameter, as the paper's code (norms, biases, positional embedding and CLS too)
     groups = [{"params": list(model.parameters()), "weight_decay": t.weight_decay}]
     if t.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=t.lr, momentum=t.momentum, nesterov=True)
+        return torch.optim.SGD(groups, lr=t.lr, momentum=0.9, nesterov=True)          # Nesterov 0.9: the paper's text
     extra = {"fused": True} if device.type == "cuda" else {}
     if t.optimizer == "muon":
         return MuonAdamW(model, t, extra, torch.bfloat16 if amp == "bf16" else torch.float32)

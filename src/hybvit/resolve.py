@@ -2,8 +2,6 @@
 to the data, checked against the data before anything is trained or written."""
 from __future__ import annotations
 
-import math
-import os
 import time
 from pathlib import Path
 
@@ -12,12 +10,13 @@ import torch
 from . import checkpoint as ckpt
 from . import distributed
 from . import init_from
-from .config import DEFAULT_PRESET, OWN_DATA_PRESET, PRESETS, Config, check_ranges, preset_config
+from .config import DEFAULT_PRESET, OWN_DATA_PRESET, Config, check_ranges, preset_config
 from .datasets import load_data
 from .errors import HybvitError
 from .model import ViT
 from .precision import resolve_amp, resolve_device
-from .train import check_batch_split
+from .untrusted import physical_memory
+from .data import check_batch_split
 
 
 def resolve_train_config(args):
@@ -28,7 +27,7 @@ def resolve_train_config(args):
         saved = resumed_config(run_dir, args.preset)
         cfg = Config.from_dict(saved.to_dict())
     else:
-        cfg = preset_config(args.preset or DEFAULT_PRESET)
+        cfg = preset_config(args.preset or default_preset(args.data))
     source = None
     if getattr(args, "init_from", None):
         if args.resume:
@@ -50,10 +49,6 @@ def resolve_train_config(args):
     for section in Config.SECTIONS:             # every value in range before any data is read or probe is run
         check_ranges(section, getattr(cfg, section))
     cfg.train.validate()
-    weights = cfg.train.inception_weights
-    if weights and not Path(weights).is_file():                  # needed at the first evaluation, not hours later
-        raise HybvitError(f"train.inception_weights '{weights}' is not a file; download the Inception weights "
-                          f"(see `hybvit evaluate --help`) or leave it empty for small-fd")
 
     data = load_data(cfg.data.spec, cfg.data.image_size)
     if args.resume:
@@ -78,7 +73,8 @@ def resolve_train_config(args):
     for note in cfg.notes:
         print(f"{'from the source' if source is not None else 'adapted to the data'}: {note}")
     if is_own_data(cfg.data.spec):
-        print(expectation(cfg, data))
+        print(f"your data with the {cfg.preset} preset: what it gave on data nobody tuned for, at 5 and 15 "
+              f"CPU-minutes, is in docs/results/own-data.md")
     warning = narrow_tokens(cfg.model)
     if warning and cfg.train.mode != "vit":
         print(f"warning: {warning}")
@@ -114,6 +110,13 @@ def resumed_config(run_dir: Path, preset: str | None) -> Config:
     return saved
 
 
+def default_preset(spec: str | None) -> str:
+    """The preset of a run that names none: own-data for a user's dataset (npz:PATH, folder:PATH), whatever its
+    size or budget (at 15 CPU-minutes it sampled better than the adapted digits preset: docs/results/own-data.md);
+    the digits preset otherwise, adapted to the data."""
+    return OWN_DATA_PRESET if is_own_data(spec) else DEFAULT_PRESET
+
+
 def is_own_data(spec: str | None) -> bool:
     """A user's dataset (npz:PATH, folder:PATH), for which no preset was tuned."""
     return bool(spec) and spec.partition(":")[0] in ("npz", "folder")
@@ -139,12 +142,6 @@ def narrow_tokens(m) -> str:
             f"model.dim")
 
 
-OWN_DATA_STEM = 16        # conv-stem channels for a user's dataset with no preset named (docs/results/own-data.md)
-OWN_DATA_SMOOTHING = 0.1  # and its classification recipe (a crop of an eighth of the image, label smoothing), kept
-OWN_DATA_RECIPE_EPOCHS = 30   # when the run sees its data this many times: between the 19 where it cost accuracy
-                              # and the 37 where it gained (the same page)
-
-
 def own_data_crop(image_size: int) -> int:
     """The random-crop padding of the own-data recipes: an eighth of the image (4 pixels at 28 and 32)."""
     return max(1, round(image_size / 8))
@@ -152,10 +149,9 @@ def own_data_crop(image_size: int) -> int:
 
 def adapt_model_to_data(cfg, data, preset_named: bool, explicit: set[str]) -> list[str]:
     """Fit channels, classes and image size to the data. The own-data preset also takes its patch size from the
-    image size (own_data_patch) and its crop padding (an eighth of the image); another preset, when none was
-    named, keeps its number of tokens, and on a user's dataset (npz, folder) gets a convolutional stem and the
-    classification recipe for long runs (train.recipe_min_epochs). Keys given with --set are never changed. Returns
-    one note per choice."""
+    image size (own_data_patch) and its crop padding (an eighth of the image); the digits preset, when no preset
+    was named, keeps its number of tokens with patches no wider than a token. Keys given with --set are never
+    changed. Returns one note per choice."""
     m, notes = cfg.model, []
     given = lambda key: key in explicit or key.split(".", 1)[1] in explicit     # noqa: E731
     if m.channels != data.channels:
@@ -193,20 +189,6 @@ def adapt_model_to_data(cfg, data, preset_named: bool, explicit: set[str]) -> li
             notes.append(f"classification batch: random crop with {cfg.data.crop_padding}-pixel padding (an eighth "
                          f"of the image), label smoothing {cfg.train.label_smoothing:g}, no flips (unknown data may "
                          f"not be mirror-symmetric; add --set data.hflip=true if it is)")
-    recipe_keys = ("data.crop_padding", "train.label_smoothing", "train.recipe_min_epochs")
-    if (not preset_named and is_own_data(data.name) and cfg.train.mode != "genvit"
-            and not any(given(k) for k in recipe_keys)):
-        cfg.data.crop_padding = own_data_crop(data.image_size)
-        cfg.train.label_smoothing, cfg.train.recipe_min_epochs = OWN_DATA_SMOOTHING, OWN_DATA_RECIPE_EPOCHS
-        notes.append(f"classification batch: random crop with {cfg.data.crop_padding}-pixel padding (an eighth of "
-                     f"the image) and label smoothing {OWN_DATA_SMOOTHING:g}, no flips, kept if the run sees its "
-                     f"data at least {OWN_DATA_RECIPE_EPOCHS} times (on the own-data panel they cost 0.046 test "
-                     f"accuracy at 19 epochs and gained 0.088 at 37 and 0.110 at 54: docs/results/own-data.md)")
-    if not (preset_named or given("model.conv_stem")) and is_own_data(data.name) and not m.conv_stem:
-        m.conv_stem = OWN_DATA_STEM
-        notes.append(f"conv stem {OWN_DATA_STEM}: two 3x3 convolutions before the patch embedding (on the own-data "
-                     f"panel at 5 CPU-minutes it lowered the feature FD by 23-28 % wherever the model generated "
-                     f"anything: docs/results/own-data.md)")
     return notes
 
 
@@ -225,44 +207,10 @@ def check_fits_memory(cfg) -> None:
     if device.type == "cuda":
         have, where = torch.cuda.get_device_properties(device).total_memory, "the GPU's memory"
     else:
-        have, where = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "this machine's memory"
-    if need > have:
+        have, where = physical_memory(), "this machine's memory"
+    if have is not None and need > have:
         raise HybvitError(f"the model has {params:,} parameters: {need / 2 ** 30:.1f} GiB to train, more than "
                           f"{where} ({have / 2 ** 30:.1f} GiB); lower model.dim or model.depth")
-
-
-def expectation(cfg, data) -> str:
-    """What cfg's preset (in its mode, with its conv stem or without, its patch, preferably its crop padding) gave
-    on the panel dataset most like `data` (same channels, nearest image size, then nearest training-set size) at the
-    budget nearest the run's --minutes (the shortest measured one for a budget in steps or epochs), as
-    benchmarks/own_data.py measured it; stored with the preset in presets.json ("expect")."""
-    preset, mode = cfg.preset, cfg.train.mode
-    rows = [r for r in PRESETS.get(preset.split("+")[0], {}).get("expect", [])
-            if r["channels"] == data.channels and r.get("conv_stem", 0) == cfg.model.conv_stem
-            and r.get("patch", cfg.model.patch_size) == cfg.model.patch_size and r.get("mode", "hybvit") == mode]
-    if not rows:
-        return (f"expect: {preset} has no measurement on data like yours ({data.image_size}x{data.image_size}x"
-                f"{data.channels}{'' if mode == 'hybvit' else f', mode {mode}'}); see docs/results/own-data.md")
-    # at the nearest budget, rows with this run's classification recipe (crop padding) first; otherwise say that
-    # the row lacked it. A recipe kept only for long runs (recipe_min_epochs) matches the rows where the rule gives
-    # what was measured.
-    if cfg.train.recipe_min_epochs > 0:
-        recipe = lambda r: "epochs" in r and r.get("crop", 0) == (                          # noqa: E731
-            cfg.data.crop_padding if r["epochs"] >= cfg.train.recipe_min_epochs else 0)
-    else:
-        recipe = lambda r: r.get("crop", 0) == cfg.data.crop_padding      # noqa: E731
-    budget = cfg.train.minutes or min(r["minutes"] for r in rows)
-    r = min(rows, key=lambda r: (abs(math.log(r["minutes"] / budget)), not recipe(r),
-                                 abs(r["size"] - data.image_size), abs(r["train_images"] - len(data.x_train))))
-    unlike = "" if recipe(r) else (f", measured with random-crop padding {r.get('crop', 0)} where this run has "
-                                   f"{cfg.data.crop_padding}")
-    samples = ("" if "fd_ratio" not in r else
-               f"; its samples sat {r['fd_ratio']:.2f} of the way from real images (0) to noise (1) in a "
-               f"classifier's features, and the most common class made {r['largest_class_share']:.0%} of them")
-    return (f"expect: on {r['dataset']} ({r['train_images']:,} training images, {r['size']}x{r['size']}x"
-            f"{r['channels']}) {r['minutes']:g} minutes of {preset}{'' if mode == 'hybvit' else f' in mode {mode}'} "
-            f"on {r['machine']} gave test accuracy {r['accuracy']:.3f} (a small CNN in the same time: "
-            f"{r['cnn_accuracy']:.3f}){samples}{unlike} (docs/results/own-data.md)")
 
 
 def check_data_fits(cfg, data) -> None:

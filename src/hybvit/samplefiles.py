@@ -18,7 +18,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .checkpoint import atomic_write, current_umask, read_npz
+from .checkpoint import atomic_write, current_umask
+from .untrusted import read_npz
 from .datasets import IMAGE_EXTENSIONS, load_image_files
 from .errors import HybvitError
 

@@ -216,7 +216,6 @@ class SampleSet:
 
 def _metric(name: str, run, run_dir: Path | None, data, opts: EvalOptions, work: Path | None,
             sample_set: SampleSet | None) -> dict[str, Any]:
-    n_gen = opts.num_samples
     if name == "accuracy":
         raw = None
         last = run_dir / "checkpoints" / "last.pt"

@@ -1,6 +1,7 @@
-"""What `hybvit train` measures: while it trains (train.eval_every: test accuracy and a sample metric; sample grids
-to TensorBoard with train.sample_every) and when the run ends (test accuracy of the EMA and raw weights,
-samples.png and the optional pixel-space Frechet distance, sized to fit the run)."""
+"""What `hybvit train` measures: while it trains (train.eval_every: test accuracy and small-fd) and when the run
+ends (test accuracy of the EMA and raw weights, samples.png and the optional pixel-space Frechet distance, sized to
+fit the run). The run's own samples are always DDIM with 50 steps from the EMA weights: a preview and a check;
+`hybvit evaluate` measures with any sampler."""
 from __future__ import annotations
 
 import time
@@ -17,8 +18,14 @@ from ..data import to_uint8
 from ..model import ViT
 from ..sample import draw_samples, make_grid, save_png
 from .accuracy import accuracy
-from .fid import InceptionFeatures, SmallFeatures, extract, frechet_to_reference, reference_stats
+from .fid import SmallFeatures, extract, frechet_to_reference, reference_stats
 from .frechet import pixel_frechet_distance
+
+
+SAMPLER, SAMPLE_STEPS = "ddim", 50        # the run's own samples (samples.png, pixel-FD, small-fd while training)
+PNG_SAMPLES = 100                         # samples.png: a 10 x 10 grid
+EVAL_SAMPLES = 1000                       # small-fd while training (train.eval_every)
+EVAL_BATCH = 500                          # images per forward pass when evaluating
 
 
 def sampler_label(sampler: str, steps: int) -> str:
@@ -29,16 +36,16 @@ def sampler_label(sampler: str, steps: int) -> str:
 @torch.no_grad()
 def log_samples(writer, model: ViT, diffusion: GaussianDiffusion, cfg: Config, device, step: int, n: int,
                 amp: str) -> None:
-    """A grid of n EMA samples to TensorBoard (train.sample_every)."""
-    x = draw_samples(model, diffusion, n, sampler=cfg.train.sampler, steps=cfg.train.sample_steps,
+    """A grid of n EMA samples to TensorBoard (at each train.eval_every)."""
+    x = draw_samples(model, diffusion, n, sampler=SAMPLER, steps=SAMPLE_STEPS,
                      seed=cfg.train.seed, device=device, amp=amp)
     writer.add_image("samples", make_grid(x).permute(2, 0, 1), step)
 
 
 class PeriodicEval:
-    """train.eval_every: test accuracy of the raw and EMA weights, and train.eval_samples EMA samples (the run's
-    sampler) scored by small-fd, or by FID with train.inception_weights, against the training set's cached
-    statistics. The global RNG is left as it was, so a run with evaluations trains exactly as one without."""
+    """train.eval_every: test accuracy of the raw and EMA weights, and EVAL_SAMPLES EMA samples scored by small-fd
+    against the training set's cached statistics (FID belongs to `hybvit evaluate`, on checkpoints kept with
+    train.keep_every). The global RNG is left as it was, so a run with evaluations trains exactly as one without."""
 
     def __init__(self, cfg: Config, data: ImageData, diffusion: GaussianDiffusion, device, amp: str):
         self.cfg, self.data, self.diffusion, self.device, self.amp = cfg, data, diffusion, device, amp
@@ -49,17 +56,17 @@ class PeriodicEval:
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             if t.mode != "genvit":
                 out["eval/test_accuracy"] = accuracy(ema_model, self.data.x_test, self.data.y_test,
-                                                     t.eval_batch_size, self.amp)
+                                                     EVAL_BATCH, self.amp)
                 out["eval/test_accuracy_raw"] = accuracy(model, self.data.x_test, self.data.y_test,
-                                                         t.eval_batch_size, self.amp)
-            if t.mode != "vit" and t.eval_samples:
+                                                         EVAL_BATCH, self.amp)
+            if t.mode != "vit":
                 if self.extractor is None:
-                    self.extractor = InceptionFeatures(t.inception_weights) if t.inception_weights else SmallFeatures()
+                    self.extractor = SmallFeatures()
                     self.ref = reference_stats(self.extractor, self.data, self.device)
-                x = draw_samples(ema_model, self.diffusion, t.eval_samples, sampler=t.sampler, steps=t.sample_steps,
-                                 seed=t.seed, device=self.device, amp=self.amp, batch_size=t.eval_batch_size)
-                out["eval/fid" if t.inception_weights else "eval/small_fd"] = frechet_to_reference(
-                    extract(self.extractor, to_uint8(x), self.device), self.ref)
+                x = draw_samples(ema_model, self.diffusion, EVAL_SAMPLES, sampler=SAMPLER, steps=SAMPLE_STEPS,
+                                 seed=t.seed, device=self.device, amp=self.amp, batch_size=EVAL_BATCH)
+                out["eval/small_fd"] = frechet_to_reference(extract(self.extractor, to_uint8(x), self.device),
+                                                            self.ref)
         return out
 
     def run(self, model: ViT, ema_model: ViT, step: int, log) -> None:
@@ -90,13 +97,13 @@ def finish(cfg: Config, data: ImageData, model: ViT, ema_model: ViT, diffusion: 
     metrics: dict[str, Any] = {}
     if t.mode in ("vit", "hybvit"):
         bar = (lambda which: f"test accuracy ({which})") if progress else (lambda which: None)   # noqa: E731
-        metrics["test_accuracy"] = accuracy(ema_model, data.x_test, data.y_test, t.eval_batch_size, amp, bar("EMA"))
-        metrics["test_accuracy_raw"] = accuracy(model, data.x_test, data.y_test, t.eval_batch_size, amp, bar("raw"))
+        metrics["test_accuracy"] = accuracy(ema_model, data.x_test, data.y_test, EVAL_BATCH, amp, bar("EMA"))
+        metrics["test_accuracy_raw"] = accuracy(model, data.x_test, data.y_test, EVAL_BATCH, amp, bar("raw"))
         if log is not None:
             log({"test/accuracy": metrics["test_accuracy"], "test/accuracy_raw": metrics["test_accuracy_raw"]})
         print(f"test accuracy: {metrics['test_accuracy']:.4f} (EMA), {metrics['test_accuracy_raw']:.4f} (raw)")
-    steps = diffusion.T if t.sampler == "ancestral" else t.sample_steps
-    n_fd, n_png = t.fd_samples, t.num_samples
+    steps = SAMPLE_STEPS
+    n_fd, n_png = t.fd_samples, PNG_SAMPLES
     room = fits(max(n_fd, n_png), steps, train_images_per_second, train_seconds)
     if t.mode in ("genvit", "hybvit") and max(n_fd, n_png) > room:
         notes = []
@@ -111,10 +118,10 @@ def finish(cfg: Config, data: ImageData, model: ViT, ema_model: ViT, diffusion: 
                             f"for them"]
         print(f"note: {metrics['notes'][0]}")
     n = max(n_png, n_fd)
-    if t.mode in ("genvit", "hybvit") and n > 0:                      # num_samples = fd_samples = 0: no sampling
+    if t.mode in ("genvit", "hybvit"):
         t0 = time.time()
-        x = draw_samples(ema_model, diffusion, n, sampler=t.sampler, steps=t.sample_steps, seed=t.seed,
-                         device=device, amp=amp, batch_size=t.eval_batch_size, progress=progress)
+        x = draw_samples(ema_model, diffusion, n, sampler=SAMPLER, steps=SAMPLE_STEPS, seed=t.seed,
+                         device=device, amp=amp, batch_size=EVAL_BATCH, progress=progress)
         metrics["sampling_images_per_second"] = round(n / (time.time() - t0), 1)
         if n_png:
             grid = make_grid(x[:n_png])
@@ -124,6 +131,6 @@ def finish(cfg: Config, data: ImageData, model: ViT, ema_model: ViT, diffusion: 
             fd = pixel_frechet_distance(x[:n_fd], data.x_test)
             metrics["pixel_fd"] = round(fd, 4)
             metrics["pixel_fd_samples"] = n_fd
-            metrics["pixel_fd_sampler"] = sampler_label(t.sampler, t.sample_steps)
+            metrics["pixel_fd_sampler"] = sampler_label(SAMPLER, SAMPLE_STEPS)
             print(f"pixel-space Frechet distance ({n_fd} samples vs test set): {fd:.3f}")
     return metrics
