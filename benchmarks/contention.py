@@ -20,10 +20,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from hybvit.threads import default_threads
+
 # Each row: the OpenMP environment of both runs and their extra flags. OMP_WAIT_POLICY="" is libgomp's default (it
 # warns about the empty value and ignores it: threads spin ~300,000 iterations before they sleep). "fixed threads"
 # pins every core's thread for the whole run (train.threads=N: what hybvit did before its thread governor).
-FIXED = ["--set", f"train.threads={os.cpu_count()}"]
+FIXED = ["--set", f"train.threads={default_threads()}"]
 POLICIES = {"default (governed)": ({"OMP_WAIT_POLICY": ""}, []),
             "fixed threads": ({"OMP_WAIT_POLICY": ""}, FIXED),
             "fixed threads, PASSIVE": ({"OMP_WAIT_POLICY": "PASSIVE"}, FIXED),

@@ -7,7 +7,7 @@ import dataclasses
 import pytest
 
 from hybvit.cli import main
-from hybvit.config import PLUS_KEYS, REMOVED, RULES, Config
+from hybvit.config import PLUS_KEYS, REMOVED, REMOVED_OUTPUTS, RULES, Config
 from hybvit.errors import HybvitError
 
 
@@ -150,10 +150,14 @@ def test_a_saved_config_with_removed_options_at_what_hybvit_now_does_loads():
     cfg = Config.from_saved(saved(**REMOVED), "config.json")             # every removed option at its old value
     assert cfg == Config() and not cfg.model.plus
     keys = {f"{s}.{f.name}" for s in Config.SECTIONS for f in dataclasses.fields(getattr(cfg, s))}
-    assert not keys & set(REMOVED)                                       # none of them is a field any more
+    assert not keys & (set(REMOVED) | REMOVED_OUTPUTS)                   # none of them is a field any more
+    # options that set only outputs load at any value (a paper preset's run previewed with 100 DDIM steps)
+    outputs = {"train.num_samples": 64, "train.sample_steps": 100, "train.sample_every": 20000,
+               "train.joint_pass": True, "train.compile_mode": "reduce-overhead", "train.inception_weights": "x.pth"}
+    assert outputs.keys() <= REMOVED_OUTPUTS and Config.from_saved(saved(**outputs), "config.json") == Config()
 
 
-@pytest.mark.parametrize("key,value", [("model.dropout", 0.1), ("train.num_samples", 16), ("train.joint_pass", True),
+@pytest.mark.parametrize("key,value", [("model.dropout", 0.1), ("train.min_lr", 0.001), ("model.conv_stem", 16),
                                        ("model.time_cond", "none"), ("data.mix_alpha", 0.2)])
 def test_a_saved_config_with_a_removed_option_at_another_value_is_refused_in_one_line(key, value):
     with pytest.raises(HybvitError, match=f"{key}={value}") as e:

@@ -54,18 +54,19 @@ def ruled(default: Any, rule: tuple | None = None) -> Any:
 
 
 # Options that earlier versions had, with the value that meant what hybvit now always does. A saved run that holds
-# one at that value loads (the key is ignored); another value changed the run's behaviour and is refused with one
+# one at that value loads (the key is ignored); another value changed what the run trained and is refused with one
 # line. Options measured and not adopted are findings in docs/results; internals became rules (one sentence each,
-# beside the code that applies them).
+# beside the code that applies them; docs/architecture.md lists them).
 REMOVED = {"model.dropout": 0.0, "model.time_hidden": 0, "model.mlp_ratio": 2.0,
            "model.time_cond": "token-scalar", "model.time_token": False, "model.long_skips": False,
-           "model.zero_init_out": False, "diffusion.min_snr_gamma": 5.0, "data.augment_backend": "batched",
-           "data.device_cache_gb": 4.0, "data.mix_alpha": 1.0, "train.label_dropout": 0.1, "train.momentum": 0.9,
-           "train.warmup_max_frac": 0.1, "train.min_lr": 1e-6, "train.recipe_min_epochs": 0.0,
-           "train.log_every": 10, "train.sample_every": 0, "train.num_samples": 100, "train.sampler": "ddim",
-           "train.sample_steps": 50, "train.eval_samples": 1000, "train.inception_weights": "",
-           "train.eval_batch_size": 500, "train.compile_mode": "default", "train.joint_pass": False,
-           "model.conv_stem": 0}
+           "model.zero_init_out": False, "model.conv_stem": 0, "diffusion.min_snr_gamma": 5.0,
+           "data.augment_backend": "batched", "data.mix_alpha": 1.0, "train.label_dropout": 0.1,
+           "train.momentum": 0.9, "train.warmup_max_frac": 0.1, "train.min_lr": 1e-6, "train.recipe_min_epochs": 0.0}
+# Removed options that set only outputs or speed (logging, previews, evaluation while training, placement,
+# compilation), never what a run trains: a saved run loads whatever value it holds.
+REMOVED_OUTPUTS = {"train.log_every", "train.sample_every", "train.num_samples", "train.sampler", "train.sample_steps",
+                   "train.eval_samples", "train.inception_weights", "train.eval_batch_size", "train.compile_mode",
+                   "train.joint_pass", "data.device_cache_gb"}
 # The -plus architecture (model.plus) replaces four of them at once: a run that held all four at these values loads
 # as model.plus=true.
 PLUS_KEYS = {"model.time_cond": "adaln", "model.time_token": True, "model.long_skips": True,
@@ -306,8 +307,8 @@ class Config:
             if not isinstance(part, dict):
                 raise HybvitError(f"config section '{section}' is not a mapping; the config is damaged")
             for key, value in part.items():
-                if f"{section}.{key}" in REMOVED:                # runs written before these options were removed
-                    continue
+                if f"{section}.{key}" in REMOVED or f"{section}.{key}" in REMOVED_OUTPUTS:
+                    continue                                     # runs written before these options were removed
                 _set_field(cfg, section, key, value)
         cfg.model.plus = cfg.model.plus or _removed_options(d)
         cfg.preset = d.get("preset", "")
