@@ -1,6 +1,6 @@
 """The `hybvit` command: train, sample, evaluate, presets. Bad input exits with status 2 and one line.
-This module builds the parser and dispatches, and runs train, import, export and presets; sample and evaluate
-live in cli_sample.py."""
+This module builds the parser and dispatches, and runs train, prepare, import, export and presets; sample and
+evaluate live in cli_sample.py."""
 from __future__ import annotations
 
 import argparse
@@ -14,12 +14,14 @@ import torch
 from . import distributed
 from . import init_from
 from .cli_sample import add_evaluate_parser, add_sample_parser, cmd_evaluate, cmd_sample
-from .config import OVERLAYS, PRESETS, parse_every, preset_config, preset_description, preset_paper_params
+from .config import MAX_SIDE, OVERLAYS, PRESETS, parse_every, preset_config, preset_description, preset_paper_params
+from .datasets import load_data
 from .errors import HybvitError
 from .export import export_run
 from .official import import_official
 from .model import OFFICIAL_CIFAR10_PARAMS, ViT
 from .precision import resolve_amp, resolve_device
+from .prepared import check_new_folder, write_prepared
 from .resolve import resolve_distributed, resolve_train_config
 from .provenance import record_command
 from .budget import every_steps
@@ -42,11 +44,13 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="hybvit", description="ViT / GenViT / HybViT: one ViT that classifies "
                                 "and generates (Yang et al., 2022).")
-    sub = p.add_subparsers(dest="command", metavar="{train,sample,evaluate,import,export,presets}", parser_class=_Parser)
+    sub = p.add_subparsers(dest="command", metavar="{train,sample,evaluate,prepare,import,export,presets}",
+                           parser_class=_Parser)
 
     t = sub.add_parser("train", help="train a model (default: HybViT on the bundled digits, on the CPU)")
     t.add_argument("--preset", help="a preset name (see `hybvit presets`); default digits-hybvit")
-    t.add_argument("--data", help="digits | npz:PATH | folder:PATH | cifar10[:ROOT]; default: the preset's")
+    t.add_argument("--data", help="digits | npz:PATH | folder:PATH | prepared:DIR | cifar10[:ROOT]; default: the "
+                                  "preset's")
     t.add_argument("--mode", help="vit | genvit | hybvit; default: the preset's")
     t.add_argument("--out", help="run directory to create; default runs/<preset>-<date>-<time>")
     budget = t.add_mutually_exclusive_group()
@@ -68,6 +72,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_sample_parser(sub)
     add_evaluate_parser(sub)
+
+    pp = sub.add_parser("prepare", help="decode a dataset once into memory-mappable arrays; train and evaluate on "
+                                        "it with --data prepared:DIR (the processes of a node share one copy)")
+    pp.add_argument("spec", metavar="SPEC", help="any --data spec: digits | npz:PATH | folder:PATH | "
+                                                 "cifar10[:ROOT] ...")
+    pp.add_argument("--out", required=True, help="the folder to create (new or empty)")
+    pp.add_argument("--image-size", type=int, default=0, metavar="N",
+                    help="resize the images to N x N (default: as stored; a prepared folder has one fixed size)")
 
     im = sub.add_parser("import", help="make a run folder from a checkpoint of the paper's code "
                                        "(checkpoint.pth or ema_checkpoint.pth of github sndnyang/Diffusion_ViT)")
@@ -105,6 +117,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_sample(args)
         if args.command == "evaluate":
             return cmd_evaluate(args)
+        if args.command == "prepare":
+            return cmd_prepare(args)
         if args.command == "import":
             return cmd_import(args)
         if args.command == "export":
@@ -121,6 +135,17 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except BrokenPipeError:  # output piped into `head` and the like
         return 0
+    return 0
+
+
+def cmd_prepare(args) -> int:
+    if not 0 <= args.image_size <= MAX_SIDE:
+        raise HybvitError(f"--image-size must lie in [1, {MAX_SIDE}] (0: as stored); got {args.image_size}")
+    check_new_folder(args.out)                            # before the decoding, which may take a while
+    data = load_data(args.spec, args.image_size)
+    meta = write_prepared(data, args.out)
+    print(f"prepared {data.describe()} -> {args.out} (x_train.npy, y_train.npy, x_test.npy, y_test.npy, "
+          f"prepared.json; sha256 {meta['digest'][:16]}...); train or evaluate on it with --data prepared:{args.out}")
     return 0
 
 

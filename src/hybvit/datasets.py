@@ -3,6 +3,7 @@
   digits                scikit-learn's bundled 8x8 digits, a fixed stratified 80/20 split (the default)
   npz:PATH              arrays x_train, y_train, x_test, y_test (Keras convention); uint8 (N,H,W) or (N,H,W,C)
   folder:PATH           PATH/train/<class>/* and PATH/test/<class>/*, any image format PIL reads
+  prepared:DIR          a folder of `hybvit prepare`, mapped read-only (prepared.py)
   cifar10[:ROOT]        ROOT/cifar-10-batches-py/{data_batch_1..5, test_batch}   (python pickle batches)
   cifar100[:ROOT]       ROOT/cifar-100-python/{train, test}                       (python pickle, fine labels)
   svhn[:ROOT]           ROOT/{train,test}_32x32.mat                              (MATLAB; label 10 means digit 0)
@@ -31,6 +32,7 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
+from .prepared import load_prepared
 from .untrusted import read_npz
 from .config import MAX_SIDE, RULES
 from .data import ImageData
@@ -50,11 +52,13 @@ def load_data(spec: str, image_size: int = 0) -> ImageData:
         data = load_npz(_existing(arg, spec))
     elif kind == "folder":
         data = load_folder(_existing(arg, spec), image_size)
+    elif kind == "prepared":
+        data = load_prepared(arg, spec, image_size)          # a fixed size: another one asked is an error
     elif kind in READERS:
         x_tr, y_tr, x_te, y_te, classes = READERS[kind](Path(arg or default_root()).expanduser())
         data = ImageData(x_tr, y_tr, x_te, y_te, classes, kind)
     else:
-        raise HybvitError(f"unknown data spec '{spec}'; use digits, npz:PATH, folder:PATH or one of "
+        raise HybvitError(f"unknown data spec '{spec}'; use digits, npz:PATH, folder:PATH, prepared:DIR or one of "
                           f"{', '.join(f'{k}[:ROOT]' for k in READERS)}")
     if image_size and data.image_size != image_size:
         data.x_train = resize(data.x_train, image_size)

@@ -12,6 +12,7 @@ from . import distributed
 from . import init_from
 from .config import DEFAULT_PRESET, OWN_DATA_PRESET, Config, check_ranges, preset_config
 from .datasets import load_data
+from .prepared import source_spec
 from .errors import HybvitError
 from .model import ViT
 from .precision import resolve_amp, resolve_device
@@ -118,7 +119,9 @@ def default_preset(spec: str | None) -> str:
 
 
 def is_own_data(spec: str | None) -> bool:
-    """A user's dataset (npz:PATH, folder:PATH), for which no preset was tuned."""
+    """A user's dataset (npz:PATH, folder:PATH, or a prepared folder made from one), for which no preset was
+    tuned."""
+    spec = source_spec(spec)
     return bool(spec) and spec.partition(":")[0] in ("npz", "folder")
 
 

@@ -1,0 +1,179 @@
+"""Prepared datasets: any dataset decoded once (`hybvit prepare SPEC --out DIR`) into plain .npy arrays that training
+and evaluation map read-only (`--data prepared:DIR`), so the processes of a node share one copy in the page cache.
+
+  DIR/x_train.npy     uint8 (N, C, H, W), the layout of ImageData
+  DIR/y_train.npy     int64 (N,)
+  DIR/x_test.npy      uint8 (M, C, H, W)
+  DIR/y_test.npy      int64 (M,)
+  DIR/prepared.json   {"format": 1, "name": the source spec, "shape": [C, H, W], "num_classes", "classes" (a list
+                      or null), "train": N, "test": M, "digest": sha256 of the four arrays' bytes in that order}
+
+The folder is written through a temporary sibling renamed into place: an interrupted prepare leaves nothing. A load
+reads no image: it checks each file's .npy header (dtype, shape) against prepared.json and its size against the
+header, then maps it; a truncated or mismatched folder is a one-line HybvitError. The digest is not recomputed on
+load (that would read every byte); `content_digest` recomputes it.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import checkpoint as ckpt
+from .config import MAX_SIDE, RULES
+from .data import ImageData
+from .errors import HybvitError
+
+FORMAT = 1
+META = "prepared.json"
+ARRAYS = ("x_train", "y_train", "x_test", "y_test")
+MAX_META_BYTES = 64 << 20                 # a class list of 100,000 long names fits; more is not a hybvit file
+AGAIN = "run hybvit prepare again"
+MAX_CLASSES = RULES["model.num_classes"][2]
+
+
+def check_new_folder(out: Path) -> None:
+    """Refuse, before anything is decoded, an --out that holds something or under which nothing can be created."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise HybvitError(f"--out '{out}' exists and is not an empty folder; give a new folder for the prepared data")
+    ckpt.check_can_create(out)
+
+
+def content_digest(arrays: dict[str, np.ndarray]) -> str:
+    """sha256 of the arrays' bytes (C order) in the order x_train, y_train, x_test, y_test."""
+    h = hashlib.sha256()
+    for name in ARRAYS:
+        a = np.ascontiguousarray(arrays[name])
+        h.update(memoryview(a.reshape(-1).view(np.uint8)))
+    return h.hexdigest()
+
+
+def write_prepared(data: ImageData, out: Path) -> dict[str, Any]:
+    """Write `data` as the prepared folder `out` (new or empty), all or nothing; returns its prepared.json."""
+    out = Path(out)
+    check_new_folder(out)
+    arrays = {"x_train": data.x_train, "y_train": data.y_train, "x_test": data.x_test, "y_test": data.y_test}
+    arrays = {k: np.ascontiguousarray(v.detach().cpu().numpy().astype(np.uint8 if k[0] == "x" else np.int64,
+                                                                      copy=False)) for k, v in arrays.items()}
+    meta = {"format": FORMAT, "name": data.name, "shape": list(arrays["x_train"].shape[1:]),
+            "num_classes": int(data.num_classes), "classes": list(data.classes) if data.classes is not None else None,
+            "train": len(arrays["x_train"]), "test": len(arrays["x_test"]), "digest": content_digest(arrays)}
+
+    def write(tmp: Path) -> None:
+        for name, a in arrays.items():
+            with open(tmp / f"{name}.npy", "wb") as f:
+                np.lib.format.write_array(f, a, allow_pickle=False)
+        (tmp / META).write_text(json.dumps(meta, indent=2) + "\n")
+    ckpt.write_folder(out, write)
+    return meta
+
+
+def read_meta(folder: Path) -> dict[str, Any]:
+    """prepared.json of `folder`, every field checked; anything else is a one-line error."""
+    path = Path(folder) / META
+    if not path.is_file():
+        raise HybvitError(f"'{folder}' is not a prepared dataset (no {META}); make one with "
+                          f"hybvit prepare SPEC --out {folder}")
+    try:
+        if path.stat().st_size > MAX_META_BYTES:
+            raise ValueError("too large")
+        meta = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise HybvitError(f"cannot read '{path}' ({type(e).__name__}); the folder is damaged: {AGAIN}") from None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        got = meta.get("format") if isinstance(meta, dict) else None
+        raise HybvitError(f"'{path}' is not format {FORMAT} of a prepared dataset (format {got!r}); {AGAIN} "
+                          f"with this hybvit")
+
+    def count(v: Any, low: int, high: int | None = None) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= low and (high is None or v <= high)
+    shape, classes = meta.get("shape"), meta.get("classes")
+    wrong = [k for k, ok in (
+        ("name", isinstance(meta.get("name"), str)),
+        ("shape", isinstance(shape, list) and len(shape) == 3 and all(count(s, 1, MAX_SIDE) for s in shape)),
+        ("num_classes", count(meta.get("num_classes"), 0, MAX_CLASSES)),
+        ("classes", classes is None or (isinstance(classes, list) and all(isinstance(c, str) for c in classes)
+                                        and len(classes) == meta.get("num_classes"))),
+        ("train", count(meta.get("train"), 0)), ("test", count(meta.get("test"), 0)),
+        ("digest", isinstance(meta.get("digest"), str))) if not ok]
+    if wrong:
+        raise HybvitError(f"'{path}' has missing or malformed fields ({', '.join(wrong)}); the folder is damaged: "
+                          f"{AGAIN}")
+    return meta
+
+
+def map_array(path: Path, shape: tuple[int, ...], dtype: np.dtype) -> torch.Tensor:
+    """The .npy file `path` mapped read-only as a tensor (no copy), after its header is checked against the shape
+    and dtype prepared.json states and its size against the header: a truncated file is refused, never mapped."""
+    name = f"'{path}'"
+    try:
+        with open(path, "rb") as f:
+            version = np.lib.format.read_magic(f)
+            if version not in ((1, 0), (2, 0)):
+                raise ValueError(f"npy version {version}")
+            read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                    else np.lib.format.read_array_header_2_0)
+            got_shape, fortran, got_dtype = read(f)
+            offset = f.tell()
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise HybvitError(f"{name} is missing; the prepared folder is incomplete: {AGAIN}") from None
+    except (OSError, ValueError) as e:
+        raise HybvitError(f"cannot read {name} as a .npy file ({type(e).__name__}: it is truncated or damaged); "
+                          f"{AGAIN}") from None
+    if tuple(got_shape) != shape or got_dtype != dtype or fortran:
+        raise HybvitError(f"{name} holds {tuple(got_shape)} {got_dtype}{' (Fortran order)' if fortran else ''} but "
+                          f"{META} says {shape} {dtype}; the folder is mismatched: {AGAIN}")
+    expected = offset + int(np.prod(shape, dtype=object)) * dtype.itemsize
+    if size != expected:
+        raise HybvitError(f"{name} holds {size:,} bytes but its header says {expected:,}; the file is "
+                          f"{'truncated' if size < expected else 'damaged'}: {AGAIN}")
+    if expected == offset:                                    # nothing to map (mmap refuses empty ranges)
+        return torch.from_numpy(np.empty(shape, dtype))
+    try:
+        arr = np.memmap(path, dtype=dtype, mode="r", offset=offset, shape=shape)
+    except (OSError, ValueError) as e:
+        raise HybvitError(f"cannot map {name} ({type(e).__name__}: {e}); {AGAIN}") from None
+    with warnings.catch_warnings():                            # read-only on purpose: the pages stay shared
+        warnings.filterwarnings("ignore", message=".*not writable.*")
+        return torch.from_numpy(arr)
+
+
+def load_prepared(path: str, spec: str, image_size: int = 0) -> ImageData:
+    """`prepared:DIR`: the four arrays mapped read-only (see map_array), with the name and classes of the source."""
+    if not path:
+        raise HybvitError(f"data spec '{spec}' needs a folder, e.g. prepared:/path/to/folder (made by hybvit prepare)")
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise HybvitError(f"prepared data folder '{folder}' does not exist; make it with hybvit prepare SPEC "
+                          f"--out {folder}")
+    meta = read_meta(folder)
+    c, h, w = meta["shape"]
+    if image_size and (h, w) != (image_size, image_size):
+        raise HybvitError(f"prepared data '{folder}' holds {h}x{w} images but {image_size}x{image_size} were asked "
+                          f"(data.image_size); prepare it at that size (hybvit prepare SPEC --image-size "
+                          f"{image_size} --out NEW) or drop --set data.image_size")
+    u8, i64 = np.dtype(np.uint8), np.dtype(np.int64)
+    t = {name: map_array(folder / f"{name}.npy", (meta[split], c, h, w) if name[0] == "x" else (meta[split],),
+                         u8 if name[0] == "x" else i64)
+         for name, split in zip(ARRAYS, ("train", "train", "test", "test"))}
+    return ImageData(t["x_train"], t["y_train"], t["x_test"], t["y_test"], meta["num_classes"], meta["name"],
+                     meta["classes"])
+
+
+def source_spec(spec: str | None) -> str | None:
+    """The spec a prepared folder was made from (`prepared:DIR` -> its prepared.json name), so a run on it picks
+    the preset the source would; any other spec, or a folder that cannot be read (load_data reports it), as given."""
+    kind, _, path = (spec or "").partition(":")
+    if kind != "prepared" or not path:
+        return spec
+    try:
+        return read_meta(Path(path).expanduser())["name"]
+    except HybvitError:
+        return spec
