@@ -125,8 +125,8 @@ def test_diffusion_branch_is_never_augmented(tmp_path, monkeypatch):
     from hybvit.diffusion import GaussianDiffusion
     from hybvit.train import train
     seen = []
-    original = GaussianDiffusion.noised
-    monkeypatch.setattr(GaussianDiffusion, "noised", lambda self, x0, generator=None: (seen.append(x0.clone()), original(self, x0, generator))[1])
+    original = GaussianDiffusion.q_sample                  # x_t from x0: what the diffusion batch trains on
+    monkeypatch.setattr(GaussianDiffusion, "q_sample", lambda self, x0, t, noise: (seen.append(x0.clone()), original(self, x0, t, noise))[1])
     cfg = preset_config("digits-hybvit")
     cfg.model.dim, cfg.model.depth, cfg.model.heads = 32, 1, 2
     cfg.train.steps, cfg.train.batch_size, cfg.train.fd_samples, cfg.train.device = 3, 16, 0, "cpu"

@@ -423,9 +423,9 @@ def test_diffusion_augmentation_reaches_the_denoiser_with_its_labels(tiny_cfg, d
     from hybvit.data import Batches, to_float
     from hybvit.diffusion import GaussianDiffusion
     seen = []
-    noised = GaussianDiffusion.noised
-    monkeypatch.setattr(GaussianDiffusion, "noised",
-                        lambda self, x0, generator=None: (seen.append(x0.clone()), noised(self, x0, generator))[1])
+    q_sample = GaussianDiffusion.q_sample                   # x_t from x0: what the diffusion batch trains on
+    monkeypatch.setattr(GaussianDiffusion, "q_sample",
+                        lambda self, x0, t, noise: (seen.append(x0.clone()), q_sample(self, x0, t, noise))[1])
     data, weights = small(digits), {}
     for name, p, extra in (("p0", 0.0, {}), ("p1", 1.0, {}), ("half", 0.5, {}), ("half-accum", 0.5, {"grad_accum": 2}),
                            ("half-joint", 0.5, {})):

@@ -101,10 +101,16 @@ class GaussianDiffusion:
         return mean, _gather(self.posterior_variance, t, xt), _gather(self.posterior_log_variance_clipped, t, xt)
 
     # -- training loss ---------------------------------------------------------------------------------------
+    def draw(self, n: int, shape: tuple, generator: torch.Generator | None = None):
+        """The random part of n training inputs of `shape` (C, H, W): t ~ U{0..T-1} (n,) and eps ~ N(0, I)
+        (n, C, H, W), on the CPU."""
+        t = torch.randint(0, self.T, (n,), generator=generator, device="cpu")
+        return t, torch.randn((n, *shape), generator=generator, device="cpu")
+
     def noised(self, x0: torch.Tensor, generator: torch.Generator | None = None):
         """A training input: t ~ U{0..T-1}, eps ~ N(0, I), x_t by Eq. 10. Returns (x_t, t, eps)."""
-        t = torch.randint(0, self.T, (x0.shape[0],), generator=generator, device="cpu").to(x0.device)
-        noise = torch.randn(x0.shape, generator=generator, device="cpu").to(x0.device, x0.dtype)
+        t, noise = self.draw(len(x0), tuple(x0.shape[1:]), generator)
+        t, noise = t.to(x0.device), noise.to(x0.device, x0.dtype)
         return self.q_sample(x0, t, noise), t, noise
 
     def loss(self, model: EpsModel, x0: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .augment import classifier_batch, diffusion_geometric
+from .augment import apply_classifier, apply_geometric, draw_classifier, draw_geometric, needed_rows
 from .config import Config
 from .data import Batches, step_generator, to_float
 from .diffusion import GaussianDiffusion
@@ -14,36 +14,58 @@ from .model import ViT
 LABEL_DROPOUT = 0.1        # model.class_cond: a tenth of the diffusion images train "no label" (as DiT)
 
 
-def batch_inputs(cfg: Config, step: int, x_train: torch.Tensor, y_train: torch.Tensor, device: torch.device,
-                 ce_batches: Batches | None, diff_batches: Batches | None,
-                 diffusion: GaussianDiffusion) -> tuple[tuple | None, tuple | None]:
-    """The step's global batches: (x, target, labels) for CE and (x_t, t, x0, eps, y, aug) for the diffusion.
+def share_rows(n: int, share: tuple[int, int]) -> torch.Tensor:
+    """The rows of a global batch of n that process `rank` of `world` keeps: the rank-th of world equal,
+    contiguous pieces (n // world rows)."""
+    rank, world = share
+    return torch.arange(rank * (n // world), (rank + 1) * (n // world))
 
-    Every rank builds the inputs of the WHOLE global batch from the step's generator, exactly as one process does,
-    and keeps its own piece; so K processes (and grad_accum micro-batches) compute the gradient of the same batch
-    as one process, augmentation choices, CutMix/Mixup partners, timesteps and noise included. x_train (uint8) may
-    live on another device than `device` (pinned host memory for large datasets)."""
+
+def batch_inputs(cfg: Config, step: int, x_train: torch.Tensor, y_train: torch.Tensor, device: torch.device,
+                 ce_batches: Batches | None, diff_batches: Batches | None, diffusion: GaussianDiffusion,
+                 share: tuple[int, int] = (0, 1)) -> tuple[tuple | None, tuple | None]:
+    """This process's share of the step's global batches: (x, target, labels) for CE and (x_t, t, x0, eps, y, aug)
+    for the diffusion, the rows share_rows(B, share) of each.
+
+    Every process draws every random choice of the WHOLE global batch from the step's generator (indices, crops,
+    flips, policies, erasing boxes, mix partners and lambda, transforms, timesteps, noise, label dropout), exactly as
+    one process does, but fetches and augments only the images of its own rows (and, in a mixed batch, their
+    partners'); so K processes (and grad_accum micro-batches) compute the gradient of the same batch as one
+    process, and the shares of K processes concatenated are bitwise the one-process batch. x_train (uint8) may live
+    on another device than `device` (pinned host memory for large datasets)."""
     g = step_generator(cfg.train.seed, step, 0)
+    shape = tuple(x_train.shape[1:])
 
     def fetch(idx: torch.Tensor) -> torch.Tensor:
         return x_train[idx.to(x_train.device)].to(device, non_blocking=True)
 
+    def labels(idx: torch.Tensor) -> torch.Tensor:
+        return y_train[idx.to(y_train.device)].to(device)
+
     ce_inputs = diff_inputs = None
     if ce_batches is not None:
-        idx = ce_batches.indices(step).to(device)
-        x, target = classifier_batch(fetch(idx), y_train[idx], cfg.model.num_classes, cfg.data, g)
-        ce_inputs = (x, target, y_train[idx])
+        idx = ce_batches.indices(step)                                          # (B,)
+        rows = share_rows(len(idx), share)
+        draw = draw_classifier(len(idx), shape, cfg.data, g)
+        need = needed_rows(draw, rows)                          # own rows, and their mix partners
+        y = labels(idx)
+        x, target = apply_classifier(draw, fetch(idx[need]), need, y, rows, cfg.model.num_classes)
+        ce_inputs = (x, target, y[rows.to(device)])
     if diff_batches is not None:
-        idx = diff_batches.indices(step).to(device)
-        x0 = to_float(fetch(idx))                                   # never augmented, unless ...
+        idx = diff_batches.indices(step)
+        B, rows = len(idx), share_rows(len(idx), share)
+        x0 = to_float(fetch(idx[rows]))                               # never augmented, unless ...
         aug = None
         if cfg.data.diffusion_augment > 0:                          # ... non-leaking: the denoiser is told each transform
-            x0, aug = diffusion_geometric(x0, cfg.data.diffusion_augment, g)
-        xt, tt, noise = diffusion.noised(x0, generator=g)        # t ~ U{0..T-1}, eps ~ N(0, I)
+            index = draw_geometric(B, cfg.data.diffusion_augment, g)[rows]
+            x0, aug = apply_geometric(x0, index), index.to(device)
+        t, noise = diffusion.draw(B, shape, g)                     # t ~ U{0..T-1}, eps ~ N(0, I)
+        tt, noise = t[rows].to(device), noise[rows].to(device, x0.dtype)
+        xt = diffusion.q_sample(x0, tt, noise)
         y = None
         if cfg.model.class_cond:                   # the labels, "no label" (num_classes) for a dropout share
-            drop = torch.rand(len(x0), generator=g, device="cpu") < LABEL_DROPOUT
-            y = torch.where(drop.to(device), cfg.model.num_classes, y_train[idx])
+            drop = (torch.rand(B, generator=g, device="cpu") < LABEL_DROPOUT)[rows]
+            y = torch.where(drop.to(device), cfg.model.num_classes, labels(idx[rows]))
         diff_inputs = (xt, tt, x0, noise, y, aug)
     return ce_inputs, diff_inputs
 
