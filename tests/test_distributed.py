@@ -287,12 +287,24 @@ def test_torchrun_train_and_sample(tmp_path):
     assert len(lines) == 1 and "multiple of 2" in lines[0], bad.stderr
     assert not (tmp_path / "bad").exists()
 
+    # two processes on a prepared folder (each maps it) train what one process trains on the in-memory digits
+    from hybvit.cli import main
+    assert main(["prepare", "digits", "--out", str(tmp_path / "prepared")]) == 0
     run = tmp_path / "run"
-    done = _torchrun("train", "--steps", 2, "--out", run, "--set", "batch_size=16", *TINY)
+    done = _torchrun("train", "--steps", 2, "--out", run, "--set", "batch_size=16", "--set", "amp=fp32",
+                     "--data", f"prepared:{tmp_path / 'prepared'}", *TINY)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("test accuracy") == 1                       # rank 0 alone evaluates and prints
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["processes"] == 2 and metrics["steps"] == 2 and (run / "samples.png").exists()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(["train", *map(str, ["--steps", 2, "--out", tmp_path / "one", "--set", "batch_size=16",
+                                         "--set", "amp=fp32", *TINY])]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    assert_same_training(weights(run), weights(tmp_path / "one"))
 
     # 7 samples in batches of 2: rank 0 draws batches 0 and 2, rank 1 batches 1 and 3 (the last one of 1 image)
     sampled = _torchrun("--", "sample", "--run", run, "--num", 7, "--batch-size", 2, "--steps", 3, "--seed", 5,
@@ -303,13 +315,80 @@ def test_torchrun_train_and_sample(tmp_path):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)                                             # as each torchrun process
     try:
-        expected = to_uint8(draw_samples(one.model, one.diffusion, 7, steps=3, seed=5, batch_size=2))
+        expected = to_uint8(draw_samples(one.model, one.diffusion, 7, steps=3, seed=5, batch_size=2,
+                                         amp=one.config.train.amp))
     finally:
         torch.set_num_threads(threads)
     expected = expected.permute(0, 2, 3, 1)
     assert images.shape == (7, 8, 8, 1) and np.array_equal(images, expected.numpy())
     # and the interleaving matters: the images are not one batch repeated
     assert not np.array_equal(images[0], images[2])
+
+
+EVAL_FLAGS = ["--metrics", "accuracy,ece,bpd,ood,pgd,small-fd,pixel-fd", "--num-samples", 9, "--batch-size", 4,
+              "--steps", 3, "--bpd-images", 10, "--bpd-timesteps", 5, "--ood", "noise,interp", "--ood-images", 12,
+              "--pgd-images", 10, "--pgd-steps", 2, "--pgd-norms", "linf", "--pgd-eps-linf", "8", "--device", "cpu",
+              "--no-html", "--quiet"]
+UNSHARED = {"plots", "plots_dir", "seconds", "provenance", "training_curves"}   # files, timings, the machine
+
+
+def same_report(a, b, path="") -> None:
+    """Two reports agree: the same keys, strings and counts, and numbers to float rounding."""
+    if isinstance(a, dict):
+        keys = set(a) - UNSHARED
+        assert keys == set(b) - UNSHARED, path
+        for k in keys:
+            same_report(a[k], b[k], f"{path}.{k}")
+    elif isinstance(a, list):
+        assert len(a) == len(b), path
+        for i, (u, v) in enumerate(zip(a, b)):
+            same_report(u, v, f"{path}[{i}]")
+    elif isinstance(a, float):
+        assert b == pytest.approx(a, rel=1e-5, abs=1e-6), (path, a, b)
+    else:
+        assert a == b, (path, a, b)
+
+
+def test_torchrun_evaluate_splits_the_work_and_reports_what_one_process_reports(tmp_path, capsys):
+    """`hybvit evaluate` under torchrun: sampling, classification, features, bits/dim, OOD scores and PGD split
+    their batches over two processes (map_batches, below), and rank 0's report equals one process's."""
+    from hybvit.cli import main
+    run = tmp_path / "run"
+    assert main(["train", *map(str, ["--steps", 2, "--out", run, "--set", "batch_size=16", *TINY])]) == 0
+    two = _torchrun("--", "evaluate", "--run", run, *EVAL_FLAGS, "--out", tmp_path / "two.json")
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.count("report ->") == 1 and "(2 processes)" in two.stdout      # rank 0 alone reports
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)                                             # as each torchrun process
+    try:
+        assert main(["evaluate", "--run", str(run), *map(str, EVAL_FLAGS), "--out", str(tmp_path / "one.json")]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in ("one", "two"))
+    assert one["provenance"]["processes"] == 1 and two["provenance"]["processes"] == 2
+    assert set(one["metrics"]) == {"accuracy", "ece", "bpd", "ood", "pgd", "small-fd", "pixel-fd"}
+    same_report(one["metrics"], two["metrics"])
+
+
+def test_map_batches_splits_over_the_ranks_and_gathers_in_order(monkeypatch):
+    """Inside shared_work, rank r runs batches r, r + K, ... and every rank receives all results in batch order;
+    outside it (or on one process) every batch runs here."""
+    import hybvit.distributed as d
+    calls = []
+    assert d.map_batches(7, 2, lambda a, b: (calls.append(a), (a, b))[1]) == [(0, 2), (2, 4), (4, 6), (6, 7)]
+    assert calls == [0, 2, 4, 6]
+    world = 3
+    results = {r: [(s, min(s + 2, 7)) for k, s in enumerate(range(0, 7, 2)) if k % world == r] for r in range(world)}
+
+    def all_gather_object(out, mine, group=None):
+        assert mine == results[1]                                       # this process is rank 1: batches 1 of 4
+        out[:] = [results[r] for r in range(world)]
+    monkeypatch.setattr(d.dist, "all_gather_object", all_gather_object)
+    calls.clear()
+    with d.shared_work(d.Context(rank=1, world=world)):
+        got = d.map_batches(7, 2, lambda a, b: (calls.append(a), (a, b))[1])
+    assert calls == [2] and got == [(0, 2), (2, 4), (4, 6), (6, 7)]
+    assert d.my_batches(4) == [0, 1, 2, 3]                              # outside shared_work again
 
 
 @pytest.mark.parametrize("world", [2, 3, 5])

@@ -182,3 +182,31 @@ def test_prepare_refuses_an_existing_out_and_leaves_nothing_half_written(tmp_pat
     (tmp_path / "empty").mkdir()                                      # an empty folder is filled
     assert main(["prepare", "digits", "--out", str(tmp_path / "empty")]) == 0
     same_data(load_data("digits"), load_data(f"prepared:{tmp_path / 'empty'}"))
+
+
+def test_folder_data_is_prepared_once_and_mapped_afterwards(tmp_path, monkeypatch, capsys):
+    """folder:PATH decodes its images once into the prepared cache and maps them on the next load; a changed file
+    gives a new key (decoded again), and the cached arrays equal the decoded ones."""
+    from PIL import Image
+    import hybvit.datasets as datasets
+    monkeypatch.setenv("HYBVIT_CACHE", str(tmp_path / "cache"))
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 4), ("test", 2)):
+        for c in ("a", "b"):
+            (tmp_path / "imgs" / split / c).mkdir(parents=True)
+            for i in range(n):
+                Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(
+                    tmp_path / "imgs" / split / c / f"{i}.png")
+    decoded = []
+    real = datasets.load_image_files
+    monkeypatch.setattr(datasets, "load_image_files", lambda *a, **k: (decoded.append(1), real(*a, **k))[1])
+    first = load_data(f"folder:{tmp_path / 'imgs'}")
+    assert len(decoded) == 2 and "prepared arrays" in capsys.readouterr().out
+    again = load_data(f"folder:{tmp_path / 'imgs'}")
+    assert len(decoded) == 2                                          # nothing decoded the second time
+    same_data(first, again)
+    assert mapping_of(again.x_train) is None or mapping_of(again.x_train)[1].endswith("x_train.npy")
+    Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(tmp_path / "imgs" / "train" / "a" / "0.png")
+    changed = load_data(f"folder:{tmp_path / 'imgs'}")
+    assert len(decoded) == 4 and not torch.equal(changed.x_train, first.x_train)
+    assert len(list((tmp_path / "cache" / "prepared").iterdir())) == 2

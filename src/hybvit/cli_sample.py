@@ -324,19 +324,27 @@ def cmd_evaluate(args) -> int:
                 raise HybvitError(f"--pgd-eps-{norm} needs positive values (units of 1/255)")
     mode = load_run_config(args.run).train.mode if args.run is not None else None
     metrics = parse_metrics(args.metrics, mode, samples_only=args.run is None)
+    ctx = distributed.init()                     # under torchrun: the batch loops split over the processes
+    device = args.device if not ctx.distributed else str(distributed.device_for(resolve_device(args.device), ctx))
     opts = EvalOptions(data_spec=args.data, num_samples=args.num_samples, sampler=args.sampler, steps=args.steps,
                        eta=args.eta or 0.0, order=args.order, spacing=args.spacing, eps_scale=args.eps_scale,
                        balance_classes=args.balance_classes, cfg_scale=args.cfg_scale,
-                       seed=args.seed, batch_size=args.batch_size, device=args.device,
+                       seed=args.seed, batch_size=args.batch_size, device=device,
                        inception_weights=args.inception_weights, fid_reference=args.fid_reference,
                        bpd_images=args.bpd_images, bpd_timesteps=args.bpd_timesteps, ece_bins=bins,
                        ood=[o.strip() for o in args.ood.split(",") if o.strip()], ood_images=args.ood_images,
                        pgd_norms=norms, pgd_images=args.pgd_images, pgd_steps=args.pgd_steps,
                        pgd_step_factor=args.pgd_step_factor, pgd_eps=pgd_eps,
-                       speed_samples=args.speed_samples, html=not args.no_html, progress=not args.quiet)
-    report = evaluate_run(Path(args.run) if args.run is not None else None, metrics, out=out, opts=opts,
-                          samples=Path(args.samples) if args.samples is not None else None)
-    for line in summary_lines(report):
-        print(line)
-    print(f"report -> {out}" + ("" if args.no_html else f", {out.with_suffix('.html')}"))
+                       speed_samples=args.speed_samples, html=not args.no_html,
+                       progress=not args.quiet and ctx.main)
+    with distributed.shared_work(ctx):           # every rank computes the report; rank 0 alone writes it
+        report = evaluate_run(Path(args.run) if args.run is not None else None, metrics,
+                              out=out if ctx.main else None, opts=opts,
+                              samples=Path(args.samples) if args.samples is not None else None)
+    if ctx.main:
+        for line in summary_lines(report):
+            print(line)
+        print(f"report -> {out}" + ("" if args.no_html else f", {out.with_suffix('.html')}")
+              + (f" ({ctx.world} processes)" if ctx.distributed else ""))
+    distributed.shutdown()
     return 0

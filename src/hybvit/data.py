@@ -6,7 +6,9 @@ pure function of (seed, step) and a resumed run sees exactly the batches an unin
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -22,6 +24,7 @@ class ImageData:
     num_classes: int
     name: str
     classes: list[str] | None = None
+    mapped: bool = False   # the arrays are read-only maps of a prepared folder's files (shared page cache)
 
     @property
     def image_size(self) -> int:
@@ -34,6 +37,11 @@ class ImageData:
     def describe(self) -> str:
         return (f"{self.name}: {len(self.x_train)} train / {len(self.x_test)} test images, "
                 f"{self.image_size}x{self.image_size}x{self.channels}, {self.num_classes} classes")
+
+
+def cache_dir() -> Path:
+    """Where hybvit keeps what it can recompute: $HYBVIT_CACHE, default ~/.cache/hybvit."""
+    return Path(os.environ.get("HYBVIT_CACHE", Path.home() / ".cache" / "hybvit"))
 
 
 def to_float(x: torch.Tensor) -> torch.Tensor:

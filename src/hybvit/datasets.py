@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
-from .prepared import load_prepared
+from .prepared import cached, listing_digest, load_prepared
 from .untrusted import read_npz
 from .config import MAX_SIDE, RULES
 from .data import ImageData
@@ -166,11 +166,16 @@ def load_folder(root: Path, image_size: int = 0) -> ImageData:
         raise HybvitError(f"'{first}' is {size} pixels wide; hybvit reads images up to {MAX_SIDE}: resize them with "
                           f"--set data.image_size=N")
 
-    x_tr, y_tr = load_image_files(files["train"], size, mode, resize=bool(image_size), reference=first)
     if not files["test"]:
         raise HybvitError(f"no images found under '{root}/test/<class>/'")
-    x_te, y_te = load_image_files(files["test"], size, mode, resize=bool(image_size), reference=first)
-    return ImageData(x_tr, y_tr, x_te, y_te, len(classes), f"folder:{root}", classes)
+
+    def decode() -> ImageData:
+        x_tr, y_tr = load_image_files(files["train"], size, mode, resize=bool(image_size), reference=first)
+        x_te, y_te = load_image_files(files["test"], size, mode, resize=bool(image_size), reference=first)
+        return ImageData(x_tr, y_tr, x_te, y_te, len(classes), f"folder:{root}", classes)
+    listing = [f for split in ("train", "test") for f, _ in files[split]]
+    key = listing_digest(listing, len(files["train"]), classes, size, mode, bool(image_size))
+    return cached(f"folder-{key[:32]}", f"folder:{root}", decode)       # decoded once, mapped afterwards
 
 
 def load_image_files(items: list[tuple[Path, int]], size: int, mode: str = "RGB", resize: bool = True,

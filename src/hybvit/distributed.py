@@ -18,8 +18,9 @@ on rank 0 only. No rank is ever left waiting for one that has stopped.
 """
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any, TypeVar
@@ -58,6 +59,7 @@ class Context:
 
 SINGLE = Context()
 _control: tuple[Any, Any] | None = None          # (the default group it belongs to, the control group)
+_sharing: Context | None = None                  # inside shared_work(): map_batches splits over these ranks
 
 
 def launched() -> bool:
@@ -182,5 +184,42 @@ def gather(ctx: Context, obj: Any) -> list[Any] | None:
     return out
 
 
+# ----------------------------------------------------------------------------- shared batch loops
+
+@contextlib.contextmanager
+def shared_work(ctx: Context) -> Iterator[None]:
+    """Inside, every `map_batches` loop splits its batches over ctx's ranks and gathers the results on every rank
+    (`hybvit evaluate` under torchrun). Every rank must then run the same code: a loop run by one rank alone (the
+    end-of-run evaluation of training, say) is never inside."""
+    global _sharing
+    before, _sharing = _sharing, (ctx if ctx.distributed else None)
+    try:
+        yield
+    finally:
+        _sharing = before
+
+
+def my_batches(count: int) -> list[int]:
+    """The batches k of `count` this process runs: all of them, or inside shared_work those with k mod K = rank."""
+    ctx = _sharing
+    return list(range(count)) if ctx is None else list(range(ctx.rank, count, ctx.world))
+
+
+def map_batches(n: int, batch_size: int, fn: Callable[[int, int], T]) -> list[T]:
+    """[fn(start, stop) for each batch of range(n) in steps of batch_size], in batch order. Inside shared_work,
+    batch k runs on rank k mod K and every rank receives every result (pickled over the control group, so fn
+    returns CPU objects); each result must be a function of its batch alone (seeded by its start, say), and then
+    the list equals one process's."""
+    starts = list(range(0, n, batch_size))
+    mine = [fn(starts[k], min(starts[k] + batch_size, n)) for k in my_batches(len(starts))]
+    ctx = _sharing
+    if ctx is None:
+        return mine
+    shares: list[Any] = [None] * ctx.world
+    dist.all_gather_object(shares, mine, group=ctx.control)
+    return [shares[k % ctx.world][k // ctx.world] for k in range(len(starts))]
+
+
 __all__ = ["SINGLE", "CollectiveError", "Context", "agree", "all_ok", "broadcast", "context", "device_for", "gather",
-           "init", "launched", "rank_from_env", "shutdown", "sum_over_ranks"]
+           "init", "launched", "map_batches", "my_batches", "rank_from_env", "shared_work", "shutdown",
+           "sum_over_ranks"]

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 from .config import check_device
+from .data import cache_dir
 from .errors import HybvitError
 
 
@@ -68,7 +69,7 @@ def cpu_prefers_bf16() -> bool:
     CPU model, thread count and torch version). The probe is bounded: a 256^3 bf16 product that takes over 8x the
     fp32 one (bf16 emulated, as on CPUs without native support) decides "no" before the 1024^3 measurement."""
     key = f"{cpu_model()} | {torch.get_num_threads()} threads | torch {torch.__version__}"
-    path = Path(os.environ.get("HYBVIT_CACHE", Path.home() / ".cache" / "hybvit")) / "precision.json"
+    path = cache_dir() / "precision.json"
     try:
         cache = json.loads(path.read_text())
         if isinstance(cache.get(key), dict) and isinstance(cache[key].get("bf16"), bool):

@@ -8,7 +8,9 @@ and evaluation map read-only (`--data prepared:DIR`), so the processes of a node
   DIR/prepared.json   {"format": 1, "name": the source spec, "shape": [C, H, W], "num_classes", "classes" (a list
                       or null), "train": N, "test": M, "digest": sha256 of the four arrays' bytes in that order}
 
-The folder is written through a temporary sibling renamed into place: an interrupted prepare leaves nothing. A load
+The folder is written through a temporary sibling renamed into place: an interrupted prepare leaves nothing.
+`folder:PATH` data is prepared automatically (`cached`): decoded once into $HYBVIT_CACHE/prepared/, keyed by a
+digest of its file listing (paths, sizes, modification times) and the decoding options, and mapped afterwards. A load
 reads no image: it checks each file's .npy header (dtype, shape) against prepared.json and its size against the
 header, then maps it; a truncated or mismatched folder is a one-line HybvitError. The digest is not recomputed on
 load (that would read every byte); `content_digest` recomputes it.
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import warnings
 from pathlib import Path
 from typing import Any
@@ -26,7 +29,7 @@ import torch
 
 from . import checkpoint as ckpt
 from .config import MAX_SIDE, RULES
-from .data import ImageData
+from .data import ImageData, cache_dir
 from .errors import HybvitError
 
 FORMAT = 1
@@ -164,7 +167,41 @@ def load_prepared(path: str, spec: str, image_size: int = 0) -> ImageData:
                          u8 if name[0] == "x" else i64)
          for name, split in zip(ARRAYS, ("train", "train", "test", "test"))}
     return ImageData(t["x_train"], t["y_train"], t["x_test"], t["y_test"], meta["num_classes"], meta["name"],
-                     meta["classes"])
+                     meta["classes"], mapped=True)
+
+
+def listing_digest(files: list[Path], *options: Any) -> str:
+    """sha256 of each file's path, size and modification and change times, and the decoding options: any file
+    added, removed, renamed or rewritten gives another digest, without reading the images."""
+    h = hashlib.sha256(repr(options).encode())
+    for f in files:
+        st = f.stat()
+        h.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\0{st.st_ctime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def cached(key: str, name: str, decode) -> ImageData:
+    """The data `name` from the prepared cache folder $HYBVIT_CACHE/prepared/<key>, or decode() it and keep it
+    there (best effort: a cache that cannot be written, or that a parallel process wrote first, changes nothing)."""
+    folder = cache_dir() / "prepared" / key
+    if (folder / META).is_file():
+        try:
+            data = load_prepared(str(folder), f"prepared:{folder}")
+            if data.name == name:
+                return data
+        except HybvitError:
+            pass                                                   # damaged: decode again (and replace it)
+        shutil.rmtree(folder, ignore_errors=True)
+    data = decode()
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+        write_prepared(data, folder)
+        size = sum(p.stat().st_size for p in folder.iterdir()) / 2 ** 20
+        print(f"decoded images kept as prepared arrays in {folder} ({size:,.0f} MiB; the next run maps them; "
+              f"delete the folder to free the space)")
+    except (OSError, HybvitError):
+        pass
+    return data
 
 
 def source_spec(spec: str | None) -> str | None:

@@ -78,7 +78,9 @@ def draw_samples(model: ViT, diffusion: GaussianDiffusion, n: int, sampler: str 
     model.eval()
 
     rank, world = shard
-    mine = [k for k in range(-(-n // batch_size)) if k % world == rank]
+    count = -(-n // batch_size)
+    mine = ([k for k in range(count) if k % world == rank] if shard != (0, 1)
+            else distributed.my_batches(count))          # inside shared_work: this rank's batches
     per_batch = diffusion.T if sampler == "ancestral" else steps
     bar = tqdm(total=len(mine) * per_batch, desc=f"sampling {n} images", unit="step", leave=False,
                mininterval=1.0, disable=None) if progress else None          # disable=None: only on a terminal
@@ -87,10 +89,9 @@ def draw_samples(model: ViT, diffusion: GaussianDiffusion, n: int, sampler: str 
         for i in it:
             yield i
             bar.update(1)
-    out = []
-    for k in mine:
-        start = k * batch_size
-        b = min(batch_size, n - start)
+
+    def one(start: int, stop: int) -> torch.Tensor:            # batch k = start // batch_size
+        b, k = stop - start, start // batch_size
         g = torch.Generator().manual_seed(seed + k)
         labels = sample_labels(cfg, start, b, label, device)
         eps_model = eps_function(model, diffusion, amp, device, eps_scale=eps_scale, labels=labels,
@@ -100,7 +101,11 @@ def draw_samples(model: ViT, diffusion: GaussianDiffusion, n: int, sampler: str 
         x = diffusion.sample(eps_model, (b, cfg.channels, cfg.image_size, cfg.image_size), sampler=sampler,
                              steps=steps, eta=eta, generator=g, device=device, progress=advance if bar else None,
                              order=order, spacing=spacing)
-        out.append(x.float().clamp(-1, 1).cpu())
+        return x.float().clamp(-1, 1).cpu()
+    if shard != (0, 1):
+        out = [one(k * batch_size, min(n, (k + 1) * batch_size)) for k in mine]
+    else:
+        out = distributed.map_batches(n, batch_size, one)
     if bar is not None:
         bar.close()
     model.train(was_training)
@@ -174,15 +179,21 @@ def classify_batches(model: ViT, images: torch.Tensor, batch_size: int = 500, am
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
-    out = []
-    starts = range(0, len(images), batch_size)
-    if progress is not None:
-        starts = tqdm(starts, desc=progress, unit="batch", leave=False, mininterval=1.0, disable=None)
-    for i in starts:
-        xb = images[i:i + batch_size].to(device)
+    count = -(-len(images) // batch_size)
+    bar = (tqdm(total=len(distributed.my_batches(count)), desc=progress, unit="batch", leave=False, mininterval=1.0,
+                disable=None) if progress is not None else None)
+
+    def one(start: int, stop: int) -> torch.Tensor:
+        xb = images[start:stop].to(device)
         xb = to_float(xb) if xb.dtype == torch.uint8 else xb.float()
         with autocast(amp, device):
-            out.append(model.classify(xb).float().cpu())
+            logits = model.classify(xb).float().cpu()
+        if bar is not None:
+            bar.update(1)
+        return logits
+    out = distributed.map_batches(len(images), batch_size, one)      # split over the ranks inside shared_work
+    if bar is not None:
+        bar.close()
     model.train(was_training)
     return torch.cat(out) if out else torch.empty(0, model.cfg.num_classes)
 

@@ -115,14 +115,16 @@ def setup(cfg: Config, data: ImageData, resume_from: Path | None = None,
                                             find_unused_parameters=opts.mode != "hybvit")
 
     # Small datasets live on the training device as uint8 and are augmented there: a GPU step never waits for
-    # CPU workers. Larger ones stay in (pinned) host memory and each batch is copied over.
+    # CPU workers. Larger ones stay in host memory and each batch is copied over: pinned, or for a prepared
+    # dataset the shared page cache (one copy per node, not per process).
     resident = device.type == "cpu" or data.x_train.numel() <= DEVICE_CACHE_BYTES
+    host = data.x_train if data.mapped else data.x_train.pin_memory() if not resident else None
     # The batches are global: Batches gives the step's train.batch_size indices whatever the number of processes
     # (the role of a DistributedSampler), and rank r trains on piece r of them. So the data order does not depend
     # on the number of processes, and a run resumed with another number continues the same sequence.
     n = len(data.x_train)
     tr = Trainer(cfg, ctx, device, amp, model, ema, optimizer, diffusion, objective,
-                 x_train=data.x_train.to(device) if resident else data.x_train.pin_memory(),
+                 x_train=data.x_train.to(device) if resident else host,
                  y_train=data.y_train.to(device),
                  ce_batches=Batches(n, opts.batch_size, opts.seed, stream=0) if opts.mode != "genvit" else None,
                  diff_batches=Batches(n, opts.batch_size, opts.seed, stream=1) if opts.mode != "vit" else None,
@@ -167,18 +169,17 @@ def train_step(tr: Trainer, step: int, lr: float) -> torch.Tensor:
     for group in tr.optimizer.param_groups:
         group["lr"] = lr
     ce_inputs, diff_inputs = batch_inputs(tr.cfg, step, tr.x_train, tr.y_train, tr.device, tr.ce_batches,
-                                         tr.diff_batches, tr.diffusion)
-    accum, parts = opts.grad_accum, ctx.world * opts.grad_accum
+                                         tr.diff_batches, tr.diffusion, share=(ctx.rank, ctx.world))
+    accum = opts.grad_accum
     tr.optimizer.zero_grad(set_to_none=True)
     stats = 0
     for m in range(accum):
-        piece = ctx.rank * accum + m          # rank r owns pieces r*A .. r*A + A-1 of the global batch
         last = m == accum - 1                 # DDP averages the gradients over the ranks after the last
         with (tr.objective.no_sync() if ctx.distributed and not last else contextlib.nullcontext()):
             if tr.graphs:                     # CUDA graphs: each micro-batch is a new replay
                 torch.compiler.cudagraph_mark_step_begin()
             with autocast(tr.amp, tr.device):
-                loss, s = tr.objective(shard(ce_inputs, piece, parts), shard(diff_inputs, piece, parts))
+                loss, s = tr.objective(shard(ce_inputs, m, accum), shard(diff_inputs, m, accum))   # micro-batch m
             # mean over the local piece, / A here, averaged over K ranks by DDP: the global batch mean
             loss = loss / accum if accum > 1 else loss
             (tr.scaler.scale(loss) if tr.scaler is not None else loss).backward()

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from .. import distributed
 from ..checkpoint import load_training_state, write_json
 from ..data import to_float, to_uint8
 from ..datasets import load_data
@@ -118,6 +119,7 @@ def evaluate_run(run_dir: Path | None, metrics: list[str], out: Path | None = No
     opts = opts or EvalOptions(**kw)
     if run_dir is None and samples is None:
         raise HybvitError("give --run DIR, --samples FILE.npz|DIR, or both")
+    ctx = distributed.context()                  # torchrun: every rank runs this, rank 0 alone prints
     run = load_run(run_dir, device=opts.device) if run_dir is not None else None
     cfg = run.config if run is not None else None
     device = run.device if run is not None else resolve_device(opts.device)
@@ -160,11 +162,12 @@ def evaluate_run(run_dir: Path | None, metrics: list[str], out: Path | None = No
                               "device": str(device),
                               "samples": sample_set.info if sample_set is not None else None,
                               "metrics": {}, "seconds": {},
-                              "provenance": provenance(device, 1, cfg.train.amp if cfg is not None else None)}
+                              "provenance": provenance(device, ctx.world, cfg.train.amp if cfg is not None else None)}
     try:
         for name in metrics:
             t0 = time.time()
-            print(f"evaluating {name} ...", flush=True)
+            if ctx.main:
+                print(f"evaluating {name} ...", flush=True)
             report["metrics"][name] = _metric(name, run, run_dir and Path(run_dir), data, opts, work, sample_set)
             report["seconds"][name] = round(time.time() - t0, 2)
         if out is not None:
@@ -288,14 +291,13 @@ def _bpd_score(run, opts: EvalOptions):
 
     @torch.no_grad()
     def score(x: torch.Tensor) -> torch.Tensor:              # uint8, or floats in [-1, 1] (interp)
-        out = []
-        for i in range(0, len(x), opts.batch_size):
-            g = torch.Generator().manual_seed(opts.seed + i)
-            part = x[i:i + opts.batch_size]
+        def one(start: int, stop: int) -> torch.Tensor:
+            g = torch.Generator().manual_seed(opts.seed + start)
+            part = x[start:stop]
             x0 = (part.float() if part.is_floating_point() else to_float(part)).to(run.device)
             r = bits_per_dim(run.diffusion, eps_model, x0, generator=g, timesteps=opts.bpd_timesteps or 50)
-            out.append(-r["total"].double().cpu())
-        return torch.cat(out)
+            return -r["total"].double().cpu()
+        return torch.cat(distributed.map_batches(len(x), opts.batch_size, one))
     return score
 
 

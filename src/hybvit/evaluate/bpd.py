@@ -12,6 +12,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from .. import distributed
 from ..data import to_float
 from ..errors import HybvitError
 from ..likelihood import bits_per_dim
@@ -27,8 +28,8 @@ def evaluate_bpd(run, x_test_uint8: torch.Tensor, num_images: int | None = None,
     timesteps=None: the full bound over all T steps; timesteps=K: the unbiased K-step estimate.
     batch_size: rows per model call. Images are taken in batches of up to batch_size, and when a batch has
     fewer images than batch_size, several timesteps share one call (batch_size // images per call).
-    One generator seeded with `seed` draws all noise (and timesteps) in order, so the same seed, data,
-    num_images and batch_size give the same numbers. The model runs under the run's autocast setting; the
+    The batch of images from `start` draws its noise (and timesteps) from a generator seeded with seed + start, so
+    the same seed, data, num_images and batch_size give the same numbers, on one process or split over several. The model runs under the run's autocast setting; the
     bound is computed in float64 from its eps predictions, with the predicted x_0 clamped to [-1, 1] as the
     paper's code (clip_denoised=True).
 
@@ -56,28 +57,27 @@ def evaluate_bpd(run, x_test_uint8: torch.Tensor, num_images: int | None = None,
 
     was_training = model.training
     model.eval()
-    g = torch.Generator().manual_seed(seed)
     per_call = batch_size
     img_batch = min(per_call, n)
     K = T if timesteps is None else timesteps
     steps_per_call = max(1, min(K, per_call // img_batch))
-    parts: dict[str, list[torch.Tensor]] = {"total": [], "prior": [], "decoder": [], "kl_sum": []}
-    estimator = ""
+    names = ("total", "prior", "decoder", "kl_sum")
+
+    def one(start: int, stop: int) -> tuple[str, dict[str, torch.Tensor]]:
+        x0 = to_float(x[start:stop].to(device))
+        bar = None
+        if progress:
+            bar = lambda it: tqdm(it, desc=f"bits/dim {stop}/{n}", leave=False, mininterval=1.0)
+        g = torch.Generator().manual_seed(seed + start)          # each batch its own draws: splittable
+        r = bits_per_dim(run.diffusion, eps_model, x0, g, timesteps=timesteps, steps_per_call=steps_per_call,
+                         progress=bar)
+        return r["estimator"], {k: r[k].cpu() for k in names}
     try:
-        for start in range(0, n, img_batch):
-            x0 = to_float(x[start:start + img_batch].to(device))
-            bar = None
-            if progress:
-                bar = lambda it: tqdm(it, desc=f"bits/dim {min(start + img_batch, n)}/{n}", leave=False,
-                                      mininterval=1.0)
-            r = bits_per_dim(run.diffusion, eps_model, x0, g, timesteps=timesteps,
-                             steps_per_call=steps_per_call, progress=bar)
-            estimator = r["estimator"]
-            for k in parts:
-                parts[k].append(r[k].cpu())
+        parts = distributed.map_batches(n, img_batch, one)     # split over the ranks inside shared_work
     finally:
         model.train(was_training)
-    v = {k: torch.cat(p) for k, p in parts.items()}
+    estimator = parts[0][0]
+    v = {k: torch.cat([p[1][k] for p in parts]) for k in names}
     total = v["total"]
     std_error = float(total.std(unbiased=True) / math.sqrt(n)) if n > 1 else None
     return {"bits_per_dim": float(total.mean()), "std_error": std_error, "num_images": n,

@@ -26,15 +26,13 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .. import distributed
+from ..data import cache_dir
 from ..errors import HybvitError
 from .frechet import frechet_distance_from_stats
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"
 INCEPTION_URL = "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/" + INCEPTION_FILE
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("HYBVIT_CACHE", Path.home() / ".cache" / "hybvit"))
 
 
 class SmallFeatures(torch.nn.Module):
@@ -119,19 +117,21 @@ def extract(extractor: torch.nn.Module, images_uint8: torch.Tensor, device, batc
     """Features (N, D) float64 numpy (and the logits when asked, for IS) of uint8 images, in batches; a progress
     bar (on a terminal) when asked."""
     extractor = extractor.to(device)
-    feats, logits = [], []
-    starts = range(0, len(images_uint8), batch_size)
-    if progress:
-        starts = tqdm(starts, desc=f"{extractor.name} features of {len(images_uint8)} images", unit="batch",
-                      leave=False, mininterval=1.0, disable=None)
-    for i in starts:
-        out = extractor(images_uint8[i:i + batch_size].to(device))
-        if isinstance(out, tuple):
-            out, lg = out
-            logits.append(lg.double().cpu())
-        feats.append(out.double().cpu())
-    f = torch.cat(feats).numpy()
-    return (f, torch.cat(logits).numpy()) if want_logits else f
+    count = -(-len(images_uint8) // batch_size)
+    bar = tqdm(total=len(distributed.my_batches(count)), desc=f"{extractor.name} features of {len(images_uint8)} "
+               f"images", unit="batch", leave=False, mininterval=1.0, disable=None) if progress else None
+
+    def one(start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        out = extractor(images_uint8[start:stop].to(device))
+        out, lg = out if isinstance(out, tuple) else (out, None)
+        if bar is not None:
+            bar.update(1)
+        return out.double().cpu(), (lg.double().cpu() if lg is not None else None)
+    parts = distributed.map_batches(len(images_uint8), batch_size, one)   # split over the ranks in shared_work
+    if bar is not None:
+        bar.close()
+    f = torch.cat([p[0] for p in parts]).numpy()
+    return (f, torch.cat([p[1] for p in parts]).numpy()) if want_logits else f
 
 
 def stats(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -158,7 +158,7 @@ def reference_stats(extractor: torch.nn.Module, data, device, num_images: int = 
     mu, sigma = stats(extract(extractor, x, device, batch_size, progress=progress))
     if use_cache:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp.npz")
+        tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")   # ranks of one job write it side by side
         np.savez(tmp, mu=mu, sigma=sigma, n=len(x))
         os.replace(tmp, path)
     return {"mu": mu, "sigma": sigma, "num_images": len(x), "cache": str(path) if use_cache else None,

@@ -24,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .. import distributed
 from ..data import ImageData
 from ..errors import HybvitError
 from ..precision import autocast
@@ -137,20 +138,26 @@ def robust_accuracy_curve(model_fn: ModelFn, x01: torch.Tensor, y: torch.Tensor,
     y = y.to(x01.device)
     eps_values = sorted({0.0, *(float(e) for e in eps_list)})
     curve = []
+    batches = -(-len(x01) // batch_size)
     for eps in eps_values:
-        correct = 0
-        for i in range(0, len(x01), batch_size):
-            xb, yb = x01[i:i + batch_size], y[i:i + batch_size]
+        # each batch's random start from its own generator, seeded from `generator`: the batches can be split
+        seeds = torch.randint(0, 2 ** 62, (batches,), generator=generator).tolist()
+
+        def one(start: int, stop: int) -> int:
+            xb, yb = x01[start:stop], y[start:stop]
+            g = torch.Generator().manual_seed(seeds[start // batch_size])
             if eps == 0:
-                correct += int(_predict(model_fn, xb, yb).sum())
+                correct = int(_predict(model_fn, xb, yb).sum())
             elif step_size_factor is None:                       # paper: every iterate, clean included
                 clean = _predict(model_fn, xb, yb)
-                correct += int((clean & pgd_attack(model_fn, xb, yb, eps, norm, steps, PAPER_STEP, generator)[1]).sum())
+                correct = int((clean & pgd_attack(model_fn, xb, yb, eps, norm, steps, PAPER_STEP, g)[1]).sum())
             else:
-                xb = pgd(model_fn, xb, yb, eps, norm, steps, step_size_factor * eps / max(steps, 1), generator)
-                correct += int(_predict(model_fn, xb, yb).sum())
+                xb = pgd(model_fn, xb, yb, eps, norm, steps, step_size_factor * eps / max(steps, 1), g)
+                correct = int(_predict(model_fn, xb, yb).sum())
             if bar is not None:
                 bar.update(len(xb))
+            return correct
+        correct = sum(distributed.map_batches(len(x01), batch_size, one))   # split over the ranks in shared_work
         curve.append({"eps": eps, "accuracy": correct / len(x01)})
     return curve
 
@@ -167,7 +174,8 @@ def evaluate_pgd(run, data: ImageData, norms: Sequence[str] = NORMS,
     Returns {"protocol", "num_images", "images", "steps", "step_size", "random_start": True, "seed",
              "norms": {norm: {"eps_255": [0, ...], "accuracy": [...]}},
              "plots": {norm: "pgd_<norm>.png"}} (plots only with out_dir; paths relative to it).
-    One generator seeded with `seed` per norm draws the random starts."""
+    One generator seeded with `seed` per norm draws a seed per batch, from which that batch draws its random
+    starts."""
     check_classifier(run, data, "pgd")
     unknown = [n for n in norms if n not in NORMS]
     if unknown or not norms:
