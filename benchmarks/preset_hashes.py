@@ -12,6 +12,7 @@ size, channels and classes. Also covered: your data with no preset and with --pr
 import argparse
 import hashlib
 import json
+import re
 import subprocess
 import sys
 import tempfile
@@ -104,7 +105,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         for name, args in cases(work).items():
-            if a.only and name not in a.only.split(","):
+            if a.only and name not in re.split(r",(?![^()]*\))", a.only):     # commas inside (...) are names
                 continue
             result[name] = run_case(args, work / "run")
             print(f"{name}: model {result[name]['model']} ema {result[name]['ema']}", flush=True)
