@@ -93,6 +93,9 @@ def _rank_main(rank: int, world: int, jobs: list, result_dir: str) -> None:
                 return lr_at(step, *args)
             hybvit.budget.lr_at = signalling_lr_at
         try:
+            if "map_batches" in job:                              # shared batch loops (map_batches, below)
+                results[job["name"]] = {"ok": _shared_loop(rank, world, job["map_batches"])}
+                continue
             out = train(Config.from_dict(job["cfg"]), data, job["out"], resume=job.get("resume", False),
                         stop_after=job.get("stop_after"), progress=False)
             results[job["name"]] = {"ok": out}
@@ -102,6 +105,27 @@ def _rank_main(rank: int, world: int, jobs: list, result_dir: str) -> None:
     with open(os.path.join(result_dir, f"rank{rank}.json"), "w") as f:
         json.dump(results, f, default=str)
     hybvit.distributed.shutdown()
+
+
+def _shared_loop(rank: int, world: int, fault: dict) -> list:
+    """As `hybvit evaluate` runs: one all_ok around two map_batches loops (7 items in batches of 2) inside
+    shared_work. fault {"batch": k}: batch k raises on the rank that runs it; {"between": r}: rank r raises between
+    the two loops, while the other ranks already wait in the second."""
+    import hybvit.distributed as d
+    ctx = d.context()
+
+    def fn(start, stop):
+        if start // 2 == fault.get("batch"):
+            raise HybvitError(f"batch {start // 2} cannot be read (injected on rank {rank})")
+        return [start, stop, rank]
+
+    def both_loops():
+        first = d.map_batches(7, 2, fn)
+        if rank == fault.get("between"):
+            raise HybvitError(f"no plot written (injected on rank {rank})")
+        return first + d.map_batches(7, 2, fn)
+    with d.shared_work(ctx):
+        return d.all_ok(ctx, both_loops)
 
 
 def run_ranks(world: int, jobs: list, result_dir) -> list[dict]:
@@ -160,6 +184,9 @@ def two_ranks(cfgs, tmp_path_factory):
         {"name": "sigterm", "cfg": adamw, "out": str(root / "sigterm"), "fault": "sigterm-rank1"},
         {"name": "write-fails", "cfg": ckpt2.to_dict(), "out": str(root / "write-fails"), "fault": "rank0-write-fails"},
         {"name": "nan", "cfg": nan.to_dict(), "out": str(root / "nan")},
+        {"name": "map-batches", "map_batches": {}},                            # nothing fails
+        {"name": "map-batches-fails", "map_batches": {"batch": 3}},            # batch 3 runs on rank 1 and raises
+        {"name": "map-batches-between", "map_batches": {"between": 0}},        # rank 0 fails outside a loop
     ]
     return root, run_ranks(2, jobs, root)
 
@@ -251,6 +278,22 @@ def test_failure_on_rank_zero_stops_every_rank(two_ranks):
     nan0, nan1 = results[0]["nan"], results[1]["nan"]
     assert nan0.get("error") == "HybvitError" and "non-finite" in nan0["message"], nan0
     assert nan1.get("error") == "CollectiveError", nan1
+
+
+def test_shared_batch_loop_gathers_in_order_and_stops_every_rank_on_a_failure(two_ranks):
+    """Over a real gloo group: every rank receives every batch's result in batch order (batch k from rank k mod 2).
+    A batch that raises on rank 1, or rank 0 failing between two loops while rank 1 waits in the second, gives the
+    failing rank its own error and the other CollectiveError naming it; none waits on a collective that will not
+    come (a deadlock fails run_ranks)."""
+    _, results = two_ranks
+    expected = [[0, 2, 0], [2, 4, 1], [4, 6, 0], [6, 7, 1]] * 2
+    assert [r["map-batches"].get("ok") for r in results] == [expected, expected], results
+    rank0, rank1 = results[0]["map-batches-fails"], results[1]["map-batches-fails"]
+    assert rank1.get("error") == "HybvitError" and "batch 3 cannot be read (injected on rank 1)" in rank1["message"]
+    assert rank0.get("error") == "CollectiveError" and "rank 1 failed" in rank0["message"], rank0
+    rank0, rank1 = results[0]["map-batches-between"], results[1]["map-batches-between"]
+    assert rank0.get("error") == "HybvitError" and "no plot written (injected on rank 0)" in rank0["message"]
+    assert rank1.get("error") == "CollectiveError" and "rank 0 failed" in rank1["message"], rank1
 
 
 def test_global_batch_must_split_into_processes_and_micro_batches(cfgs, digits, tmp_path):
@@ -384,6 +427,7 @@ def test_map_batches_splits_over_the_ranks_and_gathers_in_order(monkeypatch):
         assert mine == results[1]                                       # this process is rank 1: batches 1 of 4
         out[:] = [results[r] for r in range(world)]
     monkeypatch.setattr(d.dist, "all_gather_object", all_gather_object)
+    monkeypatch.setattr(d, "all_ok", lambda ctx, fn, only_main=False: fn())   # no group: the agreement is elsewhere
     calls.clear()
     with d.shared_work(d.Context(rank=1, world=world)):
         got = d.map_batches(7, 2, lambda a, b: (calls.append(a), (a, b))[1])

@@ -11,7 +11,6 @@ import torch
 
 from hybvit.cli import main
 from hybvit.datasets import load_data
-from hybvit.errors import HybvitError
 from hybvit.prepared import ARRAYS, content_digest, source_spec
 from hybvit.resolve import is_own_data
 
@@ -77,8 +76,9 @@ def test_prepare_digits_maps_the_same_arrays(prepared):
             perms, file = mapping_of(getattr(mapped, name))
             assert file == str((prepared / f"{name}.npy").resolve()) and perms.startswith("r-") and perms[3] == "s"
     assert load_data(f"prepared:{prepared}", 8).image_size == 8
-    with pytest.raises(HybvitError, match="16x16"):
-        load_data(f"prepared:{prepared}", 16)
+    other = load_data(f"prepared:{prepared}", 16)                   # another size: resized in memory, as the source
+    assert not other.mapped and mapped.mapped
+    same_data(other, load_data("digits", 16))
 
 
 def test_prepare_npz_keeps_the_source(tmp_path, capsys):
@@ -134,8 +134,19 @@ def test_truncated_array_is_one_line(damaged, tmp_path, capsys, cut):
     assert not (tmp_path / "run").exists()
 
 
+def test_a_header_claiming_gigabytes_is_refused_before_it_is_read(damaged, tmp_path, capsys, monkeypatch):
+    """A .npy whose header length field claims 4 GiB: one line, and numpy is never asked to read that header."""
+    f = damaged / "x_train.npy"
+    raw = f.read_bytes()                                              # magic, version 1.0, 2-byte length, ...
+    f.write_bytes(raw[:6] + bytes([2, 0]) + (0xFFFFFFF0).to_bytes(4, "little") + raw[10:])   # now 2.0, 4 GiB
+    monkeypatch.setattr(np.lib.format, "read_array_header_2_0", lambda *a, **k: pytest.fail("header read"))
+    rc, _, err = run_cli(capsys, "train", "--data", f"prepared:{damaged}", "--out", tmp_path / "run", *TINY)
+    assert rc == 2 and one_line(err) and "x_train.npy" in err and "damaged" in err, err
+
+
 @pytest.mark.parametrize("field,value", [("shape", [1, 16, 16]), ("shape", [3, 8, 8]), ("train", 5),
-                                         ("format", 2), ("classes", ["a"]), ("num_classes", "ten")])
+                                         ("format", 2), ("format", True), ("classes", ["a"]),
+                                         ("num_classes", "ten"), ("shape", [1, 8, 4]), ("shape", [2, 8, 8])])
 def test_mismatched_json_is_one_line(damaged, tmp_path, capsys, field, value):
     meta = json.loads((damaged / "prepared.json").read_text())
     meta[field] = value
@@ -186,7 +197,8 @@ def test_prepare_refuses_an_existing_out_and_leaves_nothing_half_written(tmp_pat
 
 def test_folder_data_is_prepared_once_and_mapped_afterwards(tmp_path, monkeypatch, capsys):
     """folder:PATH decodes its images once into the prepared cache and maps them on the next load; a changed file
-    gives a new key (decoded again), and the cached arrays equal the decoded ones."""
+    gives a new key (decoded again) whose cache replaces the old one, and the cached arrays equal the decoded ones.
+    `hybvit prepare` of a folder writes only its --out."""
     from PIL import Image
     import hybvit.datasets as datasets
     monkeypatch.setenv("HYBVIT_CACHE", str(tmp_path / "cache"))
@@ -209,4 +221,8 @@ def test_folder_data_is_prepared_once_and_mapped_afterwards(tmp_path, monkeypatc
     Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(tmp_path / "imgs" / "train" / "a" / "0.png")
     changed = load_data(f"folder:{tmp_path / 'imgs'}")
     assert len(decoded) == 4 and not torch.equal(changed.x_train, first.x_train)
-    assert len(list((tmp_path / "cache" / "prepared").iterdir())) == 2
+    kept = list((tmp_path / "cache" / "prepared").iterdir())          # the new version replaced the old one
+    assert len(kept) == 1 and kept[0].name.startswith("folder-") and (kept[0] / "prepared.json").is_file()
+    same_data(changed, load_data(f"prepared:{kept[0]}"))
+    assert main(["prepare", f"folder:{tmp_path / 'imgs'}", "--out", str(tmp_path / "p")]) == 0
+    assert len(decoded) == 6 and list((tmp_path / "cache" / "prepared").iterdir()) == kept   # prepare: no cache

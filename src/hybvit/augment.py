@@ -311,7 +311,8 @@ def mix(x: torch.Tensor, y: torch.Tensor, num_classes: int, prob: float, alpha: 
 # -- the classification batch: every choice drawn for the whole batch, the image work done for some rows --------
 # draw_classifier draws every random choice of a global batch (cheap numbers); apply_classifier does the image
 # work for the rows one process keeps, plus their CutMix/Mixup partners (needed_rows). K processes' rows,
-# concatenated, are bitwise the one-process batch: each operation works image by image.
+# concatenated, are bitwise the one-process batch on a CPU (tested): each operation works image by image. On a GPU a
+# batched kernel (sharpness, contrast) may round differently for another batch size; not measured.
 
 @dataclass
 class ClassifierDraw:

@@ -142,7 +142,7 @@ def cmd_prepare(args) -> int:
     if not 0 <= args.image_size <= MAX_SIDE:
         raise HybvitError(f"--image-size must lie in [1, {MAX_SIDE}] (0: as stored); got {args.image_size}")
     check_new_folder(args.out)                            # before the decoding, which may take a while
-    data = load_data(args.spec, args.image_size)
+    data = load_data(args.spec, args.image_size, cache=False)   # --out is the copy: no second one in the cache
     meta = write_prepared(data, args.out)
     print(f"prepared {data.describe()} -> {args.out} (x_train.npy, y_train.npy, x_test.npy, y_test.npy, "
           f"prepared.json; sha256 {meta['digest'][:16]}...); train or evaluate on it with --data prepared:{args.out}")

@@ -325,7 +325,8 @@ def cmd_evaluate(args) -> int:
     mode = load_run_config(args.run).train.mode if args.run is not None else None
     metrics = parse_metrics(args.metrics, mode, samples_only=args.run is None)
     ctx = distributed.init()                     # under torchrun: the batch loops split over the processes
-    device = args.device if not ctx.distributed else str(distributed.device_for(resolve_device(args.device), ctx))
+    device = args.device if not ctx.distributed else str(distributed.all_ok(
+        ctx, lambda: distributed.device_for(resolve_device(args.device), ctx)))
     opts = EvalOptions(data_spec=args.data, num_samples=args.num_samples, sampler=args.sampler, steps=args.steps,
                        eta=args.eta or 0.0, order=args.order, spacing=args.spacing, eps_scale=args.eps_scale,
                        balance_classes=args.balance_classes, cfg_scale=args.cfg_scale,
@@ -338,9 +339,11 @@ def cmd_evaluate(args) -> int:
                        speed_samples=args.speed_samples, html=not args.no_html,
                        progress=not args.quiet and ctx.main)
     with distributed.shared_work(ctx):           # every rank computes the report; rank 0 alone writes it
-        report = evaluate_run(Path(args.run) if args.run is not None else None, metrics,
-                              out=out if ctx.main else None, opts=opts,
-                              samples=Path(args.samples) if args.samples is not None else None)
+        # A rank that fails anywhere (its data, a plot, the report's files) stops every rank with one line each:
+        # its error meets the others at their next agreement (distributed.all_ok).
+        report = distributed.all_ok(ctx, lambda: evaluate_run(
+            Path(args.run) if args.run is not None else None, metrics, out=out if ctx.main else None, opts=opts,
+            samples=Path(args.samples) if args.samples is not None else None))
     if ctx.main:
         for line in summary_lines(report):
             print(line)

@@ -21,6 +21,7 @@ problem raises HybvitError with a one-line message.
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import pickle
@@ -43,17 +44,18 @@ MAX_CLASSES = RULES["model.num_classes"][2]
 TINY_IMAGENET_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
 
 
-def load_data(spec: str, image_size: int = 0) -> ImageData:
-    """Parse a data spec and load it; every problem raises HybvitError with a one-line message."""
+def load_data(spec: str, image_size: int = 0, cache: bool = True) -> ImageData:
+    """Parse a data spec and load it; every problem raises HybvitError with a one-line message. An image folder is
+    kept decoded in the prepared cache unless cache is False (prepared.cached)."""
     kind, _, arg = spec.partition(":")
     if kind == "digits" and not arg:
         data = load_digits()
     elif kind == "npz":
         data = load_npz(_existing(arg, spec))
     elif kind == "folder":
-        data = load_folder(_existing(arg, spec), image_size)
+        data = load_folder(_existing(arg, spec), image_size, cache)
     elif kind == "prepared":
-        data = load_prepared(arg, spec, image_size)          # a fixed size: another one asked is an error
+        data = load_prepared(arg, spec)                      # mapped; another size is resized in memory below
     elif kind in READERS:
         x_tr, y_tr, x_te, y_te, classes = READERS[kind](Path(arg or default_root()).expanduser())
         data = ImageData(x_tr, y_tr, x_te, y_te, classes, kind)
@@ -63,6 +65,7 @@ def load_data(spec: str, image_size: int = 0) -> ImageData:
     if image_size and data.image_size != image_size:
         data.x_train = resize(data.x_train, image_size)
         data.x_test = resize(data.x_test, image_size)
+        data.mapped = False                                  # new arrays in this process's memory
     _check_labels(data)
     return data
 
@@ -139,7 +142,7 @@ def load_npz(path: Path) -> ImageData:
     return ImageData(xs[0], ys[0], xs[1], ys[1], num_classes, f"npz:{path}")
 
 
-def load_folder(root: Path, image_size: int = 0) -> ImageData:
+def load_folder(root: Path, image_size: int = 0, cache: bool = True) -> ImageData:
     for split in ("train", "test"):
         if not (root / split).is_dir():
             raise HybvitError(f"folder data '{root}' has no '{split}/' folder; expected "
@@ -174,8 +177,11 @@ def load_folder(root: Path, image_size: int = 0) -> ImageData:
         x_te, y_te = load_image_files(files["test"], size, mode, resize=bool(image_size), reference=first)
         return ImageData(x_tr, y_tr, x_te, y_te, len(classes), f"folder:{root}", classes)
     listing = [f for split in ("train", "test") for f, _ in files[split]]
+    if not cache:
+        return decode()
     key = listing_digest(listing, len(files["train"]), classes, size, mode, bool(image_size))
-    return cached(f"folder-{key[:32]}", f"folder:{root}", decode)       # decoded once, mapped afterwards
+    source = hashlib.sha256(f"{root.absolute()}\0{size}\0{mode}".encode()).hexdigest()[:12]
+    return cached(f"folder-{source}", key[:32], f"folder:{root}", decode)     # decoded once, mapped afterwards
 
 
 def load_image_files(items: list[tuple[Path, int]], size: int, mode: str = "RGB", resize: bool = True,

@@ -31,6 +31,7 @@ import torch.distributed as dist
 from .errors import HybvitError
 
 CONTROL_TIMEOUT = timedelta(hours=24)
+_AGREED = "_hybvit_agreed"                      # set on an exception every rank has heard of (all_ok)
 T = TypeVar("T")
 
 
@@ -127,7 +128,11 @@ def device_for(device: torch.device, ctx: Context) -> torch.device:
 
 def all_ok(ctx: Context, fn: Callable[[], T], only_main: bool = False) -> T | None:
     """Run fn() (on rank 0 alone when only_main; the other ranks wait here) and agree on the outcome: if any rank
-    raised, every rank raises (that rank its own exception, the others CollectiveError naming it)."""
+    raised, every rank raises (that rank its own exception, the others CollectiveError naming it).
+
+    Calls nest: an error already agreed on inside fn passes through without a second round. So a rank that fails
+    between two inner agreements meets the others at their next one (the same all-reduce), and every rank still
+    stops after the same number of rounds."""
     if not ctx.distributed:
         return fn()
     result, error = None, None
@@ -135,16 +140,20 @@ def all_ok(ctx: Context, fn: Callable[[], T], only_main: bool = False) -> T | No
         if ctx.main or not only_main:
             result = fn()
     except BaseException as e:  # noqa: BLE001 - re-raised below, after the others have heard of it
+        if getattr(e, _AGREED, False):       # a nested all_ok already agreed on it with every rank: no second round
+            raise
         error = e
     failed = torch.zeros(ctx.world, dtype=torch.float64)
     failed[ctx.rank] = float(error is not None)
     dist.all_reduce(failed, group=ctx.control)
-    if error is not None:
-        raise error
     bad = [r for r, f in enumerate(failed.tolist()) if f]
-    if bad:
-        raise CollectiveError(f"rank {', '.join(map(str, bad))} failed (its error is printed above); all "
-                              f"{ctx.world} processes stopped")
+    if error is None and bad:
+        error = CollectiveError(f"rank {', '.join(map(str, bad))} failed (its error is printed above); all "
+                                f"{ctx.world} processes stopped")
+    if error is not None:
+        with contextlib.suppress(AttributeError, TypeError):
+            setattr(error, _AGREED, True)
+        raise error
     return result
 
 
@@ -209,17 +218,28 @@ def map_batches(n: int, batch_size: int, fn: Callable[[int, int], T]) -> list[T]
     """[fn(start, stop) for each batch of range(n) in steps of batch_size], in batch order. Inside shared_work,
     batch k runs on rank k mod K and every rank receives every result (pickled over the control group, so fn
     returns CPU objects); each result must be a function of its batch alone (seeded by its start, say), and then
-    the list equals one process's."""
+    the list equals one process's. A rank whose fn raises stops every rank (the `all_ok` rule): it raises its own
+    error, the others CollectiveError, and none waits on a gather that will not come."""
     starts = list(range(0, n, batch_size))
-    mine = [fn(starts[k], min(starts[k] + batch_size, n)) for k in my_batches(len(starts))]
     ctx = _sharing
+
+    def run_mine() -> list[T]:
+        return [fn(starts[k], min(starts[k] + batch_size, n)) for k in my_batches(len(starts))]
     if ctx is None:
-        return mine
+        return run_mine()
+    mine = all_ok(ctx, run_mine)
     shares: list[Any] = [None] * ctx.world
     dist.all_gather_object(shares, mine, group=ctx.control)
     return [shares[k % ctx.world][k // ctx.world] for k in range(len(starts))]
 
 
-__all__ = ["SINGLE", "CollectiveError", "Context", "agree", "all_ok", "broadcast", "context", "device_for", "gather",
-           "init", "launched", "map_batches", "my_batches", "rank_from_env", "shared_work", "shutdown",
-           "sum_over_ranks"]
+def everywhere(check: Callable[[], bool]) -> bool:
+    """check() on every rank inside shared_work, true only if it is true on all of them (a cache file that one
+    node lacks is a miss for every rank, so all take the same path); check() itself outside."""
+    world = 1 if _sharing is None else _sharing.world
+    return all(map_batches(world, 1, lambda start, stop: bool(check())))    # batch k runs on rank k
+
+
+__all__ = ["SINGLE", "CollectiveError", "Context", "agree", "all_ok", "broadcast", "context", "device_for",
+           "everywhere", "gather", "init", "launched", "map_batches", "my_batches", "rank_from_env", "shared_work",
+           "shutdown", "sum_over_ranks"]

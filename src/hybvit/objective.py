@@ -31,7 +31,7 @@ def batch_inputs(cfg: Config, step: int, x_train: torch.Tensor, y_train: torch.T
     flips, policies, erasing boxes, mix partners and lambda, transforms, timesteps, noise, label dropout), exactly as
     one process does, but fetches and augments only the images of its own rows (and, in a mixed batch, their
     partners'); so K processes (and grad_accum micro-batches) compute the gradient of the same batch as one
-    process, and the shares of K processes concatenated are bitwise the one-process batch. x_train (uint8) may live
+    process, and the shares of K processes concatenated are bitwise the one-process batch (on a CPU). x_train (uint8) may live
     on another device than `device` (pinned host memory for large datasets)."""
     g = step_generator(cfg.train.seed, step, 0)
     shape = tuple(x_train.shape[1:])

@@ -8,9 +8,11 @@ and evaluation map read-only (`--data prepared:DIR`), so the processes of a node
   DIR/prepared.json   {"format": 1, "name": the source spec, "shape": [C, H, W], "num_classes", "classes" (a list
                       or null), "train": N, "test": M, "digest": sha256 of the four arrays' bytes in that order}
 
-The folder is written through a temporary sibling renamed into place: an interrupted prepare leaves nothing.
+The folder is written through a temporary sibling renamed into place: an interrupted prepare leaves nothing (a
+killed one may leave a hidden `.DIR.*.tmp` sibling, never a folder that reads as prepared).
 `folder:PATH` data is prepared automatically (`cached`): decoded once into $HYBVIT_CACHE/prepared/, keyed by a
-digest of its file listing (paths, sizes, modification times) and the decoding options, and mapped afterwards. A load
+digest of its file listing (paths, sizes, modification and change times) and the decoding options, and mapped
+afterwards; a new version of a folder replaces the cache of the one before (`hybvit prepare` never caches). A load
 reads no image: it checks each file's .npy header (dtype, shape) against prepared.json and its size against the
 header, then maps it; a truncated or mismatched folder is a one-line HybvitError. The digest is not recomputed on
 load (that would read every byte); `content_digest` recomputes it.
@@ -36,6 +38,7 @@ FORMAT = 1
 META = "prepared.json"
 ARRAYS = ("x_train", "y_train", "x_test", "y_test")
 MAX_META_BYTES = 64 << 20                 # a class list of 100,000 long names fits; more is not a hybvit file
+MAX_HEADER_BYTES = 1 << 16                # numpy writes ~128 bytes for these arrays
 AGAIN = "run hybvit prepare again"
 MAX_CLASSES = RULES["model.num_classes"][2]
 
@@ -43,7 +46,12 @@ MAX_CLASSES = RULES["model.num_classes"][2]
 def check_new_folder(out: Path) -> None:
     """Refuse, before anything is decoded, an --out that holds something or under which nothing can be created."""
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    try:
+        taken = out.exists() and (not out.is_dir() or any(out.iterdir()))
+    except OSError as e:
+        raise HybvitError(f"cannot read --out '{out}' ({e.strerror or type(e).__name__}); give a new folder for "
+                          f"the prepared data") from None
+    if taken:
         raise HybvitError(f"--out '{out}' exists and is not an empty folder; give a new folder for the prepared data")
     ckpt.check_can_create(out)
 
@@ -89,7 +97,7 @@ def read_meta(folder: Path) -> dict[str, Any]:
         meta = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
         raise HybvitError(f"cannot read '{path}' ({type(e).__name__}); the folder is damaged: {AGAIN}") from None
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+    if not isinstance(meta, dict) or type(meta.get("format")) is not int or meta["format"] != FORMAT:
         got = meta.get("format") if isinstance(meta, dict) else None
         raise HybvitError(f"'{path}' is not format {FORMAT} of a prepared dataset (format {got!r}); {AGAIN} "
                           f"with this hybvit")
@@ -99,7 +107,8 @@ def read_meta(folder: Path) -> dict[str, Any]:
     shape, classes = meta.get("shape"), meta.get("classes")
     wrong = [k for k, ok in (
         ("name", isinstance(meta.get("name"), str)),
-        ("shape", isinstance(shape, list) and len(shape) == 3 and all(count(s, 1, MAX_SIDE) for s in shape)),
+        ("shape", isinstance(shape, list) and len(shape) == 3 and all(count(s, 1, MAX_SIDE) for s in shape)
+         and shape[0] in (1, 3, 4) and shape[1] == shape[2]),              # square images of 1, 3 or 4 channels
         ("num_classes", count(meta.get("num_classes"), 0, MAX_CLASSES)),
         ("classes", classes is None or (isinstance(classes, list) and all(isinstance(c, str) for c in classes)
                                         and len(classes) == meta.get("num_classes"))),
@@ -120,6 +129,11 @@ def map_array(path: Path, shape: tuple[int, ...], dtype: np.dtype) -> torch.Tens
             version = np.lib.format.read_magic(f)
             if version not in ((1, 0), (2, 0)):
                 raise ValueError(f"npy version {version}")
+            width = 2 if version == (1, 0) else 4                 # the header's length, little-endian
+            claimed = int.from_bytes(f.read(width), "little")
+            if claimed > MAX_HEADER_BYTES:                        # refused before numpy reads (allocates) it
+                raise ValueError(f"a header of {claimed:,} bytes")
+            f.seek(-width, 1)
             read = (np.lib.format.read_array_header_1_0 if version == (1, 0)
                     else np.lib.format.read_array_header_2_0)
             got_shape, fortran, got_dtype = read(f)
@@ -148,8 +162,9 @@ def map_array(path: Path, shape: tuple[int, ...], dtype: np.dtype) -> torch.Tens
         return torch.from_numpy(arr)
 
 
-def load_prepared(path: str, spec: str, image_size: int = 0) -> ImageData:
-    """`prepared:DIR`: the four arrays mapped read-only (see map_array), with the name and classes of the source."""
+def load_prepared(path: str, spec: str) -> ImageData:
+    """`prepared:DIR`: the four arrays mapped read-only (see map_array), with the name and classes of the source.
+    (Another image size is made by load_data, in memory: prepare at that size to keep the one shared copy.)"""
     if not path:
         raise HybvitError(f"data spec '{spec}' needs a folder, e.g. prepared:/path/to/folder (made by hybvit prepare)")
     folder = Path(path).expanduser()
@@ -158,10 +173,6 @@ def load_prepared(path: str, spec: str, image_size: int = 0) -> ImageData:
                           f"--out {folder}")
     meta = read_meta(folder)
     c, h, w = meta["shape"]
-    if image_size and (h, w) != (image_size, image_size):
-        raise HybvitError(f"prepared data '{folder}' holds {h}x{w} images but {image_size}x{image_size} were asked "
-                          f"(data.image_size); prepare it at that size (hybvit prepare SPEC --image-size "
-                          f"{image_size} --out NEW) or drop --set data.image_size")
     u8, i64 = np.dtype(np.uint8), np.dtype(np.int64)
     t = {name: map_array(folder / f"{name}.npy", (meta[split], c, h, w) if name[0] == "x" else (meta[split],),
                          u8 if name[0] == "x" else i64)
@@ -180,10 +191,12 @@ def listing_digest(files: list[Path], *options: Any) -> str:
     return h.hexdigest()
 
 
-def cached(key: str, name: str, decode) -> ImageData:
-    """The data `name` from the prepared cache folder $HYBVIT_CACHE/prepared/<key>, or decode() it and keep it
-    there (best effort: a cache that cannot be written, or that a parallel process wrote first, changes nothing)."""
-    folder = cache_dir() / "prepared" / key
+def cached(source: str, key: str, name: str, decode) -> ImageData:
+    """The data `name` from the prepared cache folder $HYBVIT_CACHE/prepared/<source>-<key>, or decode() it and
+    keep it there, removing the cache of an earlier version of the same source (`source`, a name for it; `key`, a
+    digest of its contents). Best effort: a cache that cannot be written, or that a parallel process wrote first,
+    changes nothing; a process still mapping a removed version keeps its pages until it ends."""
+    folder = cache_dir() / "prepared" / f"{source}-{key}"
     if (folder / META).is_file():
         try:
             data = load_prepared(str(folder), f"prepared:{folder}")
@@ -196,6 +209,9 @@ def cached(key: str, name: str, decode) -> ImageData:
     try:
         folder.parent.mkdir(parents=True, exist_ok=True)
         write_prepared(data, folder)
+        for old in folder.parent.glob(f"{source}-*"):
+            if old != folder and (old / META).is_file():
+                shutil.rmtree(old, ignore_errors=True)
         size = sum(p.stat().st_size for p in folder.iterdir()) / 2 ** 20
         print(f"decoded images kept as prepared arrays in {folder} ({size:,.0f} MiB; the next run maps them; "
               f"delete the folder to free the space)")

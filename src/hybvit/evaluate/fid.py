@@ -152,7 +152,7 @@ def reference_stats(extractor: torch.nn.Module, data, device, num_images: int = 
     disk (see _cache_path)."""
     x = data.x_train if not num_images else data.x_train[:num_images]
     path = _cache_path("fid-stats", extractor, data, x)
-    if use_cache and path.exists():
+    if use_cache and distributed.everywhere(path.exists):          # under torchrun: a hit for every rank or none
         with np.load(path) as z:
             return {"mu": z["mu"], "sigma": z["sigma"], "num_images": int(z["n"]), "cache": str(path), "cached": True}
     mu, sigma = stats(extract(extractor, x, device, batch_size, progress=progress))
@@ -170,7 +170,7 @@ def reference_features(extractor: torch.nn.Module, data, x: torch.Tensor, device
     """Features (float32) of reference images x (of `data`, for KID and precision/recall, which need the features
     themselves), cached on disk like the statistics; returns them and the cache file."""
     path = _cache_path("features", extractor, data, x)
-    if path.exists():
+    if distributed.everywhere(path.exists):
         with np.load(path) as z:
             return z["features"], str(path)
     out = extract(extractor, x, device, progress=progress)

@@ -199,7 +199,9 @@ def evaluate_pgd(run, data: ImageData, norms: Sequence[str] = NORMS,
         "step_size": "20/255" if paper else f"{step_size_factor:g} * eps / steps", "random_start": True,
         "seed": seed, "norms": {}}
     lists = {n: (PAPER_EPS[n] if eps is None else eps.get(n, []) if isinstance(eps, Mapping) else eps) for n in norms}
-    bar = tqdm(total=len(x01) * sum(len({0.0, *map(float, v)}) for v in lists.values()), unit="img",
+    n = len(x01)                                   # this process's images per budget (its batches in shared_work)
+    share = sum(min((k + 1) * batch_size, n) - k * batch_size for k in distributed.my_batches(-(-n // batch_size)))
+    bar = tqdm(total=share * sum(len({0.0, *map(float, v)}) for v in lists.values()), unit="img",
                desc=f"PGD-{steps}", leave=False, mininterval=1.0, disable=None) if progress else None
     for norm in norms:
         if isinstance(eps, Mapping) and norm not in eps:
