@@ -354,3 +354,18 @@ def test_augmentation_labels_start_silent_then_steer_only_the_denoiser(plus):
     with torch.no_grad():
         model.augment_embed.weight.mul_(3)
     torch.testing.assert_close(model.classify(x0), before)
+
+
+def test_samples_as_uint8_are_the_float_samples_rounded_batch_by_batch():
+    """draw_samples(uint8=True) (what evaluation keeps and what torchrun processes exchange) equals to_uint8 of the
+    float samples, image for image, including an empty draw."""
+    from hybvit.data import to_uint8
+    from hybvit.diffusion import GaussianDiffusion
+    from hybvit.sample import draw_samples
+    torch.manual_seed(0)
+    model = ViT(ModelConfig(image_size=8, channels=1, patch_size=2, num_classes=3, dim=32, depth=2, heads=4)).eval()
+    d = GaussianDiffusion(100, "cosine")
+    floats = draw_samples(model, d, 5, steps=3, seed=2, batch_size=2, amp="fp32")
+    small = draw_samples(model, d, 5, steps=3, seed=2, batch_size=2, amp="fp32", uint8=True)
+    assert small.dtype == torch.uint8 and torch.equal(small, to_uint8(floats))
+    assert draw_samples(model, d, 0, steps=3, uint8=True).dtype == torch.uint8

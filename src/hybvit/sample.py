@@ -63,8 +63,10 @@ def draw_samples(model: ViT, diffusion: GaussianDiffusion, n: int, sampler: str 
                  eta: float = 0.0, seed: int = 0, device="cpu", amp: str = "auto", batch_size: int = 500,
                  progress: bool = False, order: int = 2, spacing: str = "logsnr",
                  shard: tuple[int, int] = (0, 1), eps_scale: float = 1.0, label: int | None = None,
-                 cfg_scale: float = 1.0, guide: Callable | None = None) -> torch.Tensor:
+                 cfg_scale: float = 1.0, guide: Callable | None = None, uint8: bool = False) -> torch.Tensor:
     """n samples (n, C, H, W) in [-1, 1], drawn in batches; batch k uses the generator seeded with seed + k.
+    uint8: each batch as uint8 images as soon as it is drawn (to_uint8; a quarter of the memory, and of what
+    torchrun processes exchange inside shared_work).
     eps_scale: epsilon scaling of the predicted noise (see eps_function; 1 = off).
     guide: eps_model -> eps_model, a change of each step's noise prediction (guidance.py's self-guidance).
     label (model.class_cond only): every sample of this class; None: sample i gets class i mod K, so every class
@@ -101,7 +103,7 @@ def draw_samples(model: ViT, diffusion: GaussianDiffusion, n: int, sampler: str 
         x = diffusion.sample(eps_model, (b, cfg.channels, cfg.image_size, cfg.image_size), sampler=sampler,
                              steps=steps, eta=eta, generator=g, device=device, progress=advance if bar else None,
                              order=order, spacing=spacing)
-        return x.float().clamp(-1, 1).cpu()
+        return to_uint8(x).cpu() if uint8 else x.float().clamp(-1, 1).cpu()
     if shard != (0, 1):
         out = [one(k * batch_size, min(n, (k + 1) * batch_size)) for k in mine]
     else:
@@ -109,7 +111,8 @@ def draw_samples(model: ViT, diffusion: GaussianDiffusion, n: int, sampler: str 
     if bar is not None:
         bar.close()
     model.train(was_training)
-    return torch.cat(out) if out else torch.empty(0, cfg.channels, cfg.image_size, cfg.image_size)
+    return torch.cat(out) if out else torch.empty(0, cfg.channels, cfg.image_size, cfg.image_size,
+                                                  dtype=torch.uint8 if uint8 else torch.float32)
 
 
 def sample_labels(cfg, start: int, b: int, label: int | None, device) -> torch.Tensor | None:
@@ -242,8 +245,9 @@ class Run:
 
     def sample(self, n: int, sampler: str = "ddim", steps: int = 50, eta: float = 0.0, seed: int = 0,
                batch_size: int = 500, progress: bool = False, order: int = 2, spacing: str = "logsnr",
-               eps_scale: float = 1.0, balance_classes: bool = False, cfg_scale: float = 1.0) -> torch.Tensor:
-        """n images in [-1, 1]: sampler ancestral (all T steps), ddim or dpm-solver++ (`steps` network
+               eps_scale: float = 1.0, balance_classes: bool = False, cfg_scale: float = 1.0,
+               uint8: bool = False) -> torch.Tensor:
+        """n images in [-1, 1] (uint8: as uint8 images, converted batch by batch): sampler ancestral (all T steps), ddim or dpm-solver++ (`steps` network
         evaluations; `order` 1-3 and `spacing` logsnr|time for dpm-solver++); eps_scale > 1: epsilon scaling;
         balance_classes: the same number of each class, by the model's own classifier (draw_balanced);
         cfg_scale: classifier-free guidance of a class-conditional model (model.class_cond; 1 = off)."""
@@ -251,12 +255,13 @@ class Run:
             if self.config.train.mode != "hybvit":
                 raise HybvitError(f"--balance-classes needs a HybViT run (its classifier labels the samples); "
                                   f"this run is {self.config.train.mode}")
-            return draw_balanced(self.model, self.diffusion, n, batch_size=batch_size, seed=seed, device=self.device,
-                                 amp=self.config.train.amp, sampler=sampler, steps=steps, eta=eta, order=order,
-                                 spacing=spacing, eps_scale=eps_scale, cfg_scale=cfg_scale)
+            x = draw_balanced(self.model, self.diffusion, n, batch_size=batch_size, seed=seed, device=self.device,
+                              amp=self.config.train.amp, sampler=sampler, steps=steps, eta=eta, order=order,
+                              spacing=spacing, eps_scale=eps_scale, cfg_scale=cfg_scale)
+            return to_uint8(x) if uint8 else x
         return draw_samples(self.model, self.diffusion, n, sampler=sampler, steps=steps, eta=eta, seed=seed,
                             device=self.device, amp=self.config.train.amp, batch_size=batch_size, progress=progress,
-                            order=order, spacing=spacing, eps_scale=eps_scale, cfg_scale=cfg_scale)
+                            order=order, spacing=spacing, eps_scale=eps_scale, cfg_scale=cfg_scale, uint8=uint8)
 
 
 def check_weights_fit(cfg: Config, weights: dict[str, torch.Tensor], path: str | Path) -> None:

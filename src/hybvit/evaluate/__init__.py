@@ -22,7 +22,7 @@ import torch
 
 from .. import distributed
 from ..checkpoint import load_training_state, write_json
-from ..data import to_float, to_uint8
+from ..data import to_float
 from ..datasets import load_data
 from ..errors import HybvitError
 from ..likelihood import bits_per_dim
@@ -199,7 +199,7 @@ class SampleSet:
             info = {"source": str(samples), "num_samples": len(x)}
         else:
             n = opts.num_samples or (10_000 if set(metrics) & set(INCEPTION_METRICS) else 1000)
-            x = to_uint8(run.sample(n, progress=opts.progress, **_sampling(opts)))
+            x = run.sample(n, progress=opts.progress, uint8=True, **_sampling(opts))
             info = {"source": "drawn by this evaluation", "num_samples": n, **_sampler_info(run, opts)}
         if run is not None and x.shape[1:] != (run.config.model.channels, run.config.model.image_size,
                                                run.config.model.image_size) and "sample-analysis" in metrics:
