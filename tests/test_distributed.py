@@ -117,6 +117,10 @@ def _shared_loop(rank: int, world: int, fault: dict) -> list:
     def fn(start, stop):
         if start // 2 == fault.get("batch"):
             raise HybvitError(f"batch {start // 2} cannot be read (injected on rank {rank})")
+        if fault.get("all") == "same":
+            raise HybvitError("no batch can be read (injected everywhere)")
+        if fault.get("all") == "own":
+            raise HybvitError(f"no batch can be read (injected on rank {rank})")
         return [start, stop, rank]
 
     def both_loops():
@@ -187,6 +191,8 @@ def two_ranks(cfgs, tmp_path_factory):
         {"name": "map-batches", "map_batches": {}},                            # nothing fails
         {"name": "map-batches-fails", "map_batches": {"batch": 3}},            # batch 3 runs on rank 1 and raises
         {"name": "map-batches-between", "map_batches": {"between": 0}},        # rank 0 fails outside a loop
+        {"name": "map-batches-all-same", "map_batches": {"all": "same"}},      # every rank, one message
+        {"name": "map-batches-all-own", "map_batches": {"all": "own"}},        # every rank, its own message
     ]
     return root, run_ranks(2, jobs, root)
 
@@ -294,6 +300,12 @@ def test_shared_batch_loop_gathers_in_order_and_stops_every_rank_on_a_failure(tw
     rank0, rank1 = results[0]["map-batches-between"], results[1]["map-batches-between"]
     assert rank0.get("error") == "HybvitError" and "no plot written (injected on rank 0)" in rank0["message"]
     assert rank1.get("error") == "CollectiveError" and "rank 0 failed" in rank1["message"], rank1
+    # every rank failing: rank 0's error once (the command line prints no CollectiveError), a different one kept
+    same0, same1 = results[0]["map-batches-all-same"], results[1]["map-batches-all-same"]
+    assert same0.get("error") == "HybvitError" and "injected everywhere" in same0["message"], same0
+    assert same1.get("error") == "CollectiveError" and "injected everywhere" in same1["message"], same1
+    own0, own1 = results[0]["map-batches-all-own"], results[1]["map-batches-all-own"]
+    assert [own0.get("error"), own1.get("error")] == ["HybvitError"] * 2 and "on rank 1" in own1["message"], own1
 
 
 def test_global_batch_must_split_into_processes_and_micro_batches(cfgs, digits, tmp_path):

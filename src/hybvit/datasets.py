@@ -79,7 +79,7 @@ def _existing(path: str, spec: str) -> Path:
         raise HybvitError(f"data spec '{spec}' needs a path, e.g. {spec.rstrip(':')}:/path/to/data")
     p = Path(path).expanduser()
     if not p.exists():
-        raise HybvitError(f"data path '{p}' does not exist; check the path given to --data")
+        raise HybvitError(f"data path '{p}' does not exist; check the path in the data spec '{spec}'")
     return p
 
 

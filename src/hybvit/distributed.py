@@ -128,7 +128,9 @@ def device_for(device: torch.device, ctx: Context) -> torch.device:
 
 def all_ok(ctx: Context, fn: Callable[[], T], only_main: bool = False) -> T | None:
     """Run fn() (on rank 0 alone when only_main; the other ranks wait here) and agree on the outcome: if any rank
-    raised, every rank raises (that rank its own exception, the others CollectiveError naming it).
+    raised, every rank raises (that rank its own exception, the others CollectiveError naming it). When every rank
+    fails with rank 0's one-line error (a missing file, say), the others raise it as a CollectiveError, which the
+    command line does not repeat.
 
     Calls nest: an error already agreed on inside fn passes through without a second round. So a rank that fails
     between two inner agreements meets the others at their next one (the same all-reduce), and every rank still
@@ -147,6 +149,11 @@ def all_ok(ctx: Context, fn: Callable[[], T], only_main: bool = False) -> T | No
     failed[ctx.rank] = float(error is not None)
     dist.all_reduce(failed, group=ctx.control)
     bad = [r for r, f in enumerate(failed.tolist()) if f]
+    if len(bad) == ctx.world:                    # all failed: a one-line error that repeats rank 0's is printed once
+        texts: list[Any] = [None] * ctx.world
+        dist.all_gather_object(texts, f"{type(error).__name__}: {error}", group=ctx.control)
+        if not ctx.main and isinstance(error, HybvitError) and texts[ctx.rank] == texts[0]:
+            error = CollectiveError(f"every rank failed as rank 0 did: {error}")
     if error is None and bad:
         error = CollectiveError(f"rank {', '.join(map(str, bad))} failed (its error is printed above); all "
                                 f"{ctx.world} processes stopped")
