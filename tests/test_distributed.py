@@ -423,6 +423,12 @@ def test_torchrun_evaluate_splits_the_work_and_reports_what_one_process_reports(
     assert one["provenance"]["processes"] == 1 and two["provenance"]["processes"] == 2
     assert set(one["metrics"]) == {"accuracy", "ece", "bpd", "ood", "pgd", "small-fd", "pixel-fd"}
     same_report(one["metrics"], two["metrics"])
+    # an error of every rank (a missing OOD folder): one line in all, no report, a non-zero exit
+    bad = _torchrun("--", "evaluate", "--run", run, "--metrics", "accuracy,ood", "--ood", f"folder:{tmp_path / 'no'}",
+                    "--out", tmp_path / "bad.json")
+    lines = [line for line in bad.stderr.splitlines() if line.startswith("hybvit: error")]
+    assert bad.returncode != 0 and len(lines) == 1 and "does not exist" in lines[0], bad.stderr[-3000:]
+    assert not (tmp_path / "bad.json").exists()
 
 
 def test_map_batches_splits_over_the_ranks_and_gathers_in_order(monkeypatch):
