@@ -3,6 +3,7 @@ in-memory path, and the input pipeline's time per process when K processes share
 
     python benchmarks/multi_process.py memory  [--gb 2] [--dir /tmp]   # 1 and 2 processes, prepared vs npz
     python benchmarks/multi_process.py augment [--batch 256] [--steps 20]   # K = 1, 2, 4 simulated processes
+    python benchmarks/multi_process.py prepare [--images 20000]              # peak memory of preparing a folder
 
 memory: makes a dataset of about --gb GB of random 64x64x3 uint8 images once as an uncompressed npz (read into each
 process's memory, the in-memory path) and as a prepared folder (`hybvit prepare`, mapped read-only); then 1 or 2
@@ -14,6 +15,11 @@ augment: the full CIFAR-10 recipe (`cifar10-hybvit`: crop, flip, AutoAugment, er
 batch's timesteps and noise) of a global batch of --batch images; each of K simulated processes builds its own
 share (objective.batch_inputs with share=(rank, K)) in this one process, one thread, one after the other. Prints the
 mean time per step of one process's share for K = 1, 2, 4, and its ratio to K = 1.
+
+prepare: writes a folder of --images random 64x64 RGB PNGs (two classes, a tenth of them as the test split), then
+measures the peak anonymous memory (RssAnon: what the process needs for itself; mapped file pages are RssFile,
+which the page cache can write back and drop) of a fresh process that runs `hybvit prepare folder:...` (decoding
+straight into the mapped arrays) and of one that decodes the folder into memory, against the decoded size.
 """
 from __future__ import annotations
 
@@ -21,6 +27,7 @@ import argparse
 import multiprocessing as mp
 import os
 import platform
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -119,17 +126,65 @@ def augment(args) -> None:
         print(f"| {k} | {per:.1f} | {per / base:.2f} |")
 
 
+def _peak_mib(code: str) -> tuple[float, float]:
+    """Peak anonymous and file-backed resident memory (MiB: RssAnon, RssFile of /proc/PID/status, read every 20
+    ms) of a fresh Python process running code. Pages of a mapped file count as RssFile: the page cache can write
+    them back and drop them, so only RssAnon is memory the process needs for itself."""
+    import subprocess
+    import sys
+    proc = subprocess.Popen([sys.executable, "-c", code])
+    peak = {"RssAnon": 0, "RssFile": 0}
+    while proc.poll() is None:
+        try:
+            for line in Path(f"/proc/{proc.pid}/status").read_text().splitlines():
+                key, _, value = line.partition(":")
+                if key in peak:
+                    peak[key] = max(peak[key], int(value.split()[0]))
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.02)
+    if proc.returncode:
+        raise SystemExit(f"the measured process failed (exit {proc.returncode})")
+    return peak["RssAnon"] / 1024, peak["RssFile"] / 1024
+
+
+def prepare(args) -> None:
+    from PIL import Image
+    work = Path(tempfile.mkdtemp(prefix="hybvit-prep-", dir=args.dir))
+    rng = np.random.default_rng(0)
+    for i in range(args.images):
+        split = "test" if i % 10 == 0 else "train"
+        d = work / "imgs" / split / ("a" if i % 2 else "b")
+        d.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(d / f"{i}.png")
+    decoded = args.images * 3 * 64 * 64 / 2 ** 20
+    print(f"{args.images:,} PNGs of 64x64x3 in {work / 'imgs'}: {decoded:,.0f} MiB decoded\n")
+    base = _peak_mib("import hybvit.folders, hybvit.cli")
+    streamed = _peak_mib(f"from hybvit.cli import main; main(['prepare', 'folder:{work / 'imgs'}', '--out', "
+                         f"'{work / 'prepared'}'])")
+    memory = _peak_mib(f"from pathlib import Path; from hybvit.folders import list_folder; "
+                       f"list_folder(Path('{work / 'imgs'}')).to_data()")
+    print("| path | peak anonymous memory, MiB | above importing hybvit | peak file-backed resident, MiB |")
+    print("|---|---:|---:|---:|")
+    for name, (anon, file) in (("importing hybvit only", base),
+                               ("`hybvit prepare folder:` (decoded into the mapped files)", streamed),
+                               ("decoding into memory", memory)):
+        print(f"| {name} | {anon:,.0f} | {anon - base[0]:,.0f} | {file:,.0f} |")
+    shutil.rmtree(work, ignore_errors=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("part", choices=("memory", "augment"))
+    ap.add_argument("part", choices=("memory", "augment", "prepare"))
     ap.add_argument("--gb", type=float, default=2.0, help="memory: the training set's size in GB")
     ap.add_argument("--dir", default=None, help="memory: where to write the dataset (default: the temp folder)")
     ap.add_argument("--batch", type=int, default=256, help="augment: the global batch")
     ap.add_argument("--steps", type=int, default=20, help="augment: steps timed per K")
+    ap.add_argument("--images", type=int, default=20000, help="prepare: images in the folder")
     args = ap.parse_args()
     print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
           f"{time.strftime('%Y-%m-%d')}")
-    memory(args) if args.part == "memory" else augment(args)
+    {"memory": memory, "augment": augment, "prepare": prepare}[args.part](args)
 
 
 if __name__ == "__main__":

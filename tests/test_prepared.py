@@ -200,7 +200,7 @@ def test_folder_data_is_prepared_once_and_mapped_afterwards(tmp_path, monkeypatc
     gives a new key (decoded again) whose cache replaces the old one, and the cached arrays equal the decoded ones.
     `hybvit prepare` of a folder writes only its --out."""
     from PIL import Image
-    import hybvit.datasets as datasets
+    import hybvit.folders as folders
     monkeypatch.setenv("HYBVIT_CACHE", str(tmp_path / "cache"))
     rng = np.random.default_rng(0)
     for split, n in (("train", 4), ("test", 2)):
@@ -210,8 +210,8 @@ def test_folder_data_is_prepared_once_and_mapped_afterwards(tmp_path, monkeypatc
                 Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(
                     tmp_path / "imgs" / split / c / f"{i}.png")
     decoded = []
-    real = datasets.load_image_files
-    monkeypatch.setattr(datasets, "load_image_files", lambda *a, **k: (decoded.append(1), real(*a, **k))[1])
+    real = folders.load_image_files
+    monkeypatch.setattr(folders, "load_image_files", lambda *a, **k: (decoded.append(1), real(*a, **k))[1])
     first = load_data(f"folder:{tmp_path / 'imgs'}")
     assert len(decoded) == 2 and "prepared arrays" in capsys.readouterr().out
     again = load_data(f"folder:{tmp_path / 'imgs'}")
@@ -226,3 +226,51 @@ def test_folder_data_is_prepared_once_and_mapped_afterwards(tmp_path, monkeypatc
     same_data(changed, load_data(f"prepared:{kept[0]}"))
     assert main(["prepare", f"folder:{tmp_path / 'imgs'}", "--out", str(tmp_path / "p")]) == 0
     assert len(decoded) == 6 and list((tmp_path / "cache" / "prepared").iterdir()) == kept   # prepare: no cache
+
+
+def _image_folder(root: Path, sizes=(8, 8), per_class=3) -> Path:
+    from PIL import Image
+    rng = np.random.default_rng(1)
+    for split, n in (("train", per_class), ("test", 2)):
+        for c in ("cat", "dog"):
+            (root / split / c).mkdir(parents=True)
+            for i in range(n):
+                side = sizes[i % len(sizes)]
+                Image.fromarray(rng.integers(0, 256, (side, side, 3), dtype=np.uint8)).save(
+                    root / split / c / f"{i}.png")
+    return root
+
+
+@pytest.mark.parametrize("image_size", [0, 6])
+def test_prepare_streams_a_folder_into_the_arrays_decoding_gives(tmp_path, capsys, image_size):
+    """`hybvit prepare folder:` decodes image by image into the mapped files; the arrays, labels, classes and
+    digest equal those of decoding the folder into memory (resized too)."""
+    from hybvit.folders import list_folder
+    src = _image_folder(tmp_path / "imgs", sizes=(8, 8) if not image_size else (8, 10))
+    args = ["prepare", f"folder:{src}", "--out", tmp_path / "p"] + (["--image-size", image_size] if image_size else [])
+    rc, out, err = run_cli(capsys, *args)
+    assert rc == 0 and "6 train / 4 test images" in out, err
+    memory = list_folder(src, image_size).to_data()
+    same_data(load_data(f"prepared:{tmp_path / 'p'}"), memory)
+    meta = json.loads((tmp_path / "p" / "prepared.json").read_text())
+    assert meta["digest"] == content_digest({k: getattr(memory, k).numpy() for k in ARRAYS})
+    assert meta["classes"] == ["cat", "dog"] and meta["shape"] == [3, image_size or 8, image_size or 8]
+
+
+def test_prepare_of_a_folder_with_a_bad_image_is_one_line_and_leaves_nothing(tmp_path, capsys):
+    src = _image_folder(tmp_path / "imgs")
+    (src / "train" / "dog" / "1.png").write_bytes(b"not a png")
+    rc, _, err = run_cli(capsys, "prepare", f"folder:{src}", "--out", tmp_path / "p")
+    assert rc == 2 and one_line(err) and "1.png" in err, err
+    assert sorted(os.listdir(tmp_path)) == ["imgs"]                  # neither the folder nor its temporary
+
+
+def test_a_cache_that_cannot_be_written_decodes_into_memory(tmp_path, monkeypatch, capsys):
+    """folder:PATH with $HYBVIT_CACHE on something that is not a folder: the data load all the same (in memory)."""
+    from hybvit.folders import list_folder
+    src = _image_folder(tmp_path / "imgs")
+    (tmp_path / "file").write_text("x")
+    monkeypatch.setenv("HYBVIT_CACHE", str(tmp_path / "file"))
+    data = load_data(f"folder:{src}")
+    assert not data.mapped and "prepared arrays" not in capsys.readouterr().out
+    same_data(data, list_folder(src).to_data())

@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from safetensors import safe_open
 
-from .errors import HybvitError
+from .errors import CannotWrite, HybvitError
 from .untrusted import load_torch_file
 
 
@@ -55,7 +55,7 @@ def write_folder(out: Path, write: Callable[[Path], None]) -> None:
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     except OSError as e:
-        raise HybvitError(f"cannot write '{out}' ({e.strerror or type(e).__name__}); choose another --out") from None
+        raise CannotWrite(f"cannot write '{out}' ({e.strerror or type(e).__name__}); choose another --out") from None
     try:
         write(tmp)
         os.chmod(tmp, 0o777 & ~current_umask())
@@ -65,7 +65,7 @@ def write_folder(out: Path, write: Callable[[Path], None]) -> None:
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OSError):
-            raise HybvitError(f"cannot write '{out}' ({e.strerror or type(e).__name__}); choose another --out") from None
+            raise CannotWrite(f"cannot write '{out}' ({e.strerror or type(e).__name__}); choose another --out") from None
         raise
 
 

@@ -15,13 +15,13 @@ from . import distributed
 from . import init_from
 from .cli_sample import add_evaluate_parser, add_sample_parser, cmd_evaluate, cmd_sample
 from .config import MAX_SIDE, OVERLAYS, PRESETS, parse_every, preset_config, preset_description, preset_paper_params
-from .datasets import load_data
+from .datasets import prepare
 from .errors import HybvitError
 from .export import export_run
 from .official import import_official
 from .model import OFFICIAL_CIFAR10_PARAMS, ViT
 from .precision import resolve_amp, resolve_device
-from .prepared import check_new_folder, write_prepared
+from .prepared import check_new_folder
 from .resolve import resolve_distributed, resolve_train_config
 from .provenance import record_command
 from .budget import every_steps
@@ -142,9 +142,10 @@ def cmd_prepare(args) -> int:
     if not 0 <= args.image_size <= MAX_SIDE:
         raise HybvitError(f"--image-size must lie in [1, {MAX_SIDE}] (0: as stored); got {args.image_size}")
     check_new_folder(args.out)                            # before the decoding, which may take a while
-    data = load_data(args.spec, args.image_size, cache=False)   # --out is the copy: no second one in the cache
-    meta = write_prepared(data, args.out)
-    print(f"prepared {data.describe()} -> {args.out} (x_train.npy, y_train.npy, x_test.npy, y_test.npy, "
+    meta = prepare(args.spec, args.out, args.image_size)
+    c, h, w = meta["shape"]
+    print(f"prepared {meta['name']}: {meta['train']} train / {meta['test']} test images, {h}x{w}x{c}, "
+          f"{meta['num_classes']} classes -> {args.out} (x_train.npy, y_train.npy, x_test.npy, y_test.npy, "
           f"prepared.json; sha256 {meta['digest'][:16]}...); train or evaluate on it with --data prepared:{args.out}")
     return 0
 

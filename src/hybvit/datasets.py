@@ -21,7 +21,6 @@ problem raises HybvitError with a one-line message.
 """
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 import pickle
@@ -31,29 +30,27 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image, UnidentifiedImageError
-from tqdm.auto import tqdm
 
-from .prepared import cached, listing_digest, load_prepared
+from .folders import list_folder, load_folder, load_image_files
+from .prepared import load_prepared, write_prepared
 from .untrusted import read_npz
 from .config import MAX_SIDE, RULES
 from .data import ImageData
 from .errors import HybvitError
 
-IMAGE_EXTENSIONS = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"}
 MAX_CLASSES = RULES["model.num_classes"][2]
 TINY_IMAGENET_URL = "http://cs231n.stanford.edu/tiny-imagenet-200.zip"
 
 
-def load_data(spec: str, image_size: int = 0, cache: bool = True) -> ImageData:
-    """Parse a data spec and load it; every problem raises HybvitError with a one-line message. An image folder is
-    kept decoded in the prepared cache unless cache is False (prepared.cached)."""
+def load_data(spec: str, image_size: int = 0) -> ImageData:
+    """Parse a data spec and load it; every problem raises HybvitError with a one-line message."""
     kind, _, arg = spec.partition(":")
     if kind == "digits" and not arg:
         data = load_digits()
     elif kind == "npz":
         data = load_npz(_existing(arg, spec))
     elif kind == "folder":
-        data = load_folder(_existing(arg, spec), image_size, cache)
+        data = load_folder(_existing(arg, spec), image_size)
     elif kind == "prepared":
         data = load_prepared(arg, spec)                      # mapped; another size is resized in memory below
     elif kind in READERS:
@@ -68,6 +65,15 @@ def load_data(spec: str, image_size: int = 0, cache: bool = True) -> ImageData:
         data.mapped = False                                  # new arrays in this process's memory
     _check_labels(data)
     return data
+
+
+def prepare(spec: str, out: Path, image_size: int = 0) -> dict:
+    """`hybvit prepare`: the data of `spec` as the prepared folder `out`; returns its prepared.json. An image folder
+    is decoded straight into it, image by image (folders.Folder.write); other sources are loaded, then written."""
+    kind, _, arg = spec.partition(":")
+    if kind == "folder":
+        return list_folder(_existing(arg, spec), image_size).write(out)
+    return write_prepared(load_data(spec, image_size), out)
 
 
 def default_root() -> str:
@@ -140,82 +146,6 @@ def load_npz(path: Path) -> ImageData:
         raise HybvitError(f"npz y_train labels go up to {num_classes - 1}: more than {MAX_CLASSES:,} classes; "
                           f"relabel the classes as 0..K-1")
     return ImageData(xs[0], ys[0], xs[1], ys[1], num_classes, f"npz:{path}")
-
-
-def load_folder(root: Path, image_size: int = 0, cache: bool = True) -> ImageData:
-    for split in ("train", "test"):
-        if not (root / split).is_dir():
-            raise HybvitError(f"folder data '{root}' has no '{split}/' folder; expected "
-                              f"{root}/train/<class>/* and {root}/test/<class>/*")
-    classes = sorted(p.name for p in (root / "train").iterdir() if p.is_dir())
-    if not classes:
-        raise HybvitError(f"'{root}/train' has no class folders; put images in {root}/train/<class>/")
-    index = {c: i for i, c in enumerate(classes)}
-    extra = sorted(p.name for p in (root / "test").iterdir() if p.is_dir() and p.name not in index)
-    if extra:
-        raise HybvitError(f"'{root}/test' has classes not in train: {', '.join(extra[:5])}; "
-                          f"use the same class folders in both")
-
-    files = {split: [(f, index[c]) for c in classes if (root / split / c).is_dir()
-                     for f in sorted((root / split / c).iterdir()) if f.suffix.lower() in IMAGE_EXTENSIONS]
-             for split in ("train", "test")}
-    first = files["train"][0][0] if files["train"] else None
-    if first is None:
-        raise HybvitError(f"no images found under '{root}/train/<class>/'")
-    with Image.open(first) as im:
-        mode = "L" if im.mode in ("L", "1", "I;16", "I") else "RGB"
-        size = image_size or im.size[0]
-    if size > MAX_SIDE:
-        raise HybvitError(f"'{first}' is {size} pixels wide; hybvit reads images up to {MAX_SIDE}: resize them with "
-                          f"--set data.image_size=N")
-
-    if not files["test"]:
-        raise HybvitError(f"no images found under '{root}/test/<class>/'")
-
-    def decode() -> ImageData:
-        x_tr, y_tr = load_image_files(files["train"], size, mode, resize=bool(image_size), reference=first)
-        x_te, y_te = load_image_files(files["test"], size, mode, resize=bool(image_size), reference=first)
-        return ImageData(x_tr, y_tr, x_te, y_te, len(classes), f"folder:{root}", classes)
-    listing = [f for split in ("train", "test") for f, _ in files[split]]
-    if not cache:
-        return decode()
-    key = listing_digest(listing, len(files["train"]), classes, size, mode, bool(image_size))
-    source = hashlib.sha256(f"{root.absolute()}\0{size}\0{mode}".encode()).hexdigest()[:12]
-    return cached(f"folder-{source}", key[:32], f"folder:{root}", decode)     # decoded once, mapped afterwards
-
-
-def load_image_files(items: list[tuple[Path, int]], size: int, mode: str = "RGB", resize: bool = True,
-                     reference: Path | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Decode (path, label) pairs into uint8 (N, C, H, W) and int64 labels. Images of another size are resized
-    (bicubic) when resize is True, else refused; a file PIL cannot read is named in the error."""
-    arr = np.empty((len(items), size, size, 1 if mode == "L" else 3), dtype=np.uint8)
-    bar = None
-    if len(items) > 5000:
-        bar = tqdm(total=len(items), desc="reading images", unit="img", mininterval=1.0, leave=False)
-    try:
-        for n, (f, _) in enumerate(items):
-            if bar is not None:
-                bar.update(1)
-            try:
-                with Image.open(f) as im:
-                    if im.size[0] * im.size[1] > MAX_SIDE ** 2:      # the header's claim, before decoding
-                        raise HybvitError(f"image '{f}' claims {im.size[0]}x{im.size[1]} pixels, more than "
-                                          f"hybvit reads ({MAX_SIDE}x{MAX_SIDE}); remove or shrink the file")
-                    im = im.convert(mode)
-                    if im.size != (size, size):
-                        if not resize:
-                            raise HybvitError(
-                                f"image '{f}' is {im.size[0]}x{im.size[1]} but '{reference}' is {size}x{size}; "
-                                f"resize them all with --set data.image_size=N")
-                        im = im.resize((size, size), Image.BICUBIC)
-                    arr[n] = np.asarray(im).reshape(size, size, -1)
-            except (UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError, ValueError) as e:
-                raise HybvitError(f"cannot read image '{f}' ({type(e).__name__}); remove or replace the file")
-    finally:
-        if bar is not None:
-            bar.close()
-    labels = torch.tensor([c for _, c in items], dtype=torch.long)
-    return torch.from_numpy(arr.transpose(0, 3, 1, 2).copy()), labels
 
 
 def resize(x: torch.Tensor, size: int) -> torch.Tensor:

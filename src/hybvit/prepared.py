@@ -8,7 +8,9 @@ and evaluation map read-only (`--data prepared:DIR`), so the processes of a node
   DIR/prepared.json   {"format": 1, "name": the source spec, "shape": [C, H, W], "num_classes", "classes" (a list
                       or null), "train": N, "test": M, "digest": sha256 of the four arrays' bytes in that order}
 
-The folder is written through a temporary sibling renamed into place: an interrupted prepare leaves nothing (a
+`write_prepared` writes data held in memory; `write_streamed` creates the arrays at full size, maps them and lets
+the caller decode into them (image folders: folders.py), so the data is never in memory at once. The folder is
+written through a temporary sibling renamed into place: an interrupted prepare leaves nothing (a
 killed one may leave a hidden `.DIR.*.tmp` sibling, never a folder that reads as prepared).
 `folder:PATH` data is prepared automatically (`cached`): decoded once into $HYBVIT_CACHE/prepared/, keyed by a
 digest of its file listing (paths, sizes, modification and change times) and the decoding options, and mapped
@@ -21,8 +23,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +36,7 @@ import torch
 from . import checkpoint as ckpt
 from .config import MAX_SIDE, RULES
 from .data import ImageData, cache_dir
-from .errors import HybvitError
+from .errors import CannotWrite, HybvitError
 
 FORMAT = 1
 META = "prepared.json"
@@ -57,12 +61,20 @@ def check_new_folder(out: Path) -> None:
 
 
 def content_digest(arrays: dict[str, np.ndarray]) -> str:
-    """sha256 of the arrays' bytes (C order) in the order x_train, y_train, x_test, y_test."""
+    """sha256 of the arrays' bytes (C order) in the order x_train, y_train, x_test, y_test, read in 64 MiB pieces
+    (memory maps are hashed without reading them into memory)."""
     h = hashlib.sha256()
     for name in ARRAYS:
-        a = np.ascontiguousarray(arrays[name])
-        h.update(memoryview(a.reshape(-1).view(np.uint8)))
+        flat = np.ascontiguousarray(arrays[name]).reshape(-1).view(np.uint8)
+        for i in range(0, len(flat), 64 << 20):
+            h.update(memoryview(flat[i:i + (64 << 20)]))
     return h.hexdigest()
+
+
+def _meta(name: str, classes: list[str] | None, num_classes: int, shape, train: int, test: int, digest: str) -> dict:
+    return {"format": FORMAT, "name": name, "shape": list(shape), "num_classes": int(num_classes),
+            "classes": list(classes) if classes is not None else None, "train": train, "test": test,
+            "digest": digest}
 
 
 def write_prepared(data: ImageData, out: Path) -> dict[str, Any]:
@@ -72,14 +84,44 @@ def write_prepared(data: ImageData, out: Path) -> dict[str, Any]:
     arrays = {"x_train": data.x_train, "y_train": data.y_train, "x_test": data.x_test, "y_test": data.y_test}
     arrays = {k: np.ascontiguousarray(v.detach().cpu().numpy().astype(np.uint8 if k[0] == "x" else np.int64,
                                                                       copy=False)) for k, v in arrays.items()}
-    meta = {"format": FORMAT, "name": data.name, "shape": list(arrays["x_train"].shape[1:]),
-            "num_classes": int(data.num_classes), "classes": list(data.classes) if data.classes is not None else None,
-            "train": len(arrays["x_train"]), "test": len(arrays["x_test"]), "digest": content_digest(arrays)}
+    meta = _meta(data.name, data.classes, data.num_classes, arrays["x_train"].shape[1:], len(arrays["x_train"]),
+                 len(arrays["x_test"]), content_digest(arrays))
 
     def write(tmp: Path) -> None:
         for name, a in arrays.items():
             with open(tmp / f"{name}.npy", "wb") as f:
                 np.lib.format.write_array(f, a, allow_pickle=False)
+        (tmp / META).write_text(json.dumps(meta, indent=2) + "\n")
+    ckpt.write_folder(out, write)
+    return meta
+
+
+def write_streamed(out: Path, name: str, classes: list[str], shape: tuple[int, int, int], counts: dict[str, int],
+                   fill: Callable[[str, np.ndarray], np.ndarray]) -> dict[str, Any]:
+    """Write the prepared folder `out` (new or empty) without holding its images: x_{split}.npy is created at its
+    full size and memory-mapped, fill(split, x) decodes into x (N, C, H, W) and returns the labels; the digest is
+    read back from the files. All or nothing, like write_prepared; returns prepared.json."""
+    out = Path(out)
+    check_new_folder(out)
+    meta: dict[str, Any] = {}
+
+    def write(tmp: Path) -> None:
+        arrays = {}
+        for split in ("train", "test"):
+            path = tmp / f"x_{split}.npy"
+            x = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(counts[split], *shape))
+            if hasattr(os, "posix_fallocate") and x.size:   # a full disk fails here (OSError), not mid-write (SIGBUS)
+                with open(path, "r+b") as f:
+                    os.posix_fallocate(f.fileno(), 0, path.stat().st_size)
+            y = np.ascontiguousarray(fill(split, x), dtype=np.int64)
+            x.flush()
+            del x                                                # unmapped; read back below, read-only
+            with open(tmp / f"y_{split}.npy", "wb") as f:
+                np.lib.format.write_array(f, y, allow_pickle=False)
+            arrays[f"x_{split}"] = np.load(path, mmap_mode="r", allow_pickle=False)
+            arrays[f"y_{split}"] = y
+        meta.update(_meta(name, classes, len(classes), shape, counts["train"], counts["test"],
+                          content_digest(arrays)))
         (tmp / META).write_text(json.dumps(meta, indent=2) + "\n")
     ckpt.write_folder(out, write)
     return meta
@@ -191,33 +233,39 @@ def listing_digest(files: list[Path], *options: Any) -> str:
     return h.hexdigest()
 
 
-def cached(source: str, key: str, name: str, decode) -> ImageData:
-    """The data `name` from the prepared cache folder $HYBVIT_CACHE/prepared/<source>-<key>, or decode() it and
-    keep it there, removing the cache of an earlier version of the same source (`source`, a name for it; `key`, a
-    digest of its contents). Best effort: a cache that cannot be written, or that a parallel process wrote first,
-    changes nothing; a process still mapping a removed version keeps its pages until it ends."""
+def cached(source: str, key: str, name: str, write: Callable[[Path], Any], decode: Callable[[], ImageData]
+           ) -> ImageData:
+    """The data `name` from the prepared cache folder $HYBVIT_CACHE/prepared/<source>-<key>, mapped. If it is not
+    there, write(folder) makes it (decoding straight into it) and it replaces the cache of an earlier version of the
+    same source (`source` names the source, `key` digests its contents); a process still mapping a removed version
+    keeps its pages until it ends. Best effort: where the cache cannot be written, decode() loads the data into
+    memory instead; a folder a parallel process wrote first is used as it is."""
     folder = cache_dir() / "prepared" / f"{source}-{key}"
-    if (folder / META).is_file():
+    for attempt in (1, 2):
+        if (folder / META).is_file():
+            try:
+                data = load_prepared(str(folder), f"prepared:{folder}")
+                if data.name == name:
+                    return data
+            except HybvitError:
+                pass                                                   # damaged: decode again (and replace it)
+            shutil.rmtree(folder, ignore_errors=True)
+        if attempt == 2:
+            break
         try:
-            data = load_prepared(str(folder), f"prepared:{folder}")
-            if data.name == name:
-                return data
-        except HybvitError:
-            pass                                                   # damaged: decode again (and replace it)
-        shutil.rmtree(folder, ignore_errors=True)
-    data = decode()
-    try:
-        folder.parent.mkdir(parents=True, exist_ok=True)
-        write_prepared(data, folder)
+            folder.parent.mkdir(parents=True, exist_ok=True)
+            write(folder)
+        except (OSError, CannotWrite):
+            if not (folder / META).is_file():                          # (else another process wrote it first)
+                return decode()
+            continue
         for old in folder.parent.glob(f"{source}-*"):
             if old != folder and (old / META).is_file():
                 shutil.rmtree(old, ignore_errors=True)
         size = sum(p.stat().st_size for p in folder.iterdir()) / 2 ** 20
         print(f"decoded images kept as prepared arrays in {folder} ({size:,.0f} MiB; the next run maps them; "
               f"delete the folder to free the space)")
-    except (OSError, HybvitError):
-        pass
-    return data
+    return load_prepared(str(folder), f"prepared:{folder}") if (folder / META).is_file() else decode()
 
 
 def source_spec(spec: str | None) -> str | None:

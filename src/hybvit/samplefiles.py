@@ -20,7 +20,7 @@ from PIL import Image
 
 from .checkpoint import atomic_write, current_umask
 from .untrusted import read_npz
-from .datasets import IMAGE_EXTENSIONS, load_image_files
+from .folders import IMAGE_EXTENSIONS, load_image_files
 from .errors import HybvitError
 
 NPZ_FIX = "write it with numpy.savez(path, arr_0=uint8 images (N,H,W,C)[, arr_1=labels])"
