@@ -221,11 +221,13 @@ def test_folder_data_is_prepared_once_and_mapped_afterwards(tmp_path, monkeypatc
     Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(tmp_path / "imgs" / "train" / "a" / "0.png")
     changed = load_data(f"folder:{tmp_path / 'imgs'}")
     assert len(decoded) == 4 and not torch.equal(changed.x_train, first.x_train)
-    kept = list((tmp_path / "cache" / "prepared").iterdir())          # the new version replaced the old one
+    def cache():                                                      # (besides the hidden lock file)
+        return [p for p in (tmp_path / "cache" / "prepared").iterdir() if not p.name.startswith(".")]
+    kept = cache()                                                    # the new version replaced the old one
     assert len(kept) == 1 and kept[0].name.startswith("folder-") and (kept[0] / "prepared.json").is_file()
     same_data(changed, load_data(f"prepared:{kept[0]}"))
     assert main(["prepare", f"folder:{tmp_path / 'imgs'}", "--out", str(tmp_path / "p")]) == 0
-    assert len(decoded) == 6 and list((tmp_path / "cache" / "prepared").iterdir()) == kept   # prepare: no cache
+    assert len(decoded) == 6 and cache() == kept                     # prepare: no cache of its own
 
 
 def _image_folder(root: Path, sizes=(8, 8), per_class=3) -> Path:
@@ -274,3 +276,38 @@ def test_a_cache_that_cannot_be_written_decodes_into_memory(tmp_path, monkeypatc
     data = load_data(f"folder:{src}")
     assert not data.mapped and "prepared arrays" not in capsys.readouterr().out
     same_data(data, list_folder(src).to_data())
+
+
+def test_processes_loading_one_folder_at_once_decode_it_once(tmp_path, monkeypatch):
+    """Two processes load the same folder together (each decode slowed to overlap them): one decodes into the
+    cache while the other waits on the lock and maps it; both get the same arrays. A leftover cache folder
+    without prepared.json is replaced, not trusted."""
+    import subprocess
+    import sys
+    src = _image_folder(tmp_path / "imgs")
+    code = ("import sys, time, numpy as np, hybvit.folders as f\n"
+            "real = f.load_image_files\n"
+            "def slow(*a, **k):\n"
+            f"    open({str(tmp_path / 'decodes.txt')!r}, 'a').write('x')\n"
+            "    time.sleep(1.5)\n"
+            "    return real(*a, **k)\n"
+            "f.load_image_files = slow\n"
+            "from hybvit.datasets import load_data\n"
+            f"d = load_data('folder:{src}')\n"
+            "np.save(sys.argv[1], d.x_train.numpy())\n")
+    env = dict(os.environ, HYBVIT_CACHE=str(tmp_path / "cache"))
+    (tmp_path / "cache" / "prepared").mkdir(parents=True)
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path / f"x{i}.npy")], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert sum("prepared arrays" in out for out, _ in outs) == 1, outs          # written once
+    assert (tmp_path / "decodes.txt").read_text() == "xx"                       # decoded once: train, test
+    assert np.array_equal(np.load(tmp_path / "x0.npy"), np.load(tmp_path / "x1.npy"))
+    cache = [p for p in (tmp_path / "cache" / "prepared").iterdir() if not p.name.startswith(".")]
+    assert len(cache) == 1
+    for f in cache[0].iterdir():                                               # half removed: made again
+        f.unlink()
+    monkeypatch.setenv("HYBVIT_CACHE", str(tmp_path / "cache"))
+    data = load_data(f"folder:{src}")
+    assert data.mapped and np.array_equal(data.x_train.numpy(), np.load(tmp_path / "x0.npy"))

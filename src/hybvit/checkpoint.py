@@ -80,7 +80,7 @@ def check_can_create(path: Path, what: str = "--out") -> None:
             raise NotADirectoryError(20, "not a folder")
         os.rmdir(tempfile.mkdtemp(prefix=".hybvit-probe-", dir=base))
     except OSError as e:
-        raise HybvitError(f"cannot create '{path}' ({e.strerror or type(e).__name__} in '{base}'); choose another "
+        raise CannotWrite(f"cannot create '{path}' ({e.strerror or type(e).__name__} in '{base}'); choose another "
                           f"{what}") from None
 
 

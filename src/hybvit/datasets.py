@@ -148,9 +148,15 @@ def load_npz(path: Path) -> ImageData:
     return ImageData(xs[0], ys[0], xs[1], ys[1], num_classes, f"npz:{path}")
 
 
-def resize(x: torch.Tensor, size: int) -> torch.Tensor:
-    y = F.interpolate(x.float(), size=(size, size), mode="bicubic", antialias=True, align_corners=False)
-    return y.round().clamp(0, 255).to(torch.uint8)
+def resize(x: torch.Tensor, size: int, chunk: int = 1024) -> torch.Tensor:
+    """uint8 images (N, C, H, W) at size x size (bicubic, antialiased), `chunk` images at a time: the float copy
+    never holds more than a chunk (a mapped prepared set is read piece by piece)."""
+    out = torch.empty((len(x), x.shape[1], size, size), dtype=torch.uint8)
+    for i in range(0, len(x), chunk):
+        y = F.interpolate(x[i:i + chunk].float(), size=(size, size), mode="bicubic", antialias=True,
+                          align_corners=False)
+        out[i:i + chunk] = y.round().clamp(0, 255).to(torch.uint8)
+    return out
 
 
 

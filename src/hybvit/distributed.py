@@ -132,7 +132,8 @@ def all_ok(ctx: Context, fn: Callable[[], T], only_main: bool = False) -> T | No
     fails with rank 0's one-line error (a missing file, say), the others raise it as a CollectiveError, which the
     command line does not repeat.
 
-    Calls nest: an error already agreed on inside fn passes through without a second round. So a rank that fails
+    Calls nest: an error already agreed on inside fn passes through without a second round (code inside fn must
+    let such an error through, never replace it on some ranks only). So a rank that fails
     between two inner agreements meets the others at their next one (the same all-reduce), and every rank still
     stops after the same number of rounds."""
     if not ctx.distributed:
@@ -151,7 +152,11 @@ def all_ok(ctx: Context, fn: Callable[[], T], only_main: bool = False) -> T | No
     bad = [r for r, f in enumerate(failed.tolist()) if f]
     if len(bad) == ctx.world:                    # all failed: a one-line error that repeats rank 0's is printed once
         texts: list[Any] = [None] * ctx.world
-        dist.all_gather_object(texts, f"{type(error).__name__}: {error}", group=ctx.control)
+        try:
+            text = f"{type(error).__name__}: {error}"
+        except Exception:  # noqa: BLE001 - every rank must reach the gather below
+            text = type(error).__name__
+        dist.all_gather_object(texts, text, group=ctx.control)
         if not ctx.main and isinstance(error, HybvitError) and texts[ctx.rank] == texts[0]:
             error = CollectiveError(f"every rank failed as rank 0 did: {error}")
     if error is None and bad:

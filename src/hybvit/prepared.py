@@ -21,17 +21,24 @@ load (that would read every byte); `content_digest` recomputes it.
 """
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import os
 import shutil
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+try:
+    import fcntl                          # POSIX; elsewhere the cache is written without a lock
+except ImportError:
+    fcntl = None
 
 from . import checkpoint as ckpt
 from .config import MAX_SIDE, RULES
@@ -53,10 +60,10 @@ def check_new_folder(out: Path) -> None:
     try:
         taken = out.exists() and (not out.is_dir() or any(out.iterdir()))
     except OSError as e:
-        raise HybvitError(f"cannot read --out '{out}' ({e.strerror or type(e).__name__}); give a new folder for "
+        raise CannotWrite(f"cannot read --out '{out}' ({e.strerror or type(e).__name__}); give a new folder for "
                           f"the prepared data") from None
     if taken:
-        raise HybvitError(f"--out '{out}' exists and is not an empty folder; give a new folder for the prepared data")
+        raise CannotWrite(f"--out '{out}' exists and is not an empty folder; give a new folder for the prepared data")
     ckpt.check_can_create(out)
 
 
@@ -112,7 +119,11 @@ def write_streamed(out: Path, name: str, classes: list[str], shape: tuple[int, i
             x = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(counts[split], *shape))
             if hasattr(os, "posix_fallocate") and x.size:   # a full disk fails here (OSError), not mid-write (SIGBUS)
                 with open(path, "r+b") as f:
-                    os.posix_fallocate(f.fileno(), 0, path.stat().st_size)
+                    try:
+                        os.posix_fallocate(f.fileno(), 0, path.stat().st_size)
+                    except OSError as e:                     # a file system without it writes all the same
+                        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                            raise
             y = np.ascontiguousarray(fill(split, x), dtype=np.int64)
             x.flush()
             del x                                                # unmapped; read back below, read-only
@@ -233,39 +244,71 @@ def listing_digest(files: list[Path], *options: Any) -> str:
     return h.hexdigest()
 
 
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """An exclusive lock on the file `path` while inside (fcntl.flock; best effort: none where it is unavailable),
+    so that processes loading the same folder at once decode it once: the others wait, then map it."""
+    try:
+        f = open(path, "a") if fcntl is not None else None
+    except OSError:
+        f = None
+    if f is None:
+        yield
+        return
+    with f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX)
+        except OSError:
+            pass
+        yield
+
+
+def _cached_copy(folder: Path, name: str) -> ImageData | None:
+    """The cached prepared folder, mapped, if it is there and whole; a damaged one is removed."""
+    if (folder / META).is_file():
+        try:
+            data = load_prepared(str(folder), f"prepared:{folder}")
+            if data.name == name:
+                return data
+        except HybvitError:
+            pass
+    shutil.rmtree(folder, ignore_errors=True)                    # damaged or half removed: made again
+    return None
+
+
 def cached(source: str, key: str, name: str, write: Callable[[Path], Any], decode: Callable[[], ImageData]
            ) -> ImageData:
     """The data `name` from the prepared cache folder $HYBVIT_CACHE/prepared/<source>-<key>, mapped. If it is not
     there, write(folder) makes it (decoding straight into it) and it replaces the cache of an earlier version of the
     same source (`source` names the source, `key` digests its contents); a process still mapping a removed version
-    keeps its pages until it ends. Best effort: where the cache cannot be written, decode() loads the data into
-    memory instead; a folder a parallel process wrote first is used as it is."""
+    keeps its pages until it ends. Processes that ask at once wait for the first one (a lock file). Best effort:
+    where the cache cannot be written, decode() loads the data into memory instead."""
     folder = cache_dir() / "prepared" / f"{source}-{key}"
-    for attempt in (1, 2):
-        if (folder / META).is_file():
-            try:
-                data = load_prepared(str(folder), f"prepared:{folder}")
-                if data.name == name:
-                    return data
-            except HybvitError:
-                pass                                                   # damaged: decode again (and replace it)
-            shutil.rmtree(folder, ignore_errors=True)
-        if attempt == 2:
-            break
+    try:
+        folder.parent.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return decode()
+    with _locked(folder.parent / f".{source}.lock"):
+        data = _cached_copy(folder, name)
+        if data is not None:
+            return data
         try:
-            folder.parent.mkdir(parents=True, exist_ok=True)
             write(folder)
+            written = True
         except (OSError, CannotWrite):
-            if not (folder / META).is_file():                          # (else another process wrote it first)
-                return decode()
-            continue
-        for old in folder.parent.glob(f"{source}-*"):
-            if old != folder and (old / META).is_file():
-                shutil.rmtree(old, ignore_errors=True)
+            written = False
+        if written:
+            for old in folder.parent.glob(f"{source}-*"):
+                if old != folder and (old / META).is_file():
+                    shutil.rmtree(old, ignore_errors=True)
+            data = _cached_copy(folder, name)
+    if data is None:
+        return decode()                                          # outside the except: nothing of the write is kept
+    with contextlib.suppress(OSError):
         size = sum(p.stat().st_size for p in folder.iterdir()) / 2 ** 20
         print(f"decoded images kept as prepared arrays in {folder} ({size:,.0f} MiB; the next run maps them; "
               f"delete the folder to free the space)")
-    return load_prepared(str(folder), f"prepared:{folder}") if (folder / META).is_file() else decode()
+    return data
 
 
 def source_spec(spec: str | None) -> str | None:

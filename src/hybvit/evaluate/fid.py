@@ -16,8 +16,10 @@ taken, as a saved PNG would be.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -146,6 +148,20 @@ def _cache_path(kind: str, extractor: torch.nn.Module, data, x: torch.Tensor) ->
     return cache_dir() / kind / name
 
 
+def _save_npz(path: Path, **arrays: Any) -> None:
+    """Write the cache file `path` through a temporary file of its own (ranks of one job, on one or several nodes,
+    may write it side by side: the last rename wins, and every version is whole)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".tmp.npz", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
 def reference_stats(extractor: torch.nn.Module, data, device, num_images: int = 0, batch_size: int = 250,
                     use_cache: bool = True, progress: bool = False) -> dict[str, Any]:
     """Mean and covariance of the training images' features (all of them, or the first num_images), cached on
@@ -158,9 +174,7 @@ def reference_stats(extractor: torch.nn.Module, data, device, num_images: int = 
     mu, sigma = stats(extract(extractor, x, device, batch_size, progress=progress))
     if use_cache:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")   # ranks of one job write it side by side
-        np.savez(tmp, mu=mu, sigma=sigma, n=len(x))
-        os.replace(tmp, path)
+        _save_npz(path, mu=mu, sigma=sigma, n=len(x))
     return {"mu": mu, "sigma": sigma, "num_images": len(x), "cache": str(path) if use_cache else None,
             "cached": False}
 
@@ -176,9 +190,7 @@ def reference_features(extractor: torch.nn.Module, data, x: torch.Tensor, device
     out = extract(extractor, x, device, progress=progress)
     feats = (out[0] if isinstance(out, tuple) else out).astype(np.float32)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(f".{os.getpid()}.tmp.npz")
-    np.savez(tmp, features=feats)
-    os.replace(tmp, path)
+    _save_npz(path, features=feats)
     return feats, str(path)
 
 
