@@ -216,6 +216,8 @@ def test_folder_data_is_prepared_once_and_mapped_afterwards(tmp_path, monkeypatc
     assert len(decoded) == 2 and "prepared arrays" in capsys.readouterr().out
     again = load_data(f"folder:{tmp_path / 'imgs'}")
     assert len(decoded) == 2                                          # nothing decoded the second time
+    monkeypatch.chdir(tmp_path)
+    assert load_data("folder:imgs").name == first.name and len(decoded) == 2   # a relative spec: the same cache
     same_data(first, again)
     assert mapping_of(again.x_train) is None or mapping_of(again.x_train)[1].endswith("x_train.npy")
     Image.fromarray(rng.integers(0, 256, (8, 8, 3), dtype=np.uint8)).save(tmp_path / "imgs" / "train" / "a" / "0.png")

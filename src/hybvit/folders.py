@@ -69,7 +69,9 @@ class Folder:
 
 
 def list_folder(root: Path, image_size: int = 0) -> Folder:
-    """Check the layout of `root` and list its images (one line per problem); decodes nothing."""
+    """Check the layout of `root` and list its images (one line per problem); decodes nothing. The folder is named
+    by its absolute path, so a relative and an absolute spec of it share one cache."""
+    root = Path(root).absolute()
     for split in ("train", "test"):
         if not (root / split).is_dir():
             raise HybvitError(f"folder data '{root}' has no '{split}/' folder; expected "
@@ -107,7 +109,7 @@ def list_folder(root: Path, image_size: int = 0) -> Folder:
 def load_folder(root: Path, image_size: int = 0) -> ImageData:
     """`folder:PATH`: decoded once into the prepared cache (one per folder, size and mode), mapped afterwards."""
     folder = list_folder(root, image_size)
-    source = hashlib.sha256(f"{root.absolute()}\0{folder.size}\0{folder.mode}".encode()).hexdigest()[:12]
+    source = hashlib.sha256(f"{folder.root}\0{folder.size}\0{folder.mode}".encode()).hexdigest()[:12]
     return cached(f"folder-{source}", folder.key()[:32], folder.name, folder.write, folder.to_data)
 
 
