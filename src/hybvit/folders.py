@@ -58,7 +58,7 @@ class Folder:
 
     def write(self, out: Path) -> dict:
         """The prepared folder `out`, decoded image by image into its mapped arrays; returns its prepared.json."""
-        return write_streamed(out, self.name, self.classes, self.shape,
+        return write_streamed(out, self.name, self.classes, len(self.classes), self.shape,
                               {s: len(self.files[s]) for s in ("train", "test")},
                               lambda split, x: self.decode(split, x)[1].numpy())
 

@@ -78,33 +78,31 @@ def content_digest(arrays: dict[str, np.ndarray]) -> str:
     return h.hexdigest()
 
 
-def _meta(name: str, classes: list[str] | None, num_classes: int, shape, train: int, test: int, digest: str) -> dict:
-    return {"format": FORMAT, "name": name, "shape": list(shape), "num_classes": int(num_classes),
-            "classes": list(classes) if classes is not None else None, "train": train, "test": test,
-            "digest": digest}
-
-
 def write_prepared(data: ImageData, out: Path) -> dict[str, Any]:
-    """Write `data` as the prepared folder `out` (new or empty), all or nothing; returns its prepared.json."""
-    out = Path(out)
-    check_new_folder(out)
-    arrays = {"x_train": data.x_train, "y_train": data.y_train, "x_test": data.x_test, "y_test": data.y_test}
-    arrays = {k: np.ascontiguousarray(v.detach().cpu().numpy().astype(np.uint8 if k[0] == "x" else np.int64,
-                                                                      copy=False)) for k, v in arrays.items()}
-    meta = _meta(data.name, data.classes, data.num_classes, arrays["x_train"].shape[1:], len(arrays["x_train"]),
-                 len(arrays["x_test"]), content_digest(arrays))
-
-    def write(tmp: Path) -> None:
-        for name, a in arrays.items():
-            with open(tmp / f"{name}.npy", "wb") as f:
-                np.lib.format.write_array(f, a, allow_pickle=False)
-        (tmp / META).write_text(json.dumps(meta, indent=2) + "\n")
-    ckpt.write_folder(out, write)
-    return meta
+    """Write `data` (held in memory) as the prepared folder `out` (new or empty), all or nothing; returns its
+    prepared.json."""
+    def fill(split: str, x: np.ndarray) -> np.ndarray:
+        x[...] = getattr(data, f"x_{split}").detach().cpu().numpy()
+        return getattr(data, f"y_{split}").detach().cpu().numpy()
+    return write_streamed(out, data.name, data.classes, data.num_classes, tuple(data.x_train.shape[1:]),
+                          {"train": len(data.x_train), "test": len(data.x_test)}, fill)
 
 
-def write_streamed(out: Path, name: str, classes: list[str], shape: tuple[int, int, int], counts: dict[str, int],
-                   fill: Callable[[str, np.ndarray], np.ndarray]) -> dict[str, Any]:
+def _allocate(path: Path) -> None:
+    """Give the file its blocks now, so that a full disk fails here (OSError), not while the map is written (SIGBUS);
+    a file system without posix_fallocate writes all the same."""
+    if not hasattr(os, "posix_fallocate"):
+        return
+    with open(path, "r+b") as f:
+        try:
+            os.posix_fallocate(f.fileno(), 0, path.stat().st_size)
+        except OSError as e:
+            if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+                raise
+
+
+def write_streamed(out: Path, name: str, classes: list[str] | None, num_classes: int, shape: tuple[int, int, int],
+                   counts: dict[str, int], fill: Callable[[str, np.ndarray], np.ndarray]) -> dict[str, Any]:
     """Write the prepared folder `out` (new or empty) without holding its images: x_{split}.npy is created at its
     full size and memory-mapped, fill(split, x) decodes into x (N, C, H, W) and returns the labels; the digest is
     read back from the files. All or nothing, like write_prepared; returns prepared.json."""
@@ -115,24 +113,26 @@ def write_streamed(out: Path, name: str, classes: list[str], shape: tuple[int, i
     def write(tmp: Path) -> None:
         arrays = {}
         for split in ("train", "test"):
-            path = tmp / f"x_{split}.npy"
-            x = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(counts[split], *shape))
-            if hasattr(os, "posix_fallocate") and x.size:   # a full disk fails here (OSError), not mid-write (SIGBUS)
-                with open(path, "r+b") as f:
-                    try:
-                        os.posix_fallocate(f.fileno(), 0, path.stat().st_size)
-                    except OSError as e:                     # a file system without it writes all the same
-                        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
-                            raise
+            path, n = tmp / f"x_{split}.npy", counts[split]
+            if n:                                                # full size on disk, mapped, filled in place
+                x = np.lib.format.open_memmap(path, mode="w+", dtype=np.uint8, shape=(n, *shape))
+                _allocate(path)
+            else:                                                # (an empty array cannot be mapped)
+                x = np.empty((0, *shape), np.uint8)
             y = np.ascontiguousarray(fill(split, x), dtype=np.int64)
-            x.flush()
-            del x                                                # unmapped; read back below, read-only
+            if n:
+                x.flush()
+                del x                                            # unmapped; read back below, read-only
+                x = np.load(path, mmap_mode="r", allow_pickle=False)
+            else:
+                with open(path, "wb") as f:
+                    np.lib.format.write_array(f, x, allow_pickle=False)
             with open(tmp / f"y_{split}.npy", "wb") as f:
                 np.lib.format.write_array(f, y, allow_pickle=False)
-            arrays[f"x_{split}"] = np.load(path, mmap_mode="r", allow_pickle=False)
-            arrays[f"y_{split}"] = y
-        meta.update(_meta(name, classes, len(classes), shape, counts["train"], counts["test"],
-                          content_digest(arrays)))
+            arrays[f"x_{split}"], arrays[f"y_{split}"] = x, y
+        meta.update(format=FORMAT, name=name, shape=list(shape), num_classes=int(num_classes),
+                    classes=list(classes) if classes is not None else None, train=counts["train"],
+                    test=counts["test"], digest=content_digest(arrays))
         (tmp / META).write_text(json.dumps(meta, indent=2) + "\n")
     ckpt.write_folder(out, write)
     return meta
